@@ -1,0 +1,103 @@
+"""Input normalisation for microscopy images.
+
+The normalisation is part of a model's config (see :meth:`Normalization.to_dict`), so training
+and inference use the same recipe. The default is percentile-based (1 and 99.8), which is
+robust to uint8, uint16 and float images and to a few hot pixels.
+
+Statistics are computed once per image (per slice of a stack) from a strided subsample, never
+per tile: per-tile statistics would make tiles disagree at their seams.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .errors import InputError
+
+#: Luminance weights (ITU-R BT.601) used when an RGB image meets a one-channel model.
+LUMINANCE = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+#: At most this many pixels are read per slice to estimate the normalisation statistics.
+STATISTICS_SAMPLE_PIXELS = 1 << 22
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How raw pixel values become network input.
+
+    Parameters
+    ----------
+    kind
+        ``"percentile"`` maps the ``low`` and ``high`` percentiles of each channel to 0 and 1;
+        ``"minmax"`` maps the minimum and maximum to 0 and 1; ``"none"`` passes values through
+        as float32.
+    low, high
+        Percentiles for ``kind="percentile"``.
+    """
+
+    kind: str = "percentile"
+    low: float = 1.0
+    high: float = 99.8
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("percentile", "minmax", "none"):
+            raise ValueError(f"unknown normalisation kind {self.kind!r}")
+        if not 0.0 <= self.low < self.high <= 100.0:
+            raise ValueError(f"normalisation percentiles must satisfy 0 <= low < high <= 100, got {self.low}, {self.high}")
+
+    def to_dict(self) -> dict:
+        """The JSON-serialisable form stored in a model's config."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> Normalization:
+        """Inverse of :meth:`to_dict`; ``None`` gives the default."""
+        return cls(**data) if data else cls()
+
+    def statistics(self, sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel (offset, scale) from a ``(Y, X, C)`` sample of one image or slice."""
+        sample = np.asarray(sample, dtype=np.float32)
+        c = sample.shape[-1]
+        flat = sample.reshape(-1, c)
+        if self.kind == "none":
+            return np.zeros(c, np.float32), np.ones(c, np.float32)
+        if self.kind == "minmax":
+            lo, hi = flat.min(axis=0), flat.max(axis=0)
+        else:
+            lo, hi = np.percentile(flat, [self.low, self.high], axis=0)
+        scale = (hi - lo).astype(np.float32)
+        # A flat image (or channel) must not blow up: scale 1 keeps it flat instead of inf/NaN.
+        scale[~(scale > 1e-12)] = 1.0
+        return lo.astype(np.float32), scale
+
+    @staticmethod
+    def apply(tile: np.ndarray, stats: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """Normalise a ``(..., C)`` tile with statistics from :meth:`statistics`."""
+        offset, scale = stats
+        return (np.asarray(tile, dtype=np.float32) - offset) / scale
+
+
+def adapt_channels(pixels: np.ndarray, in_channels: int) -> np.ndarray:
+    """Make a ``(..., C)`` array match a model that takes ``in_channels`` channels.
+
+    Equal counts pass through. An RGB(A) image meets a one-channel model as its luminance
+    (alpha dropped); a one-channel image meets an RGB model by repeating it. Any other
+    combination is an :class:`~napari_unet_studio.errors.InputError`.
+    """
+    c = pixels.shape[-1]
+    if c == in_channels:
+        return pixels
+    if in_channels == 1 and c in (3, 4):
+        gray = np.tensordot(np.asarray(pixels[..., :3], dtype=np.float32), LUMINANCE, axes=([-1], [0]))
+        return gray[..., None]
+    if c == 1 and in_channels == 3:
+        return np.repeat(pixels, 3, axis=-1)
+    raise InputError(f"the image has {c} channels but the model takes {in_channels}")
+
+
+def subsample_step(shape: tuple[int, int], max_pixels: int = STATISTICS_SAMPLE_PIXELS) -> int:
+    """Stride along each axis so that a strided subsample holds at most ``max_pixels`` pixels."""
+    return max(1, math.ceil(math.sqrt(shape[0] * shape[1] / max_pixels)))

@@ -1,0 +1,324 @@
+"""Seamless overlap-tile prediction: probabilities and instance labels for images of any size.
+
+The image (numpy, or anything that slices lazily: dask, zarr, a tifffile memmap) is read one
+tile batch at a time, mirror-padded on the fly (see :mod:`.tiling`), normalised with statistics
+of the whole image (or slice), and pushed through the model in batches. Reading and normalising
+the next batch overlaps with the model's work on the current one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from .devices import available_memory, is_out_of_memory, resolve_device
+from .errors import Cancelled, InputError, UnetStudioError
+from .normalize import adapt_channels, subsample_step
+from .tiling import TilePlan, plan_tiles
+
+Progress = Callable[[int, int], object]
+Cancel = Callable[[], bool]
+
+#: Largest input tile edge chosen automatically on the CPU and on GPUs. On the CPU, tiles past
+#: ~1 kpx gain little (the halo is already < 20 % of the work) while memory keeps growing.
+AUTO_TILE_CAP = {"cpu": 1404, "mps": 1404, "cuda": 2828}
+#: Fraction of the free memory that tiles may take.
+MEMORY_FRACTION = {"cpu": 0.25, "mps": 0.25, "cuda": 0.6}
+MAX_BATCH = 16
+
+
+class ImageLayout:
+    """How an array-like image maps to slices of ``(Y, X, C)`` pixels.
+
+    Accepted: ``(Y, X)``, ``(Y, X, C)``, ``(Z, Y, X)`` (any leading stack or time axis) and
+    ``(Z, Y, X, C)``. With ``channel_axis=None`` a last axis of length 1 to 4 in a 3-D or 4-D
+    array is taken as channels (napari's RGB rule); otherwise there are no channels.
+    """
+
+    def __init__(self, image, channel_axis: int | None = None) -> None:
+        shape = tuple(int(n) for n in getattr(image, "shape", ()))
+        ndim = len(shape)
+        if ndim < 2:
+            raise InputError(f"an image needs at least 2 dimensions, got shape {shape}")
+        dtype = np.dtype(getattr(image, "dtype", np.float32))
+        if dtype.kind not in "biuf":
+            raise InputError(f"cannot segment an image of dtype {dtype}")
+        if channel_axis is None and ndim in (3, 4) and shape[-1] <= 4:
+            channel_axis = ndim - 1
+        if channel_axis is not None:
+            if not -ndim <= channel_axis < ndim:
+                raise InputError(f"channel_axis {channel_axis} is out of range for an image of shape {shape}")
+            channel_axis %= ndim
+        spatial_ndim = ndim - (channel_axis is not None)
+        if spatial_ndim not in (2, 3):
+            raise InputError(
+                f"cannot handle an image of shape {shape}: expected (Y, X), (Y, X, C), (Z, Y, X) or (Z, Y, X, C)"
+            )
+        self.image = image
+        self.shape = shape
+        self.channel_axis = channel_axis
+        self.spatial_axes = tuple(a for a in range(ndim) if a != channel_axis)
+        self.is_stack = spatial_ndim == 3
+        self.n_slices = shape[self.spatial_axes[0]] if self.is_stack else 1
+        self.plane = (shape[self.spatial_axes[-2]], shape[self.spatial_axes[-1]])
+        self.n_channels = 1 if channel_axis is None else shape[channel_axis]
+        self.float_input = dtype.kind == "f"
+        if 0 in shape:
+            raise InputError(f"the image is empty (shape {shape})")
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        """Shape of the image without its channel axis."""
+        return tuple(self.shape[a] for a in self.spatial_axes)
+
+    def read(self, index: int, rows: slice, cols: slice) -> np.ndarray:
+        """Pixels of slice ``index`` as a ``(y, x, C)`` numpy array (only this region is read)."""
+        key: list = [slice(None)] * len(self.shape)
+        if self.is_stack:
+            key[self.spatial_axes[0]] = index
+        key[self.spatial_axes[-2]] = rows
+        key[self.spatial_axes[-1]] = cols
+        block = np.asarray(self.image[tuple(key)])
+        if self.channel_axis is None:
+            block = block[..., None]
+        else:
+            # Position of the channel axis among the axes that survive indexing.
+            pos = self.channel_axis - (1 if self.is_stack and self.spatial_axes[0] < self.channel_axis else 0)
+            block = np.moveaxis(block, pos, -1)
+        if self.float_input and not np.isfinite(block).all():
+            raise InputError("the image contains NaN or infinite pixel values")
+        return block
+
+
+class _SliceStatistics:
+    """Normalisation statistics of each slice, computed on first use from a strided subsample."""
+
+    def __init__(self, layout: ImageLayout, model) -> None:
+        self.layout = layout
+        self.model = model
+        self.cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        if index not in self.cache:
+            k = subsample_step(self.layout.plane)
+            sample = self.layout.read(index, slice(None, None, k), slice(None, None, k))
+            sample = adapt_channels(sample, self.model.in_channels)
+            self.cache[index] = self.model.normalization.statistics(sample)
+        return self.cache[index]
+
+
+def inference_bytes_per_pixel(model) -> int:
+    """Rough peak activation memory of one forward pass, per input pixel, in float32.
+
+    At the top level a U-Net holds the skip, the up-convolved map, their concatenation and two
+    convolution outputs (about 6 maps of ``base_channels``) plus the skips of deeper levels;
+    U-Net++ additionally keeps every node of its first row. Calibrated against measured peaks.
+    """
+    per_map = 4 * model.base_channels
+    maps = 12 + (2 * model.active_depth if model.arch == "unetpp" else 0)
+    return per_map * maps
+
+
+def auto_tile_size(model, device: torch.device | str | None = None) -> int:
+    """Largest valid input tile edge that fits the device's free memory (capped per device type).
+
+    Bigger tiles waste less compute on the halo; past the cap the gain is small.
+    """
+    device = resolve_device(device)
+    budget = available_memory(device) * MEMORY_FRACTION.get(device.type, 0.25)
+    bytes_pp = inference_bytes_per_pixel(model) / (2 if device.type == "cuda" else 1)  # fp16 on CUDA
+    side = int(math.sqrt(max(budget, 0) / bytes_pp))
+    cap = AUTO_TILE_CAP.get(device.type, AUTO_TILE_CAP["cpu"])
+    return model.geometry.valid_input_below(min(side, cap))
+
+
+def _batch_size(model, device: torch.device, plan: TilePlan, requested: int | None) -> int:
+    if requested is not None:
+        return max(1, int(requested))
+    budget = available_memory(device) * MEMORY_FRACTION.get(device.type, 0.25)
+    pixels = plan.input_shape[0] * plan.input_shape[1]
+    per_tile = pixels * inference_bytes_per_pixel(model) / (2 if device.type == "cuda" else 1)
+    return int(max(1, min(MAX_BATCH, budget // max(per_tile, 1))))
+
+
+class _Run:
+    """One prediction pass with a fixed tile plan."""
+
+    def __init__(self, model, layout: ImageLayout, device: torch.device, plan: TilePlan, batch_size: int) -> None:
+        self.model = model
+        self.layout = layout
+        self.device = device
+        self.plan = plan
+        self.batch_size = batch_size
+        self.statistics = _SliceStatistics(layout, model)
+        self.tasks = [(s, oy, ox) for s in range(layout.n_slices) for oy, ox in plan.tiles]
+
+    def prepare(self, tasks) -> np.ndarray:
+        """Read, mirror, adapt and normalise a batch of tiles into ``(B, C, ty, tx)`` float32."""
+        layout, plan, halo = self.layout, self.plan, self.model.geometry.halo
+        h, w = layout.plane
+        batch = np.empty((len(tasks), self.model.in_channels, *plan.input_shape), np.float32)
+        for b, (s, oy, ox) in enumerate(tasks):
+            rows = plan.y.read_indices(oy, halo, h)
+            cols = plan.x.read_indices(ox, halo, w)
+            r0, c0 = int(rows.min()), int(cols.min())
+            block = layout.read(s, slice(r0, int(rows.max()) + 1), slice(c0, int(cols.max()) + 1))
+            block = block[np.ix_(rows - r0, cols - c0)]
+            block = adapt_channels(block, self.model.in_channels)
+            block = self.model.normalization.apply(block, self.statistics(s))
+            batch[b] = np.moveaxis(block, -1, 0)
+        return batch
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).to(self.device, non_blocking=True)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
+        with torch.inference_mode(), autocast:
+            logits = self.model(x)
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    def run(self, out: np.ndarray, progress: Progress | None, cancel: Cancel | None) -> None:
+        h, w = self.layout.plane
+        batches = [self.tasks[i : i + self.batch_size] for i in range(0, len(self.tasks), self.batch_size)]
+        total, done = len(self.tasks), 0
+        if progress is not None:
+            progress(0, total)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self.prepare, batches[0])
+            for i, tasks in enumerate(batches):
+                if cancel is not None and cancel():
+                    pending.cancel()
+                    raise Cancelled("prediction cancelled")
+                batch = pending.result()
+                if i + 1 < len(batches):
+                    pending = pool.submit(self.prepare, batches[i + 1])
+                probs = self.forward(batch)
+                for b, (s, oy, ox) in enumerate(tasks):
+                    th, tw = min(self.plan.y.tile_output, h - oy), min(self.plan.x.tile_output, w - ox)
+                    out[:, s, oy : oy + th, ox : ox + tw] = probs[b, :, :th, :tw]
+                done += len(tasks)
+                if progress is not None:
+                    progress(done, total)
+
+
+def predict(
+    model,
+    image,
+    *,
+    tile_size: int | None = None,
+    device: str | torch.device | None = None,
+    channel_axis: int | None = None,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+    batch_size: int | None = None,
+) -> np.ndarray:
+    """Per-class probabilities of ``model`` on ``image``, by seamless overlap-tile inference.
+
+    Parameters
+    ----------
+    model
+        A :class:`~napari_unet_studio.UNet` or :class:`~napari_unet_studio.UNetPlusPlus`
+        (U-Net++ uses its :attr:`~napari_unet_studio.UNetPlusPlus.prune_level`). It is moved
+        to ``device`` and put in eval mode for the call.
+    image
+        ``(Y, X)``, ``(Y, X, C)``, ``(Z, Y, X)`` or ``(Z, Y, X, C)``; numpy or any array-like
+        that slices lazily (dask, zarr, memmap). Stacks are predicted slice by slice. Any
+        integer or float dtype; each slice is normalised by the model's normalisation.
+    tile_size
+        Input tile edge in pixels, rounded down to a valid size; ``None`` picks it from the
+        device's free memory. The result does not depend on it.
+    device
+        ``"cpu"``, ``"cuda"``, ``"mps"``, a :class:`torch.device`, or ``None``/``"auto"``.
+    channel_axis
+        Axis holding channels; ``None`` takes a last axis of length <= 4 of a 3-D/4-D array.
+    progress
+        Called as ``progress(tiles_done, tiles_total)``.
+    cancel
+        Polled before each tile batch; when it returns True, :class:`~.errors.Cancelled` is raised.
+    batch_size
+        Tiles per forward pass; ``None`` picks it from free memory.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 probabilities of shape ``(n_classes, *spatial)``.
+    """
+    layout = ImageLayout(image, channel_axis)
+    adapt_channels(np.zeros((1, layout.n_channels), np.float32), model.in_channels)  # fail fast on channels
+    device = resolve_device(device)
+    if tile_size is not None and tile_size < 1:
+        raise InputError(f"tile size must be positive, got {tile_size}")
+    tile_input = auto_tile_size(model, device) if tile_size is None else int(tile_size)
+    out = np.empty((model.n_classes, layout.n_slices, *layout.plane), np.float32)
+    was_training = model.training
+    model.eval().to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    try:
+        while True:
+            plan = plan_tiles(layout.plane, model.geometry, tile_input)
+            batch = _batch_size(model, device, plan, batch_size)
+            try:
+                _Run(model, layout, device, plan, batch).run(out, progress, cancel)
+                break
+            except (RuntimeError, MemoryError) as exc:
+                if not (isinstance(exc, MemoryError) or is_out_of_memory(exc)):
+                    raise
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                # Retry with one tile per batch, then with ever smaller tiles.
+                tile = max(plan.input_shape)
+                if batch > 1:
+                    batch_size = 1
+                elif tile > model.geometry.min_input:
+                    tile_input = model.geometry.valid_input_below(int(tile / 1.5))
+                else:
+                    raise UnetStudioError(f"not enough memory on {device.type} even for the smallest tile") from exc
+    finally:
+        model.train(was_training)
+    return out if layout.is_stack else out[:, 0]
+
+
+def segment(
+    model,
+    image,
+    *,
+    tile_size: int | None = None,
+    device: str | torch.device | None = None,
+    channel_axis: int | None = None,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+    min_size: int | None = None,
+    **postprocess_options,
+) -> np.ndarray:
+    """Instance labels (0 = background, 1..N objects) of ``image``, same spatial shape.
+
+    Runs :func:`predict` and then :func:`~napari_unet_studio.postprocess.labels_from_probabilities`
+    with the model's output encoding. Slices of a stack are labelled separately, with ids
+    unique across the stack. Arguments as for :func:`predict`; ``min_size`` (pixels) removes
+    smaller objects, other keyword arguments go to the post-processing.
+    """
+    from .postprocess import DEFAULT_MIN_SIZE, labels_from_probabilities
+
+    probs = predict(
+        model, image, tile_size=tile_size, device=device, channel_axis=channel_axis, progress=progress, cancel=cancel
+    )
+    min_size = DEFAULT_MIN_SIZE if min_size is None else min_size
+    if probs.ndim == 3:
+        return labels_from_probabilities(probs, encoding=model.encoding, min_size=min_size, **postprocess_options)
+    labels = np.zeros(probs.shape[1:], np.int32)
+    offset = 0
+    for s in range(probs.shape[1]):
+        if cancel is not None and cancel():
+            raise Cancelled("segmentation cancelled")
+        lab = labels_from_probabilities(probs[:, s], encoding=model.encoding, min_size=min_size, **postprocess_options)
+        labels[s] = np.where(lab > 0, lab + offset, 0)
+        offset += int(lab.max())
+    return labels
