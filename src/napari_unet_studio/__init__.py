@@ -16,8 +16,8 @@ _API = {
     "UNet": "models",
     "UNetPlusPlus": "models",
     "Geometry": "models",
-    "predict": "predict",
-    "segment": "predict",
+    "predict": "inference",
+    "segment": "inference",
     "save_model": "checkpoint",
     "load_model": "checkpoint",
     "Normalization": "normalize",
@@ -47,4 +47,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import Cancelled, InputError, ModelFileError, UnetStudioError
     from .models import Geometry, UNet, UNetPlusPlus
     from .normalize import Normalization
-    from .predict import predict, segment
+    from .inference import predict, segment

@@ -75,7 +75,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .devices import resolve_device
     from .io import collect_images, read_image, write_labels
-    from .predict import segment
+    from .inference import segment
 
     start = time.perf_counter()
     images = collect_images(args.inputs)

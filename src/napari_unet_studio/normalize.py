@@ -98,6 +98,9 @@ def adapt_channels(pixels: np.ndarray, in_channels: int) -> np.ndarray:
     raise InputError(f"the image has {c} channels but the model takes {in_channels}")
 
 
-def subsample_step(shape: tuple[int, int], max_pixels: int = STATISTICS_SAMPLE_PIXELS) -> int:
-    """Stride along each axis so that a strided subsample holds at most ``max_pixels`` pixels."""
+def subsample_step(shape: tuple[int, int], max_pixels: int | None = None) -> int:
+    """Stride along each axis so that a strided subsample holds at most ``max_pixels`` pixels
+    (default :data:`STATISTICS_SAMPLE_PIXELS`)."""
+    if max_pixels is None:
+        max_pixels = STATISTICS_SAMPLE_PIXELS
     return max(1, math.ceil(math.sqrt(shape[0] * shape[1] / max_pixels)))

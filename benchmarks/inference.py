@@ -1,0 +1,182 @@
+"""Inference benchmark: raw forward vs end-to-end ``predict``, memory, U-Net++ pruning, tile size.
+
+Run:  python benchmarks/inference.py [--device cpu] [--size 4096] [--out benchmarks/results/inference.json]
+
+(a) raw forward throughput of the default U-Net on one maximal (auto-sized) tile, in output Mpx/s;
+(b) end-to-end ``predict`` throughput on a SIZE x SIZE image (reading, mirroring, normalising,
+    batching, writing) and its ratio to (a) (target >= 0.85);
+(c) peak memory above the input and output arrays for SIZE^2 vs 1024^2, each in a fresh process
+    (it must not grow with the image);
+(d) U-Net++ pruned to L1..L4 vs the full network: end-to-end speed ratio;
+(e) tile-size sweep: end-to-end throughput against the input tile edge (justifies the auto cap).
+
+Weights are random: speed and memory do not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_unet_studio import UNet, UNetPlusPlus, predict
+from napari_unet_studio.devices import resolve_device
+from napari_unet_studio.inference import auto_tile_size
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_of(fn, repeats):
+    """Smallest wall time of ``repeats`` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def raw_forward(model, device, tile, repeats):
+    """Output Mpx/s of bare forward passes on one tile, inputs already on the device."""
+    model.eval().to(device)
+    x = torch.randn(1, model.in_channels, tile, tile, device=device)
+    out = model.geometry.output_size(tile)
+    cuda = device.type == "cuda"
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def run():
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
+            torch.softmax(model(x).float(), 1)
+        _sync(device)
+
+    seconds = best_of(run, repeats)
+    return out * out / seconds / 1e6, seconds
+
+
+def end_to_end(model, image, device, tile, repeats):
+    def run():
+        predict(model, image, device=device, tile_size=tile)
+        _sync(device)
+
+    seconds = best_of(run, repeats)
+    return image.shape[0] * image.shape[1] / seconds / 1e6, seconds
+
+
+MEMORY_PROBE = """
+import resource, sys, numpy as np, torch
+from napari_unet_studio import UNet, predict
+size, tile, device = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+torch.manual_seed(0)
+model = UNet().eval()
+image = np.random.default_rng(0).integers(0, 255, (size, size), dtype=np.uint8)
+predict(model, image[:64, :64], device=device, tile_size=tile)  # load kernels, allocator warm-up
+import gc; gc.collect()
+def rss():
+    with open('/proc/self/statm') as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize()
+before = rss()
+probs = predict(model, image, device=device, tile_size=tile)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(before, peak, probs.nbytes, image.nbytes)
+"""
+
+
+def memory_above_arrays(size, tile, device):
+    """Peak RSS during ``predict`` minus RSS before it and minus the output array, in MiB."""
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(size), str(tile), device.type], capture_output=True, text=True, check=True)
+    before, peak, out_bytes, in_bytes = map(int, out.stdout.split())
+    return (peak - before - out_bytes) / 2**20, out_bytes / 2**20, in_bytes / 2**20
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--size", type=int, default=4096, help="edge of the large test image")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "inference.json"))
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: c,d,e")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    skip = set(filter(None, args.skip.split(",")))
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    results: dict = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    rows = []
+
+    model = UNet()
+    tile = auto_tile_size(model, device)
+    results["tile"] = tile
+    raw_mpx, raw_s = raw_forward(model, device, tile, args.repeats)
+    image = rng.integers(0, 255, (args.size, args.size), dtype=np.uint8)
+    e2e_mpx, e2e_s = end_to_end(model, image, device, tile, 1)
+    results["a_raw_forward_mpx_s"] = raw_mpx
+    results["b_end_to_end_mpx_s"] = e2e_mpx
+    results["b_end_to_end_seconds"] = e2e_s
+    results["b_over_a"] = e2e_mpx / raw_mpx
+    rows += [
+        (f"(a) raw forward, tile {tile}", f"{raw_mpx:.3f} Mpx/s", f"{raw_s:.2f} s/tile"),
+        (f"(b) predict {args.size}x{args.size}", f"{e2e_mpx:.3f} Mpx/s", f"{e2e_s:.1f} s"),
+        ("(b)/(a)", f"{e2e_mpx / raw_mpx:.3f}", "target >= 0.85"),
+    ]
+
+    if "c" not in skip and device.type == "cpu":
+        mem = {}
+        for size in (1024, args.size):
+            above, out_mib, in_mib = memory_above_arrays(size, tile, device)
+            mem[size] = above
+            rows.append((f"(c) peak above arrays, {size}^2", f"{above:.0f} MiB", f"in {in_mib:.0f} + out {out_mib:.0f} MiB"))
+        results["c_peak_above_arrays_mib"] = {str(k): v for k, v in mem.items()}
+        results["c_ratio_large_over_1024"] = mem[args.size] / mem[1024]
+        rows.append((f"(c) {args.size}^2 / 1024^2", f"{mem[args.size] / mem[1024]:.2f}", "must not grow"))
+
+    if "d" not in skip:
+        pp = UNetPlusPlus()
+        img = rng.integers(0, 255, (1024, 1024), dtype=np.uint8)
+        speeds = {}
+        for level in (4, 3, 2, 1):
+            pp.prune_level = level
+            t = auto_tile_size(pp, device)
+            speeds[level] = end_to_end(pp, img, device, t, 1)[0]
+        results["d_unetpp_mpx_s"] = {f"L{k}": v for k, v in speeds.items()}
+        results["d_unetpp_speedup_vs_full"] = {f"L{k}": v / speeds[4] for k, v in speeds.items()}
+        for level in (1, 2, 3, 4):
+            rows.append((f"(d) U-Net++ L{level}" + (" (full)" if level == 4 else ""), f"{speeds[level]:.3f} Mpx/s", f"x{speeds[level] / speeds[4]:.2f} vs full"))
+
+    if "e" not in skip:
+        img = rng.integers(0, 255, (2048, 2048), dtype=np.uint8)
+        sweep = {}
+        for t in (508, 1020, 1404, 2044):
+            sweep[t] = end_to_end(model, img, device, t, 1)[0]
+            rows.append((f"(e) predict 2048^2, tile {t}", f"{sweep[t]:.3f} Mpx/s", f"x{sweep[t] / sweep[508]:.2f} vs 508"))
+        results["e_tile_sweep_mpx_s"] = {str(k): v for k, v in sweep.items()}
+
+    width = max(len(r[0]) for r in rows)
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name, value, note in rows:
+        print(f"{name:<{width}}  {value:>14}  {note}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

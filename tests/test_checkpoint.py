@@ -1,0 +1,126 @@
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny
+
+from napari_unet_studio import ModelFileError, load_model, predict, save_model
+from napari_unet_studio.checkpoint import default_model_path
+
+
+@pytest.mark.parametrize("arch", ["unet", "unetpp"])
+def test_round_trip(arch, tmp_path, rng):
+    model = tiny(arch, depth=3, base_channels=3)
+    model.provenance = {"trained_on": "synthetic", "steps": 3}
+    path = save_model(model, tmp_path / "m.safetensors")
+    loaded = load_model(path)
+    assert loaded.config() == model.config()
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    image = rng.random((70, 90)).astype(np.float32)
+    assert np.array_equal(predict(model, image), predict(loaded, image))
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]  # no temporary files left
+
+
+def test_saving_needs_the_safetensors_suffix(tmp_path):
+    with pytest.raises(ModelFileError, match="safetensors"):
+        save_model(tiny(), tmp_path / "m.pt")
+
+
+class Exploit:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_payload_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as fh:
+        torch.save({"state_dict": {"w": Exploit(str(marker))}}, fh)
+    # The fixture is real: plain unpickling runs the payload.
+    sanity = tmp_path / "sanity"
+    pickle.loads(pickle.dumps(Exploit(str(sanity))))
+    assert sanity.exists()
+    with pytest.raises(ModelFileError, match="refused"):
+        load_model(path)
+    assert not marker.exists()
+
+
+def test_pickle_disguised_as_safetensors_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps(Exploit(str(marker))))
+    with pytest.raises(ModelFileError, match="not a valid .safetensors"):
+        load_model(path)
+    assert not marker.exists()
+
+
+def test_corrupted_and_truncated_files(tmp_path):
+    good = save_model(tiny(), tmp_path / "good.safetensors")
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(os.urandom(1000))
+    for path in (truncated, garbage):
+        with pytest.raises(ModelFileError, match="not a valid .safetensors"):
+            load_model(path)
+
+
+def test_foreign_safetensors_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(3)}, str(path))
+    with pytest.raises(ModelFileError, match="foreign"):
+        load_model(path)
+
+
+def test_weights_that_do_not_match_the_config(tmp_path):
+    from safetensors.torch import save_file
+
+    from napari_unet_studio.checkpoint import CONFIG_KEY
+
+    model = tiny(base_channels=2)
+    config = dict(model.config(), base_channels=4)
+    import json
+
+    path = tmp_path / "mismatch.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={CONFIG_KEY: json.dumps(config)})
+    with pytest.raises(ModelFileError, match="do not match"):
+        load_model(path)
+
+
+def test_import_state_dict_with_weights_only(tmp_path, rng):
+    model = tiny("unet", depth=2)
+    bundled = tmp_path / "bundled.pth"
+    torch.save({"state_dict": model.state_dict(), "config": model.config()}, bundled)
+    bare = tmp_path / "bare.pt"
+    torch.save(model.state_dict(), bare)
+    image = rng.random((40, 40)).astype(np.float32)
+    expected = predict(model, image)
+    assert np.array_equal(predict(load_model(bundled), image), expected)
+    with pytest.raises(ModelFileError, match="no config"):
+        load_model(bare)
+    assert np.array_equal(predict(load_model(bare, config=model.config()), image), expected)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelFileError, match="not found"):
+        load_model(tmp_path / "nope.safetensors")
+
+
+def test_default_model_missing_is_a_clear_error():
+    if default_model_path().is_file():
+        model = load_model("default")
+        assert model.n_classes >= 2
+    else:
+        with pytest.raises(ModelFileError, match="default model"):
+            load_model("default")

@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+from conftest import tiny
+from scipy import ndimage as ndi
+
+from napari_unet_studio import segment
+from napari_unet_studio.postprocess import labels_from_probabilities, remove_small
+
+
+def two_touching_discs(shape=(100, 140), radius=22, gap=-6):
+    """Two discs that overlap by ``-gap`` pixels along x, as a union mask and per-disc masks."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    cy, cx1 = shape[0] // 2, shape[1] // 2 - radius - gap // 2
+    cx2 = cx1 + 2 * radius + gap
+    a = (yy - cy) ** 2 + (xx - cx1) ** 2 <= radius**2
+    b = (yy - cy) ** 2 + (xx - cx2) ** 2 <= radius**2
+    return a, b
+
+
+def iou(x, y):
+    return (x & y).sum() / (x | y).sum()
+
+
+def test_boundary_encoding_separates_touching_discs():
+    a, b = two_touching_discs()
+    union = a | b
+    # What a well-trained 3-class network predicts: interior = each disc shrunk by 3 px and
+    # cut where they touch; boundary = the rest of the union (rims and the contact band).
+    interior = (ndi.binary_erosion(a, iterations=3) | ndi.binary_erosion(b, iterations=3)) & ~ndi.binary_dilation(a & b, iterations=3)
+    probs = np.zeros((3, *a.shape), np.float32)
+    probs[0] = np.where(union, 0.05, 0.9)
+    probs[1] = np.where(interior, 0.85, 0.05)
+    probs[2] = 1 - probs[0] - probs[1]
+    probs[:, ~union] = [[0.9], [0.05], [0.05]]
+    labels = labels_from_probabilities(probs, encoding="boundary")
+    assert labels.max() == 2
+    found = [labels == i for i in (1, 2)]
+    assert max(iou(found[0], a), iou(found[1], a)) > 0.85
+    assert max(iou(found[0], b), iou(found[1], b)) > 0.85
+    assert ((labels > 0) == union).all()  # the boundary pixels are given to an object
+
+
+def test_foreground_encoding_connected_components_and_distance_split():
+    a, b = two_touching_discs()
+    probs = np.stack([np.where(a | b, 0.1, 0.9), np.where(a | b, 0.9, 0.1)]).astype(np.float32)
+    merged = labels_from_probabilities(probs, encoding="foreground")
+    assert merged.max() == 1  # plain connected components cannot split touching cells
+    split = labels_from_probabilities(probs, encoding="foreground", split="distance")
+    assert split.max() == 2
+    assert sorted(iou(split == i, m) > 0.85 for i in (1, 2) for m in (a, b)).count(True) == 2
+
+
+def test_gap_learnt_by_the_network_separates_with_connected_components():
+    a, b = two_touching_discs(gap=2)  # a 2-pixel background gap, as the weight map teaches
+    probs = np.stack([np.where(a | b, 0.1, 0.9), np.where(a | b, 0.9, 0.1)]).astype(np.float32)
+    assert labels_from_probabilities(probs, encoding="foreground").max() == 2
+
+
+def test_small_objects_removed_and_ids_sequential():
+    labels = np.zeros((30, 30), np.int32)
+    labels[0:2, 0:2] = 5  # 4 px
+    labels[10:20, 10:20] = 9  # 100 px
+    labels[25:30, 0:5] = 3  # 25 px
+    out = remove_small(labels, min_size=10)
+    assert set(np.unique(out)) == {0, 1, 2}
+    assert (out[0:2, 0:2] == 0).all() and (out[10:20, 10:20] > 0).all()
+
+
+def test_min_size_parameter():
+    probs = np.zeros((2, 20, 20), np.float32)
+    probs[0] = 1
+    probs[:, 2:5, 2:5] = [[[0]], [[1]]]  # 9 px object
+    assert labels_from_probabilities(probs, encoding="foreground", min_size=5).max() == 1
+    assert labels_from_probabilities(probs, encoding="foreground", min_size=10).max() == 0
+
+
+def test_unknown_options_raise():
+    probs = np.full((2, 5, 5), 0.5, np.float32)
+    with pytest.raises(ValueError):
+        labels_from_probabilities(probs, encoding="nope")
+    with pytest.raises(ValueError):
+        labels_from_probabilities(probs, encoding="foreground", split="nope")
+
+
+def test_segment_stack_has_unique_ids_across_slices(rng):
+    model = tiny("unet", depth=2, n_classes=2)
+    # Make the model a pass-through thresholder: logits = (x - 0.5) * [-k, k].
+    import torch
+
+    class Threshold(torch.nn.Module):
+        def forward(self, x):
+            g = 12  # halo of depth 2
+            x = x[..., g:-g, g:-g]
+            return torch.cat([-(x - 0.5) * 20, (x - 0.5) * 20], 1)
+
+    model.forward = Threshold().forward
+    stack = np.zeros((2, 60, 60), np.float32)
+    stack[:, 10:20, 10:20] = 1
+    stack[:, 40:50, 30:55] = 1
+    labels = segment(model, stack, min_size=5)
+    assert labels.shape == stack.shape
+    assert set(np.unique(labels[0])) == {0, 1, 2} and set(np.unique(labels[1])) == {0, 3, 4}

@@ -1,0 +1,275 @@
+"""Overlap-tile prediction: exactness against whole-image inference, lazy reading, progress, cancel."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny
+
+from napari_unet_studio import Cancelled, Geometry, InputError, normalize, predict
+from napari_unet_studio.tiling import plan_axis, reflect_indices
+
+TOL = 1e-4
+
+
+def whole_image_probabilities(model, image):
+    """Reference: normalise, mirror-pad with numpy, one forward pass over the whole image."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 2:
+        image = image[..., None]
+    if model.in_channels == 1 and image.shape[-1] == 3:
+        image = (image * np.array([0.299, 0.587, 0.114], np.float32)).sum(-1, keepdims=True)
+    stats = model.normalization.statistics(image)
+    x = model.normalization.apply(image, stats)
+    g = model.geometry
+    h, w = x.shape[:2]
+    ih, iw = g.input_for_output(h), g.input_for_output(w)
+    padded = np.pad(x, ((g.halo, ih - h - g.halo), (g.halo, iw - w - g.halo), (0, 0)), mode="reflect")
+    with torch.no_grad():
+        logits = model.eval()(torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1)))[None])
+    return torch.softmax(logits, 1)[0, :, :h, :w].numpy()
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 9])
+def test_reflect_indices_match_numpy_reflect(size):
+    data = np.arange(size)
+    pad = 3 * size + 4
+    expected = np.pad(data, pad, mode="reflect") if size > 1 else np.zeros(size + 2 * pad, int)
+    assert np.array_equal(reflect_indices(np.arange(-pad, size + pad), size), expected)
+
+
+@pytest.mark.parametrize("depth", [2, 4])
+def test_axis_plan_covers_without_gaps_and_is_aligned(depth):
+    g = Geometry(depth)
+    for size in list(range(1, 80)) + [187, 188, 389, 1000]:
+        for tile in (1, g.min_input, g.min_input + 5 * g.step, 700):
+            plan = plan_axis(size, g, tile)
+            assert g.output_size(plan.tile_input) == plan.tile_output
+            assert plan.tile_output >= min(size, g.step)
+            assert all(o % g.step == 0 for o in plan.offsets)
+            covered = np.zeros(size, bool)
+            for o in plan.offsets:
+                covered[o : o + plan.tile_output] = True
+            assert covered.all(), (size, tile)
+
+
+CASES = [
+    # arch, model kwargs, image shape, tile sizes
+    ("unet", dict(depth=4), (301, 257), [204, 300, 444, 2000]),
+    ("unet", dict(depth=3), (97, 131), [92, 140, 500]),
+    ("unetpp", dict(depth=3), (173, 90), [92, 124, 300]),
+    ("unetpp", dict(depth=4), (250, 199), [220, 400]),
+]
+
+
+@pytest.mark.parametrize("arch,kwargs,shape,tiles", CASES)
+def test_tiled_equals_whole_image(arch, kwargs, shape, tiles, rng):
+    model = tiny(arch, **kwargs)
+    image = rng.random(shape).astype(np.float32) * 1000
+    reference = whole_image_probabilities(model, image)
+    for tile in tiles:
+        out = predict(model, image, tile_size=tile)
+        assert out.shape == (model.n_classes, *shape) and out.dtype == np.float32
+        assert np.abs(out - reference).max() <= TOL, tile
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_tiled_equals_whole_image_pruned_unetpp(level, rng):
+    model = tiny("unetpp", depth=3)
+    model.prune_level = level
+    image = rng.random((150, 97)).astype(np.float32)
+    reference = whole_image_probabilities(model, image)
+    for tile in (model.geometry.min_input + model.geometry.step, 128):
+        assert np.abs(predict(model, image, tile_size=tile) - reference).max() <= TOL
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 50), (17, 12)])
+def test_images_smaller_than_one_tile(shape, rng):
+    model = tiny("unet", depth=3)
+    image = rng.integers(0, 255, shape).astype(np.uint8)
+    out = predict(model, image, tile_size=500)
+    assert out.shape == (model.n_classes, *shape)
+    np.testing.assert_allclose(out, whole_image_probabilities(model, image), atol=TOL)
+    np.testing.assert_allclose(out.sum(0), 1.0, atol=1e-5)
+
+
+def test_rgb_model_tiles_exactly(rng):
+    model = tiny("unet", depth=3, in_channels=3)
+    image = rng.integers(0, 65535, (130, 111, 3)).astype(np.uint16)
+    reference = whole_image_probabilities(model, image)
+    for tile in (108, 300):
+        assert np.abs(predict(model, image, tile_size=tile) - reference).max() <= TOL
+
+
+def test_rgb_image_into_grayscale_model_uses_luminance(rng):
+    model = tiny("unet", depth=3)
+    image = rng.integers(0, 255, (90, 80, 3)).astype(np.uint8)
+    out = predict(model, image, tile_size=100)
+    np.testing.assert_allclose(out, whole_image_probabilities(model, image), atol=TOL)
+
+
+def test_channel_axis_first(rng):
+    model = tiny("unet", depth=2, in_channels=3)
+    image = rng.random((60, 70, 3)).astype(np.float32)
+    expected = predict(model, image)
+    np.testing.assert_allclose(predict(model, np.moveaxis(image, -1, 0), channel_axis=0), expected, atol=1e-6)
+
+
+def test_stack_is_predicted_slice_by_slice(rng):
+    model = tiny("unet", depth=2)
+    stack = rng.random((3, 40, 50)).astype(np.float32)
+    stack[1] *= 50  # slices are normalised separately
+    out = predict(model, stack, tile_size=60, batch_size=4)
+    assert out.shape == (model.n_classes, 3, 40, 50)
+    for z in range(3):
+        np.testing.assert_allclose(out[:, z], predict(model, stack[z]), atol=TOL)
+
+
+class RecordingArray:
+    """An array-like that only gives out what is sliced, recording the largest read."""
+
+    def __init__(self, data):
+        self.data = data
+        self.shape = data.shape
+        self.dtype = data.dtype
+        self.ndim = data.ndim
+        self.largest_read = 0
+
+    def __getitem__(self, key):
+        block = self.data[key]
+        self.largest_read = max(self.largest_read, block.size)
+        return block
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the whole array was loaded")
+
+
+def test_lazy_arrays_are_read_tile_by_tile(rng, monkeypatch):
+    model = tiny("unet", depth=2)
+    data = rng.random((2, 700, 650)).astype(np.float32)
+    lazy = RecordingArray(data)
+    tile = 108
+    out = predict(model, lazy, tile_size=tile, batch_size=1)
+    np.testing.assert_allclose(out, predict(model, data, tile_size=tile), atol=1e-6)
+    # Statistics read a subsample of at most 4 Mpx (here: the plane); tiles read one tile each.
+    assert lazy.largest_read <= max(tile * tile, 700 * 650)
+    lazy.largest_read = 0
+    monkeypatch.setattr(normalize, "STATISTICS_SAMPLE_PIXELS", 10_000)
+    predict(model, lazy, tile_size=tile, batch_size=1)
+    assert lazy.largest_read <= tile * tile
+
+
+def test_dask_and_zarr_inputs(rng, tmp_path):
+    da = pytest.importorskip("dask.array")
+    zarr = pytest.importorskip("zarr")
+    model = tiny("unet", depth=2)
+    data = rng.random((300, 260)).astype(np.float32)
+    expected = predict(model, data, tile_size=120)
+    np.testing.assert_allclose(predict(model, da.from_array(data, chunks=64), tile_size=120), expected, atol=1e-6)
+    z = zarr.open(str(tmp_path / "img.zarr"), mode="w", shape=data.shape, chunks=(64, 64), dtype="f4")
+    z[:] = data
+    np.testing.assert_allclose(predict(model, z, tile_size=120), expected, atol=1e-6)
+
+
+def test_batching_does_not_change_the_result(rng):
+    model = tiny("unet", depth=2)
+    image = rng.random((200, 230)).astype(np.float32)
+    a = predict(model, image, tile_size=76, batch_size=1)
+    b = predict(model, image, tile_size=76, batch_size=7)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_progress_reports_every_tile(rng):
+    model = tiny("unet", depth=2)
+    calls = []
+    predict(model, rng.random((120, 100)), tile_size=44, batch_size=2, progress=lambda d, t: calls.append((d, t)))
+    total = calls[0][1]
+    assert calls[0] == (0, total) and calls[-1] == (total, total) and total > 4
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+def test_cancel_stops_within_one_batch(rng):
+    model = tiny("unet", depth=2)
+    calls = []
+
+    def cancel():
+        return len(calls) >= 2  # after the first batch is reported
+
+    with pytest.raises(Cancelled):
+        predict(model, rng.random((200, 200)), tile_size=44, batch_size=1, progress=lambda d, t: calls.append(d), cancel=cancel)
+    assert calls == [0, 1]
+
+
+def test_model_mode_restored(rng):
+    model = tiny("unet", depth=2).train()
+    predict(model, rng.random((30, 30)))
+    assert model.training
+
+
+def test_out_of_memory_retries_with_smaller_tiles(rng):
+    model = tiny("unet", depth=2)
+    image = rng.random((300, 280)).astype(np.float32)
+    expected = predict(model, image, tile_size=300)
+    forward = model.forward
+    seen = []
+
+    def limited(x):
+        seen.append(tuple(x.shape))
+        if x.shape[0] * x.shape[-1] * x.shape[-2] > 150 * 150:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(x)
+
+    model.forward = limited
+    out = predict(model, image, tile_size=300, batch_size=4)
+    np.testing.assert_allclose(out, expected, atol=TOL)
+    assert max(s[-1] for s in seen) > 150 and seen[-1][-1] <= 150
+
+
+def test_other_runtime_errors_propagate(rng):
+    model = tiny("unet", depth=2)
+
+    def broken(x):
+        raise RuntimeError("something else")
+
+    model.forward = broken
+    with pytest.raises(RuntimeError, match="something else"):
+        predict(model, rng.random((30, 30)))
+
+
+@pytest.mark.parametrize(
+    "image,match",
+    [
+        (np.full((40, 40), np.nan, np.float32), "NaN or infinite"),
+        (np.zeros((40, 40, 2), np.float32), "2 channels but the model takes 1"),
+        (np.zeros((2, 3, 40, 40), np.float32), "cannot handle an image of shape"),
+        (np.zeros((40,), np.float32), "at least 2 dimensions"),
+        (np.zeros((0, 40), np.float32), "empty"),
+        (np.zeros((4, 4), complex), "dtype"),
+    ],
+)
+def test_bad_inputs_raise_input_error(image, match):
+    with pytest.raises(InputError, match=match):
+        predict(tiny("unet", depth=2), image)
+
+
+def test_inf_inside_a_later_tile_is_caught(rng):
+    image = rng.random((300, 300)).astype(np.float32)
+    image[290, 290] = np.inf
+    with pytest.raises(InputError, match="NaN or infinite"):
+        predict(tiny("unet", depth=2), image, tile_size=60)
+
+
+def test_flat_image_does_not_produce_nan():
+    out = predict(tiny("unet", depth=2), np.full((50, 50), 7, np.uint16))
+    assert np.isfinite(out).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(rng):
+    model = tiny("unet", depth=3, base_channels=8)
+    image = rng.random((400, 333)).astype(np.float32)
+    cpu = predict(model, image, device="cpu", tile_size=300)
+    gpu = predict(model, image, device="cuda", tile_size=300)
+    assert np.abs(cpu - gpu).max() < 2e-2  # fp16 autocast
+    gpu_auto = predict(model, image, device="cuda")
+    assert np.abs(gpu_auto - gpu).max() < 2e-2
