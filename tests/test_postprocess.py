@@ -40,6 +40,18 @@ def test_boundary_encoding_separates_touching_discs():
     assert ((labels > 0) == union).all()  # the boundary pixels are given to an object
 
 
+def test_boundary_encoding_drops_regions_without_interior():
+    probs = np.zeros((3, 40, 40), np.float32)
+    probs[0] = 0.9
+    probs[1] = 0.05
+    probs[2] = 0.05
+    probs[:, 5:15, 5:15] = [[[0.1]], [[0.2]], [[0.7]]]  # boundary only: uncertain background
+    probs[:, 20:35, 20:35] = [[[0.1]], [[0.2]], [[0.7]]]
+    probs[:, 24:31, 24:31] = [[[0.05]], [[0.8]], [[0.15]]]  # a real cell: interior inside a rim
+    labels = labels_from_probabilities(probs, encoding="boundary")
+    assert labels.max() == 1 and (labels[20:35, 20:35] == 1).all() and (labels[5:15, 5:15] == 0).all()
+
+
 def test_foreground_encoding_connected_components_and_distance_split():
     a, b = two_touching_discs()
     probs = np.stack([np.where(a | b, 0.1, 0.9), np.where(a | b, 0.9, 0.1)]).astype(np.float32)

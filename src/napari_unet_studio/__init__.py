@@ -20,6 +20,9 @@ _API = {
     "segment": "inference",
     "save_model": "checkpoint",
     "load_model": "checkpoint",
+    "weight_map": "weights",
+    "elastic_deform": "augment",
+    "train": "training",
     "Normalization": "normalize",
     "UnetStudioError": "errors",
     "InputError": "errors",
@@ -43,8 +46,11 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .augment import elastic_deform
     from .checkpoint import load_model, save_model
     from .errors import Cancelled, InputError, ModelFileError, UnetStudioError
     from .models import Geometry, UNet, UNetPlusPlus
-    from .normalize import Normalization
     from .inference import predict, segment
+    from .normalize import Normalization
+    from .training import train
+    from .weights import weight_map

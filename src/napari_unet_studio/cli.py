@@ -52,6 +52,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-size", type=_positive_int, default=None, metavar="PX", help="remove objects smaller than this many pixels")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(run=run_predict)
+
+    t = sub.add_parser(
+        "train",
+        help="train or fine-tune a model on images and labels",
+        description="Train (or fine-tune) a model on PNG/TIFF images and instance labels paired by base name. "
+        "A label image with a single non-zero value is a mask whose connected components are the objects. "
+        "Ctrl-C stops early and still writes the best model so far.",
+    )
+    t.add_argument("--images", required=True, metavar="DIR", help="folder of training images")
+    t.add_argument("--labels", required=True, metavar="DIR", help="folder of label images with the same base names")
+    t.add_argument("--out", required=True, metavar="FILE", help="where to write the model (.safetensors)")
+    t.add_argument("--init", default="none", metavar="default|PATH|none", help="start from the default model, a model file, or random weights (default: none)")
+    t.add_argument("--arch", default="unet", choices=("unet", "unetpp"), help="architecture for --init none (default: unet)")
+    t.add_argument("--encoding", default="boundary", choices=("boundary", "foreground"), help="output classes for --init none (default: boundary)")
+    t.add_argument("--channels", type=_positive_int, default=1, metavar="C", help="input channels for --init none (default: 1)")
+    t.add_argument("--base-channels", type=_positive_int, default=16, metavar="N", help="width for --init none (default: 16)")
+    t.add_argument("--depth", type=_positive_int, default=4, metavar="N", help="poolings for --init none (default: 4)")
+    t.add_argument("--steps", type=_positive_int, default=None, metavar="N", help="optimiser steps")
+    t.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="wall-clock limit")
+    t.add_argument("--batch-size", type=_positive_int, default=4, metavar="N", help="crops per step (default: 4)")
+    t.add_argument("--tile-size", type=_positive_int, default=None, metavar="N", help="input crop edge (default: output 164 px)")
+    t.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-3, 3e-4 when fine-tuning)")
+    t.add_argument("--val-images", default=None, metavar="DIR", help="validation images (AP@0.5 picks the best model)")
+    t.add_argument("--val-labels", default=None, metavar="DIR", help="validation labels")
+    t.add_argument("--val-every", type=_positive_int, default=None, metavar="N", help="steps between validations")
+    t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="compute device (default: auto)")
+    t.add_argument("--seed", type=int, default=None, help="random seed (reproducible on the CPU)")
+    t.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    t.set_defaults(run=run_train)
+
+    e = sub.add_parser(
+        "evaluate",
+        help="compare predicted labels with ground truth",
+        description="Print AP@0.5, AP@0.5:0.95, mean matched IoU, pixel error and adapted Rand error as JSON. "
+        "PRED and TRUTH are label image files, or folders paired by base name.",
+    )
+    e.add_argument("pred", metavar="PRED", help="predicted labels (file or folder)")
+    e.add_argument("truth", metavar="TRUTH", help="ground-truth labels (file or folder)")
+    e.set_defaults(run=run_evaluate)
     return parser
 
 
@@ -106,6 +145,147 @@ def run_predict(args: argparse.Namespace) -> int:
         f"{len(images)} image{'s' * (len(images) != 1)}, {n_objects} objects, {seconds:.1f} s "
         f"(model {args.model}, {device.type}) -> {out_dir}"
     )
+    return 0
+
+
+def _paired(images_dir: str, labels_dir: str, what: str) -> list[tuple[Path, Path]]:
+    """(image, labels) files paired by base name; every unpaired file is named."""
+    from .io import collect_images
+
+    for d in (images_dir, labels_dir):
+        if not Path(d).is_dir():
+            raise InputError(f"{what}: {d} is not a folder")
+    images = {p.stem: p for p in collect_images([images_dir])}
+    labels = {p.stem: p for p in collect_images([labels_dir])}
+    unpaired = sorted(set(images) ^ set(labels))
+    if unpaired:
+        shown = ", ".join(unpaired[:5]) + (f" and {len(unpaired) - 5} more" if len(unpaired) > 5 else "")
+        raise InputError(f"{what}: no partner for {shown} (images and labels are paired by base name)")
+    return [(images[k], labels[k]) for k in sorted(images)]
+
+
+def _read_pairs(pairs, what: str):
+    import numpy as np
+
+    from .io import read_image
+    from .training import as_instances
+
+    images, labels = [], []
+    for image_path, label_path in pairs:
+        image, lab = read_image(image_path), read_image(label_path)
+        if lab.ndim != 2 or not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool):
+            raise InputError(f"{label_path}: a label image must be 2-D integers, got {lab.dtype} of shape {lab.shape}")
+        if image.shape[:2] != lab.shape:
+            raise InputError(f"{what}: {image_path} is {image.shape[:2]} but {label_path} is {lab.shape}")
+        lab = as_instances(lab)
+        if lab.max() == 0:
+            raise InputError(f"{label_path}: the label image is empty (no objects)")
+        images.append(image)
+        labels.append(lab)
+    return images, labels
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """``unet-studio train``: train or fine-tune, write the best model even when interrupted."""
+    import signal
+
+    from .checkpoint import load_model, save_model
+    from .devices import resolve_device
+    from .models import ENCODINGS, build_model
+    from .training import train
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise InputError(f"--out must end in .safetensors: {out}")
+    if (args.val_images is None) != (args.val_labels is None):
+        raise InputError("--val-images and --val-labels go together")
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise InputError("--time-budget must be positive")
+    device = resolve_device(args.device)
+    images, labels = _read_pairs(_paired(args.images, args.labels, "training data"), "training data")
+    val_images = val_labels = None
+    if args.val_images:
+        val_images, val_labels = _read_pairs(_paired(args.val_images, args.val_labels, "validation data"), "validation data")
+    if args.init == "none":
+        model = build_model(
+            {
+                "arch": args.arch,
+                "in_channels": args.channels,
+                "n_classes": ENCODINGS[args.encoding],
+                "depth": args.depth,
+                "base_channels": args.base_channels,
+                "encoding": args.encoding,
+            }
+        )
+    else:
+        model = load_model(args.init)
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    from tqdm import tqdm
+
+    total = args.steps if args.steps else None
+    bar = tqdm(total=total or (args.time_budget and round(args.time_budget)), unit="step" if total else "s", disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
+
+    def progress(record: dict) -> None:
+        bar.n = record["step"] if total else min(int(record["elapsed"]), bar.total or 0)
+        postfix = {"loss": f"{record['loss']:.4f}"}
+        if "val_ap50" in record:
+            postfix["val AP50"] = f"{record['val_ap50']:.3f}"
+        bar.set_postfix(postfix, refresh=False)
+        bar.refresh()
+
+    start = time.perf_counter()
+    try:
+        model, history = train(
+            model,
+            images,
+            labels,
+            steps=args.steps,
+            time_budget=args.time_budget,
+            seed=args.seed,
+            progress=progress,
+            cancel=lambda: bool(interrupted),
+            batch_size=args.batch_size,
+            tile_size=args.tile_size,
+            lr=args.lr,
+            val_images=val_images,
+            val_labels=val_labels,
+            val_every=args.val_every,
+            device=device,
+        )
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, previous)
+    model.provenance.setdefault("data", {"images": str(args.images), "n_images": len(images)})
+    save_model(model, out)
+    run = model.provenance["training"][-1]
+    val = f", best val AP@0.5 {run['val_ap50']:.3f} at step {run['best_step']}" if "val_ap50" in run else ""
+    print(
+        f"trained {run['steps']} steps on {len(images)} images in {time.perf_counter() - start:.0f} s "
+        f"({run['stopped']}{val}) -> {out}"
+    )
+    return EXIT_INTERRUPTED if interrupted else 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """``unet-studio evaluate``: metrics of predicted labels against ground truth, as JSON."""
+    import json
+
+    from .io import read_image
+    from .metrics import evaluate
+
+    pred, truth = Path(args.pred), Path(args.truth)
+    if pred.is_dir() != truth.is_dir():
+        raise InputError("PRED and TRUTH must both be files or both be folders")
+    pairs = _paired(str(pred), str(truth), "evaluation") if pred.is_dir() else [(pred, truth)]
+    preds, trues = [], []
+    for p, t in pairs:
+        a, b = read_image(p), read_image(t)
+        if a.shape != b.shape:
+            raise InputError(f"{p} is {a.shape} but {t} is {b.shape}")
+        preds.append(a)
+        trues.append(b)
+    print(json.dumps(evaluate(preds, trues), indent=2))
     return 0
 
 

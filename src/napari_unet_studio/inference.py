@@ -117,10 +117,11 @@ def inference_bytes_per_pixel(model) -> int:
 
     At the top level a U-Net holds the skip, the up-convolved map, their concatenation and two
     convolution outputs (about 6 maps of ``base_channels``) plus the skips of deeper levels;
-    U-Net++ additionally keeps every node of its first row. Calibrated against measured peaks.
+    U-Net++ additionally keeps every node of its first row. The measured peak RSS on the CPU
+    (benchmarks/inference.py) is about twice that count, hence 24 maps.
     """
     per_map = 4 * model.base_channels
-    maps = 12 + (2 * model.active_depth if model.arch == "unetpp" else 0)
+    maps = 24 + (4 * model.active_depth if model.arch == "unetpp" else 0)
     return per_map * maps
 
 

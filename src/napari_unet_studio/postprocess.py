@@ -6,7 +6,7 @@ Two encodings (see :data:`napari_unet_studio.models.ENCODINGS`):
     Seeds are the connected regions where *interior* is the most probable class; a seeded
     watershed on the interior probability grows them over the foreground (interior or
     boundary), so touching cells separate along the predicted boundary even where the
-    boundary band is not closed. Foreground regions no seed reaches become objects of their own.
+    boundary band is not closed. Foreground regions that no seed reaches are dropped.
 ``"foreground"`` (2 classes: the paper's background / foreground)
     Connected components (4-connectivity) of the foreground, which relies on the network
     having learnt the gaps between cells from the weight map; optionally
@@ -41,11 +41,10 @@ def _boundary_labels(probs: np.ndarray, threshold: float) -> np.ndarray:
     background, interior = probs[0], probs[1]
     foreground = background < 1.0 - threshold
     seeds_mask = (interior >= probs.max(axis=0)) & foreground
-    seeds, n = ndi.label(seeds_mask)
-    labels = watershed(-interior, markers=seeds, mask=foreground)
-    # Foreground that no seed reached (e.g. a cell predicted as all boundary) is its own object.
-    rest, _ = ndi.label(foreground & (labels == 0))
-    return np.where(rest > 0, rest + n, labels)
+    seeds, _ = ndi.label(seeds_mask)
+    # Foreground that no seed reaches (no pixel where interior wins) is dropped: on real
+    # predictions that is uncertain background, not a cell.
+    return watershed(-interior, markers=seeds, mask=foreground)
 
 
 def _foreground_labels(probs: np.ndarray, threshold: float, split: str | None, h: float) -> np.ndarray:

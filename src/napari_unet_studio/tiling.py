@@ -43,24 +43,37 @@ class AxisPlan:
         return reflect_indices(np.arange(offset - halo, offset - halo + self.tile_input), size)
 
 
+def _axis_offsets(size: int, geometry: Geometry, tile_input: int) -> tuple[list[int], int]:
+    tile_output = geometry.output_size(tile_input)
+    assert tile_output is not None
+    stride = max(geometry.step, tile_output // geometry.step * geometry.step)
+    last = -(-max(size - tile_output, 0) // geometry.step) * geometry.step  # align up
+    return list(range(0, last, stride)) + [last], tile_output
+
+
 def plan_axis(size: int, geometry: Geometry, tile_input: int) -> AxisPlan:
     """Cover ``size`` output pixels with tiles of at most ``tile_input`` input pixels.
 
     The tile is grown to output at least one alignment step, and shrunk to the smallest valid
-    one that covers the whole axis when the axis is small. Offsets advance by the largest multiple of ``geometry.step`` that fits in a tile's
-    output, so consecutive tiles overlap by a few pixels (whose values agree exactly) and
-    leave no gap; the last tile may extend past the image end into the mirrored region.
+    one that covers the whole axis when the axis is small. Offsets advance by the largest
+    multiple of ``geometry.step`` that fits in a tile's output, so consecutive tiles overlap by
+    a few pixels (whose values agree exactly) and leave no gap. Then the tile is shrunk to the
+    smallest size that still covers the axis with the same number of tiles, so that little
+    is computed past the image's end (a 4096 px axis takes 4 tiles of 1212, not 4 of 1404).
     """
     if size < 1:
         raise ValueError("cannot tile an empty axis")
     # A tile must output at least one alignment step, or aligned offsets would leave gaps.
     tile_input = max(geometry.valid_input_below(tile_input), geometry.input_for_output(geometry.step))
     tile_input = min(tile_input, geometry.input_for_output(size))
-    tile_output = geometry.output_size(tile_input)
-    assert tile_output is not None
-    stride = max(geometry.step, tile_output // geometry.step * geometry.step)
-    last = -(-max(size - tile_output, 0) // geometry.step) * geometry.step  # align up
-    offsets = list(range(0, last, stride)) + [last]
+    offsets, tile_output = _axis_offsets(size, geometry, tile_input)
+    smaller = tile_input - geometry.step
+    while smaller >= geometry.input_for_output(geometry.step):
+        candidate, candidate_output = _axis_offsets(size, geometry, smaller)
+        if len(candidate) > len(offsets):
+            break
+        tile_input, offsets, tile_output = smaller, candidate, candidate_output
+        smaller -= geometry.step
     return AxisPlan(tuple(offsets), tile_output, tile_input)
 
 

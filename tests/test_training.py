@@ -1,0 +1,160 @@
+"""Training: targets, loss, stopping rules, determinism, and learning from sparse labels."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage as ndi
+
+from napari_unet_studio import InputError, UNet, UNetPlusPlus, segment, train
+from napari_unet_studio.metrics import average_precision
+from napari_unet_studio.training import IGNORE_INDEX, as_instances, encode_targets, weighted_cross_entropy
+
+
+def synthetic_cells(shape=(128, 128), n=14, seed=0, radius=(6, 10)):
+    """Blurred discs of varied brightness on a dark noisy background, 2+ px apart; (image, labels)."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.int32)
+    brightness = np.zeros(shape, np.float32)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    k = 0
+    for _ in range(500):
+        if k == n:
+            break
+        cy, cx, r = rng.integers(8, shape[0] - 8), rng.integers(8, shape[1] - 8), rng.integers(*radius)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        if (ndi.binary_dilation(labels > 0, iterations=2) & disc).any():
+            continue
+        k += 1
+        labels[disc] = k
+        brightness[disc] = rng.uniform(0.5, 1.0)
+    image = ndi.gaussian_filter(brightness, 1.0) * 200 + 20
+    image = image + rng.normal(0, 8, shape)
+    return image.clip(0, 255).astype(np.uint8), labels
+
+
+def small_unet(**kwargs):
+    torch.manual_seed(0)
+    kwargs.setdefault("depth", 2)
+    kwargs.setdefault("base_channels", 8)
+    return UNet(**kwargs)
+
+
+def test_targets_for_touching_objects():
+    labels = np.zeros((12, 20), np.int32)
+    labels[2:10, 2:10] = 1
+    labels[2:10, 10:18] = 2
+    boundary, used = encode_targets(labels, "boundary")
+    assert used is labels
+    assert boundary[5, 9] == 2 and boundary[5, 10] == 2 and boundary[5, 5] == 1 and boundary[0, 0] == 0
+    fg, separated = encode_targets(labels, "foreground")
+    assert fg[5, 9] == 0 and fg[5, 10] == 0 and fg[5, 5] == 1  # a gap between the touching pair
+    assert fg[2, 2] == 1  # borders with background stay foreground
+
+
+def test_binary_mask_becomes_instances():
+    mask = np.zeros((10, 10), np.uint8)
+    mask[1:4, 1:4] = 255
+    mask[6:9, 6:9] = 255
+    assert as_instances(mask).max() == 2
+    labels = mask.astype(np.int32)
+    labels[6:9, 6:9] = 7
+    assert set(np.unique(as_instances(labels))) == {0, 7, 255}  # real instance labels are kept
+
+
+def test_loss_ignores_ignored_pixels():
+    logits = torch.randn(1, 3, 4, 4)
+    target = torch.randint(0, 3, (1, 4, 4))
+    weights = torch.rand(1, 4, 4)
+    base = weighted_cross_entropy(logits, target, weights)
+    t2 = target.clone()
+    t2[0, 0, 0] = IGNORE_INDEX
+    logits2 = logits.clone()
+    logits2[0, :, 0, 0] = torch.tensor([100.0, -100.0, 0.0])  # any value: it must not matter
+    a = weighted_cross_entropy(logits2, t2, weights)
+    logits2[0, :, 0, 0] = torch.tensor([-100.0, 100.0, 0.0])
+    assert a == weighted_cross_entropy(logits2, t2, weights)
+    assert a != base
+
+
+@pytest.mark.parametrize("arch", ["unet", "unetpp"])
+def test_loss_falls_and_runs_are_reproducible(arch):
+    image, labels = synthetic_cells(seed=1)
+    histories = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        cls = UNet if arch == "unet" else UNetPlusPlus
+        model = cls(depth=2, base_channels=6)
+        model, history = train(model, [image], [labels], steps=60, seed=3, batch_size=4, tile_size=100)
+        histories.append([h["loss"] for h in history])
+    losses = histories[0]
+    assert len(losses) == 60
+    assert np.mean(losses[-10:]) < 0.75 * np.mean(losses[:10])
+    assert histories[0] == histories[1]
+    assert model.provenance["training"][-1]["steps"] == 60 and not model.training
+
+
+def test_cancel_and_time_budget_return_the_model():
+    image, labels = synthetic_cells(seed=2)
+    records = []
+    model, history = train(small_unet(), [image], [labels], steps=1000, seed=0, batch_size=1, tile_size=60,
+                           progress=records.append, cancel=lambda: len(records) >= 3)
+    assert len(history) == 3 and model.provenance["training"][-1]["stopped"] == "cancelled"
+    assert {"step", "loss", "lr", "elapsed", "fraction"} <= set(records[0])
+    model, history = train(small_unet(), [image], [labels], time_budget=1.5, seed=0, batch_size=1, tile_size=60)
+    assert model.provenance["training"][-1]["stopped"] == "time" and 0 < len(history) < 1000
+
+
+def test_validation_reports_ap_and_keeps_the_best():
+    image, labels = synthetic_cells(seed=3)
+    vimage, vlabels = synthetic_cells(seed=4)
+    model, history = train(small_unet(), [image], [labels], steps=30, val_every=10, seed=0, batch_size=2, tile_size=80,
+                           val_images=[vimage], val_labels=[vlabels])
+    scores = [h["val_ap50"] for h in history if "val_ap50" in h]
+    assert len(scores) == 3
+    assert model.provenance["training"][-1]["val_ap50"] == max(scores)
+
+
+def test_sparse_labels_still_find_unpainted_cells():
+    """A third of the cells are painted, plus background strokes; everything else is ignore."""
+    image, labels = synthetic_cells(shape=(160, 160), n=18, seed=5)
+    ignore = -1
+    painted_ids = np.arange(1, labels.max() + 1)[::3]
+    painted = np.isin(labels, painted_ids)
+    cells = labels > 0
+    sparse = np.full(labels.shape, ignore, np.int32)
+    # Background the user painted: a band around the painted cells and a few horizontal strokes.
+    far_from_cells = ~ndi.binary_dilation(cells, iterations=3)
+    strokes = np.zeros(labels.shape, bool)
+    strokes[::25] = True
+    strokes = ndi.binary_dilation(strokes, iterations=1)
+    sparse[(ndi.binary_dilation(painted, iterations=6) & ~cells) | (strokes & far_from_cells)] = 0
+    sparse[painted] = labels[painted]
+    torch.manual_seed(0)
+    model = UNet(depth=2, base_channels=8)
+    model, _ = train(model, [image], [sparse], steps=250, seed=0, batch_size=4, tile_size=92, ignore_value=ignore)
+    pred = segment(model, image)
+    unpainted = np.where(np.isin(labels, painted_ids), 0, labels)
+    # Score only the unpainted cells: predictions overlapping painted cells are dropped first.
+    overlaps_painted = np.unique(pred[painted])
+    pred_unpainted = np.where(np.isin(pred, overlaps_painted[overlaps_painted > 0]), 0, pred)
+    assert average_precision(pred_unpainted, unpainted)[0.5] >= 0.7
+
+
+def test_regions_limit_training(tmp_path):
+    image, labels = synthetic_cells(seed=6)
+    region = np.zeros(labels.shape, bool)
+    region[:64] = True
+    model, history = train(small_unet(), [image], [labels], regions=[region], steps=3, seed=0, batch_size=1, tile_size=60)
+    assert len(history) == 3
+
+
+def test_user_errors():
+    image, labels = synthetic_cells(seed=7)
+    with pytest.raises(InputError, match="no objects"):
+        train(small_unet(), [image], [np.zeros_like(labels)], steps=1)
+    with pytest.raises(InputError, match="do not match"):
+        train(small_unet(), [image], [labels[:-1]], steps=1)
+    with pytest.raises(InputError, match="no annotated pixels"):
+        train(small_unet(), [image], [np.full_like(labels, 5)], steps=1, ignore_value=5)
+    with pytest.raises(InputError, match="2 images but 1"):
+        train(small_unet(), [image, image], [labels], steps=1)
