@@ -11,7 +11,7 @@ import pytest
 import napari_unet_studio
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ["models", "tiling", "inference", "postprocess", "checkpoint", "normalize", "devices", "io", "cli", "errors", "_sample_data"]
+CORE = ["models", "tiling", "inference", "postprocess", "checkpoint", "normalize", "devices", "io", "cli", "errors", "_sample_data", "weightmap", "augment", "training", "metrics"]
 GUI_MODULES = ("qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari", "magicgui", "vispy")
 
 

@@ -20,7 +20,7 @@ _API = {
     "segment": "inference",
     "save_model": "checkpoint",
     "load_model": "checkpoint",
-    "weight_map": "weights",
+    "weight_map": "weightmap",
     "elastic_deform": "augment",
     "train": "training",
     "Normalization": "normalize",
@@ -53,4 +53,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .inference import predict, segment
     from .normalize import Normalization
     from .training import train
-    from .weights import weight_map
+    from .weightmap import weight_map

@@ -26,7 +26,7 @@ CONFIG_KEY = "napari_unet_studio.config"
 FORMAT_VERSION = 1
 #: Name under which the shipped default model is found.
 DEFAULT_MODEL = "default"
-_DEFAULT_RESOURCE = ("napari_unet_studio", "weights", "default.safetensors")
+_DEFAULT_RESOURCE = ("napari_unet_studio", "pretrained", "default.safetensors")
 
 
 def default_model_path() -> Path:

@@ -65,20 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, metavar="FILE", help="where to write the model (.safetensors)")
     t.add_argument("--init", default="none", metavar="default|PATH|none", help="start from the default model, a model file, or random weights (default: none)")
     t.add_argument("--arch", default="unet", choices=("unet", "unetpp"), help="architecture for --init none (default: unet)")
-    t.add_argument("--encoding", default="boundary", choices=("boundary", "foreground"), help="output classes for --init none (default: boundary)")
+    t.add_argument("--encoding", default="foreground", choices=("foreground", "boundary"), help="output classes for --init none: the paper's foreground/background (default) or background/interior/boundary")
     t.add_argument("--channels", type=_positive_int, default=1, metavar="C", help="input channels for --init none (default: 1)")
     t.add_argument("--base-channels", type=_positive_int, default=16, metavar="N", help="width for --init none (default: 16)")
     t.add_argument("--depth", type=_positive_int, default=4, metavar="N", help="poolings for --init none (default: 4)")
     t.add_argument("--steps", type=_positive_int, default=None, metavar="N", help="optimiser steps")
     t.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="wall-clock limit")
-    t.add_argument("--batch-size", type=_positive_int, default=4, metavar="N", help="crops per step (default: 4)")
-    t.add_argument("--tile-size", type=_positive_int, default=None, metavar="N", help="input crop edge (default: output 164 px)")
+    t.add_argument("--batch-size", type=_positive_int, default=2, metavar="N", help="crops per step (default: 2)")
+    t.add_argument("--tile-size", type=_positive_int, default=None, metavar="N", help="input crop edge (default: 444, output 260 px)")
     t.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-3, 3e-4 when fine-tuning)")
     t.add_argument("--val-images", default=None, metavar="DIR", help="validation images (AP@0.5 picks the best model)")
     t.add_argument("--val-labels", default=None, metavar="DIR", help="validation labels")
     t.add_argument("--val-every", type=_positive_int, default=None, metavar="N", help="steps between validations")
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="compute device (default: auto)")
     t.add_argument("--seed", type=int, default=None, help="random seed (reproducible on the CPU)")
+    t.add_argument("--note", default=None, metavar="TEXT", help="free text stored in the model's provenance (e.g. the data set)")
     t.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     t.set_defaults(run=run_train)
 
@@ -224,11 +225,15 @@ def run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     total = args.steps if args.steps else None
-    bar = tqdm(total=total or (args.time_budget and round(args.time_budget)), unit="step" if total else "s", disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
+    if total:
+        bar = tqdm(total=total, unit="step", disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
+    else:  # a time budget: the bar counts seconds
+        bar = tqdm(total=round(args.time_budget), disable=args.quiet, file=sys.stderr, dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}{postfix}]")
 
     def progress(record: dict) -> None:
         bar.n = record["step"] if total else min(int(record["elapsed"]), bar.total or 0)
-        postfix = {"loss": f"{record['loss']:.4f}"}
+        postfix = {"step": record["step"], "loss": f"{record['loss']:.4f}"}
         if "val_ap50" in record:
             postfix["val AP50"] = f"{record['val_ap50']:.3f}"
         bar.set_postfix(postfix, refresh=False)
@@ -256,7 +261,8 @@ def run_train(args: argparse.Namespace) -> int:
     finally:
         bar.close()
         signal.signal(signal.SIGINT, previous)
-    model.provenance.setdefault("data", {"images": str(args.images), "n_images": len(images)})
+    if args.note:
+        model.provenance["training"][-1]["note"] = args.note
     save_model(model, out)
     run = model.provenance["training"][-1]
     val = f", best val AP@0.5 {run['val_ap50']:.3f} at step {run['best_step']}" if "val_ap50" in run else ""

@@ -30,12 +30,12 @@ from .inference import ImageLayout
 from .models import Geometry
 from .normalize import adapt_channels
 from .tiling import reflect_indices
-from .weights import weight_map
+from .weightmap import weight_map
 
 #: Class index of ignored pixels in the encoded targets.
 IGNORE_INDEX = -100
 #: Output size (pixels) the default training crop is sized for.
-DEFAULT_CROP_OUTPUT = 164
+DEFAULT_CROP_OUTPUT = 260
 
 
 def as_instances(labels: np.ndarray) -> np.ndarray:
@@ -224,7 +224,7 @@ def train(
     seed: int | None = None,
     progress: Callable[[dict], object] | None = None,
     cancel: Callable[[], bool] | None = None,
-    batch_size: int = 4,
+    batch_size: int = 2,
     tile_size: int | None = None,
     lr: float | None = None,
     weight_decay: float = 1e-5,
@@ -266,7 +266,8 @@ def train(
         Polled every step; when True, training stops and the best model so far is returned.
     batch_size, tile_size
         Crops per step and their input edge (rounded to a valid size; default: the smallest
-        valid input whose output is >= 164 px).
+        valid input whose output is >= 260 px, i.e. 444 for depth 4: on a CPU, 2 crops of 444 train
+        1.6x more output pixels per second than 4 of 348).
     lr
         Adam learning rate; default 1e-3 from scratch and 3e-4 when fine-tuning.
     fine_tune

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from napari_unet_studio.weights import class_balance, weight_map
+from napari_unet_studio.weightmap import class_balance, weight_map
 
 
 def naive_weight_map(labels, w0=10.0, sigma=5.0):

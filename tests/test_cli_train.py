@@ -1,0 +1,103 @@
+"""``unet-studio train`` and ``unet-studio evaluate``."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+from test_training import synthetic_cells
+
+from napari_unet_studio import load_model
+from napari_unet_studio.cli import main
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    for i in range(2):
+        image, lab = synthetic_cells(shape=(96, 96), n=8, seed=i)
+        iio.imwrite(images / f"cell{i}.png", image)
+        iio.imwrite(labels / f"cell{i}.png", lab.astype(np.uint16))
+    return images, labels
+
+
+def test_train_then_predict_then_evaluate(tmp_path, dataset, capsys):
+    images, labels = dataset
+    out = tmp_path / "m.safetensors"
+    code = main(["train", "--images", str(images), "--labels", str(labels), "--out", str(out), "--depth", "2",
+                 "--base-channels", "4", "--steps", "3", "--tile-size", "60", "--seed", "0", "-q"])
+    text = capsys.readouterr().out
+    assert code == 0 and text.startswith("trained 3 steps on 2 images")
+    model = load_model(out)
+    assert model.provenance["training"][-1]["steps"] == 3 and model.depth == 2
+    assert main(["predict", str(images), "-o", str(tmp_path / "pred"), "-m", str(out), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "pred"), str(labels)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["images"] == 2 and 0 <= metrics["ap50"] <= 1 and 0 <= metrics["pixel_error"] <= 1
+
+
+def test_fine_tune_from_a_model_file(tmp_path, dataset, capsys):
+    images, labels = dataset
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    common = ["--images", str(images), "--labels", str(labels), "--steps", "2", "--tile-size", "60", "-q"]
+    assert main(["train", *common, "--out", str(first), "--depth", "2", "--base-channels", "4"]) == 0
+    assert main(["train", *common, "--out", str(second), "--init", str(first)]) == 0
+    runs = load_model(second).provenance["training"]
+    assert len(runs) == 2 and runs[1]["fine_tune"] and runs[1]["lr"] == 3e-4
+
+
+def _write(path, array):
+    iio.imwrite(path, array)
+
+
+@pytest.mark.parametrize("case", ["unpaired", "empty labels", "shape mismatch", "bad out suffix", "val without labels"])
+def test_train_user_errors(case, tmp_path, dataset, capsys):
+    images, labels = dataset
+    out = tmp_path / "m.safetensors"
+    extra = []
+    if case == "unpaired":
+        _write(images / "lonely.png", np.zeros((20, 20), np.uint8))
+        expected = "no partner for lonely"
+    elif case == "empty labels":
+        _write(labels / "cell1.png", np.zeros((96, 96), np.uint16))
+        expected = "empty (no objects)"
+    elif case == "shape mismatch":
+        _write(labels / "cell1.png", np.ones((90, 96), np.uint16))
+        expected = "is (96, 96) but"
+    elif case == "bad out suffix":
+        out = tmp_path / "m.pt"
+        expected = "must end in .safetensors"
+    else:
+        extra = ["--val-images", str(images)]
+        expected = "go together"
+    code = main(["train", "--images", str(images), "--labels", str(labels), "--out", str(out), "--steps", "1", "-q", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and expected in err, err
+    assert not out.exists()
+
+
+def test_ctrl_c_writes_the_best_model_so_far(tmp_path, dataset):
+    images, labels = dataset
+    out = tmp_path / "m.safetensors"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "napari_unet_studio.cli", "train", "--images", str(images), "--labels", str(labels),
+         "--out", str(out), "--depth", "2", "--base-channels", "4", "--tile-size", "60", "--steps", "100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 60
+    line = ""
+    while time.time() < deadline and "step" not in line:  # wait until the progress bar moves
+        line = proc.stderr.read(200)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "cancelled" in stdout
+    assert load_model(out).provenance["training"][-1]["stopped"] == "cancelled"
