@@ -124,3 +124,20 @@ def test_default_model_missing_is_a_clear_error():
     else:
         with pytest.raises(ModelFileError, match="default model"):
             load_model("default")
+
+
+def test_default_model_segments_the_nuclei_sample():
+    if not default_model_path().is_file():
+        pytest.skip("no default model in this installation")
+    from napari_unet_studio import segment
+    from napari_unet_studio._sample_data import load_sample
+    from napari_unet_studio.metrics import average_precision
+
+    model = load_model("default")
+    assert model.in_channels == 1 and model.encoding == "foreground"
+    assert model.provenance["training"]
+    image, truth = load_sample("nuclei")
+    labels = segment(model, image)
+    assert labels.shape == image.shape
+    assert 0.8 * truth.max() <= labels.max() <= 1.2 * truth.max()
+    assert average_precision(labels, truth)[0.5] >= 0.7

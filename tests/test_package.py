@@ -54,6 +54,8 @@ def test_wheel_contains_manifest_and_sample_data(tmp_path):
     assert "napari_unet_studio/napari.yaml" in names
     for f in ["nuclei.png", "nuclei_labels.png", "em.png", "em_labels.png", "README.md"]:
         assert f"napari_unet_studio/sample_data/{f}" in names
+    if (ROOT / "src" / "napari_unet_studio" / "pretrained" / "default.safetensors").is_file():
+        assert "napari_unet_studio/pretrained/default.safetensors" in names
     assert "napari-unet-studio = napari_unet_studio:napari.yaml" in entry_points
     assert "unet-studio = napari_unet_studio.cli:main" in entry_points
 

@@ -99,9 +99,10 @@ def test_segment_stack_has_unique_ids_across_slices(rng):
     # Make the model a pass-through thresholder: logits = (x - 0.5) * [-k, k].
     import torch
 
+    g = model.geometry.halo
+
     class Threshold(torch.nn.Module):
         def forward(self, x):
-            g = 12  # halo of depth 2
             x = x[..., g:-g, g:-g]
             return torch.cat([-(x - 0.5) * 20, (x - 0.5) * 20], 1)
 
@@ -112,3 +113,28 @@ def test_segment_stack_has_unique_ids_across_slices(rng):
     labels = segment(model, stack, min_size=5)
     assert labels.shape == stack.shape
     assert set(np.unique(labels[0])) == {0, 1, 2} and set(np.unique(labels[1])) == {0, 3, 4}
+
+
+def test_segment_uses_the_models_postprocess_settings():
+    import torch
+
+    model = tiny("unet", depth=2, n_classes=2)
+
+    g = model.geometry.halo
+
+    class Ramp(torch.nn.Module):
+        def forward(self, x):
+            x = x[..., g:-g, g:-g]
+            return torch.cat([torch.zeros_like(x), torch.logit(x.clamp(1e-4, 1 - 1e-4))], 1)
+
+    model.forward = Ramp().forward
+    model.normalization = type(model.normalization)(kind="none")
+    image = np.zeros((40, 40), np.float32)
+    image[5:15, 5:15] = 0.6  # foreground probability 0.6
+    image[25:35, 25:35] = 0.9
+    assert segment(model, image).max() == 2
+    model.postprocess = {"threshold": 0.7}
+    assert segment(model, image).max() == 1
+    assert segment(model, image, threshold=0.5).max() == 2  # an explicit argument wins
+    model.postprocess = {"min_size": 200}
+    assert segment(model, image).max() == 0

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import tiny
 
-from napari_unet_studio import Cancelled, Geometry, InputError, normalize, predict
+from napari_unet_studio import Cancelled, Geometry, InputError, UnetStudioError, normalize, predict
 from napari_unet_studio.tiling import plan_axis, reflect_indices
 
 TOL = 1e-4
@@ -222,6 +222,17 @@ def test_out_of_memory_retries_with_smaller_tiles(rng):
     out = predict(model, image, tile_size=300, batch_size=4)
     np.testing.assert_allclose(out, expected, atol=TOL)
     assert max(s[-1] for s in seen) > 150 and seen[-1][-1] <= 150
+
+
+def test_out_of_memory_at_the_smallest_tile_is_a_clear_error(rng):
+    model = tiny("unet", depth=2)
+
+    def always_oom(x):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB")
+
+    model.forward = always_oom
+    with pytest.raises(UnetStudioError, match="not enough memory"):
+        predict(model, rng.random((300, 300)), tile_size=300, batch_size=2)
 
 
 def test_other_runtime_errors_propagate(rng):

@@ -276,9 +276,10 @@ def predict(
                     torch.cuda.empty_cache()
                 # Retry with one tile per batch, then with ever smaller tiles.
                 tile = max(plan.input_shape)
+                smallest = model.geometry.input_for_output(model.geometry.step)  # what plan_tiles allows
                 if batch > 1:
                     batch_size = 1
-                elif tile > model.geometry.min_input:
+                elif tile > smallest:
                     tile_input = model.geometry.valid_input_below(int(tile / 1.5))
                 else:
                     raise UnetStudioError(f"not enough memory on {device.type} even for the smallest tile") from exc
@@ -302,24 +303,27 @@ def segment(
     """Instance labels (0 = background, 1..N objects) of ``image``, same spatial shape.
 
     Runs :func:`predict` and then :func:`~napari_unet_studio.postprocess.labels_from_probabilities`
-    with the model's output encoding. Slices of a stack are labelled separately, with ids
-    unique across the stack. Arguments as for :func:`predict`; ``min_size`` (pixels) removes
-    smaller objects, other keyword arguments go to the post-processing.
+    with the model's output encoding and post-processing settings (``model.postprocess``).
+    Slices of a stack are labelled separately, with ids unique across the stack. Arguments as
+    for :func:`predict`; ``min_size`` (pixels) removes smaller objects, other keyword arguments
+    (``threshold``, ``split``, ...) override the model's post-processing settings.
     """
     from .postprocess import DEFAULT_MIN_SIZE, labels_from_probabilities
 
     probs = predict(
         model, image, tile_size=tile_size, device=device, channel_axis=channel_axis, progress=progress, cancel=cancel
     )
-    min_size = DEFAULT_MIN_SIZE if min_size is None else min_size
+    options = {"min_size": DEFAULT_MIN_SIZE, **model.postprocess, **postprocess_options}
+    if min_size is not None:
+        options["min_size"] = min_size
     if probs.ndim == 3:
-        return labels_from_probabilities(probs, encoding=model.encoding, min_size=min_size, **postprocess_options)
+        return labels_from_probabilities(probs, encoding=model.encoding, **options)
     labels = np.zeros(probs.shape[1:], np.int32)
     offset = 0
     for s in range(probs.shape[1]):
         if cancel is not None and cancel():
             raise Cancelled("segmentation cancelled")
-        lab = labels_from_probabilities(probs[:, s], encoding=model.encoding, min_size=min_size, **postprocess_options)
+        lab = labels_from_probabilities(probs[:, s], encoding=model.encoding, **options)
         labels[s] = np.where(lab > 0, lab + offset, 0)
         offset += int(lab.max())
     return labels

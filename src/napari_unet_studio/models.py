@@ -148,6 +148,7 @@ class _ValidUNetBase(nn.Module):
         batch_norm: bool = True,
         normalization: Normalization | dict | None = None,
         encoding: str | None = None,
+        postprocess: dict | None = None,
         provenance: dict | None = None,
     ) -> None:
         super().__init__()
@@ -172,6 +173,7 @@ class _ValidUNetBase(nn.Module):
             normalization = Normalization.from_dict(normalization)
         self.normalization = normalization
         self.encoding = encoding
+        self.postprocess = dict(postprocess or {})
         self.provenance = dict(provenance or {})
 
     def channels(self, level: int) -> int:
@@ -200,6 +202,7 @@ class _ValidUNetBase(nn.Module):
             "batch_norm": self.batch_norm,
             "normalization": self.normalization.to_dict(),
             "encoding": self.encoding,
+            "postprocess": self.postprocess,
             "provenance": self.provenance,
         }
 
@@ -237,6 +240,10 @@ class UNet(_ValidUNetBase):
         Input normalisation used by :func:`~napari_unet_studio.predict` and training.
     encoding
         Meaning of the classes: ``"foreground"`` (2 classes), ``"boundary"`` (3 classes).
+    postprocess
+        Keyword arguments of :func:`~napari_unet_studio.postprocess.labels_from_probabilities`
+        (``threshold``, ``min_size``, ...) that suit this model; :func:`~napari_unet_studio.segment`
+        uses them unless told otherwise.
     provenance
         Free-form record of how the weights were made, saved with the model.
     """

@@ -339,8 +339,8 @@ def train(
     start = time.perf_counter()
     step = 0
     stopped = "steps"
-    fork_devices = [] if not cuda else None
-    with torch.random.fork_rng(devices=fork_devices or []):
+    # Seed a private copy of the RNG state, so the caller's random streams are left alone.
+    with torch.random.fork_rng(devices=[device.index or 0] if cuda else []):
         if seed is not None:
             torch.manual_seed(seed)
         while True:
