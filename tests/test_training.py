@@ -158,3 +158,15 @@ def test_user_errors():
         train(small_unet(), [image], [np.full_like(labels, 5)], steps=1, ignore_value=5)
     with pytest.raises(InputError, match="2 images but 1"):
         train(small_unet(), [image, image], [labels], steps=1)
+
+
+def test_freeze_encoder_keeps_the_contracting_path():
+    image, labels = synthetic_cells(seed=8)
+    model = small_unet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model, _ = train(model, [image], [labels], steps=3, seed=0, batch_size=1, tile_size=60, freeze_encoder=True)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and not any(k.startswith("encoder.") for k in changed)
+    assert any(k.startswith("decoder.") for k in changed)
+    assert all(p.requires_grad for p in model.parameters())  # unfrozen again afterwards

@@ -357,6 +357,8 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(lr, fraction, step)
             model.train()
+            if freeze_encoder:
+                model.encoder.eval()  # frozen means its BatchNorm statistics too
             x, t, w = (torch.from_numpy(a).to(device) for a in sampler.sample(batch_size))
             if augment:
                 x, t, w = augment_batch(x, t, w, generator=generator)
