@@ -298,15 +298,17 @@ def segment(
     progress: Progress | None = None,
     cancel: Cancel | None = None,
     min_size: int | None = None,
+    return_probabilities: bool = False,
     **postprocess_options,
-) -> np.ndarray:
+):
     """Instance labels (0 = background, 1..N objects) of ``image``, same spatial shape.
 
     Runs :func:`predict` and then :func:`~napari_unet_studio.postprocess.labels_from_probabilities`
     with the model's output encoding and post-processing settings (``model.postprocess``).
     Slices of a stack are labelled separately, with ids unique across the stack. Arguments as
     for :func:`predict`; ``min_size`` (pixels) removes smaller objects, other keyword arguments
-    (``threshold``, ``split``, ...) override the model's post-processing settings.
+    (``threshold``, ``split``, ...) override the model's post-processing settings. With
+    ``return_probabilities=True`` the result is ``(labels, probabilities)``.
     """
     from .postprocess import DEFAULT_MIN_SIZE, labels_from_probabilities
 
@@ -317,7 +319,8 @@ def segment(
     if min_size is not None:
         options["min_size"] = min_size
     if probs.ndim == 3:
-        return labels_from_probabilities(probs, encoding=model.encoding, **options)
+        labels = labels_from_probabilities(probs, encoding=model.encoding, **options)
+        return (labels, probs) if return_probabilities else labels
     labels = np.zeros(probs.shape[1:], np.int32)
     offset = 0
     for s in range(probs.shape[1]):
@@ -326,4 +329,4 @@ def segment(
         lab = labels_from_probabilities(probs[:, s], encoding=model.encoding, **options)
         labels[s] = np.where(lab > 0, lab + offset, 0)
         offset += int(lab.max())
-    return labels
+    return (labels, probs) if return_probabilities else labels

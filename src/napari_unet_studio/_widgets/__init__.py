@@ -1,0 +1,1 @@
+"""napari dock widgets: thin Qt layers over the Qt-free core (no numerics here)."""

@@ -1,0 +1,49 @@
+"""Helpers shared by the widgets: notifications, worker progress bridge, layer choices."""
+
+from __future__ import annotations
+
+import threading
+
+from qtpy.QtCore import QObject, Signal
+
+
+class ProgressBridge(QObject):
+    """Carries ``(done, total)`` from a worker thread to the GUI thread (queued signal)."""
+
+    progressed = Signal(int, int)
+
+    def __call__(self, done: int, total: int) -> None:
+        self.progressed.emit(int(done), int(total))
+
+
+class CancelFlag:
+    """A thread-safe flag the core polls through its ``cancel`` callable."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    def __call__(self) -> bool:
+        return self._event.is_set()
+
+
+def notify_error(exc: BaseException) -> None:
+    """Show a user-caused error as a napari notification naming the cause."""
+    from napari.utils.notifications import show_error
+
+    from ..errors import UnetStudioError
+
+    if isinstance(exc, UnetStudioError):
+        show_error(str(exc))
+    else:
+        show_error(f"{type(exc).__name__}: {exc}")
+
+
+def layers_of(viewer, kind: str) -> list:
+    """Layers of ``viewer`` whose type name is ``kind`` ("Image", "Labels", ...)."""
+    return [layer for layer in viewer.layers if type(layer).__name__ == kind]

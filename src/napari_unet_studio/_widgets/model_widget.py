@@ -1,0 +1,165 @@
+"""The "Model" dock widget: choose, create, inspect and save the active model."""
+
+from __future__ import annotations
+
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._common import notify_error
+from ._state import state_for
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def describe(model, name: str, device: str) -> str:
+    """One short multi-line summary of a model for the info label."""
+    if model is None:
+        return "No model loaded. 'Segment' loads the default model."
+    from ..devices import resolve_device
+
+    n_params = sum(p.numel() for p in model.parameters())
+    arch = {"unet": "U-Net", "unetpp": "U-Net++"}.get(model.arch, model.arch)
+    runs = model.provenance.get("training", [])
+    trained = f"{sum(r.get('steps', 0) for r in runs)} steps in {len(runs)} run(s)" if runs else "untrained"
+    try:
+        dev = resolve_device(device).type
+    except Exception:  # an unavailable device is reported when it is used
+        dev = device
+    return (
+        f"{name}\n{arch}, depth {model.depth}, width {model.base_channels}, {n_params / 1e6:.2f} M parameters\n"
+        f"{model.in_channels} input channel(s), {model.n_classes} classes ({model.encoding})\n"
+        f"halo {model.geometry.halo} px, device {dev}\ntraining: {trained}"
+    )
+
+
+class ModelWidget(QWidget):
+    """Load the shipped default model, a file, or a new untrained network; save; pick the device."""
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.state = state_for(napari_viewer)
+        layout = QVBoxLayout(self)
+        self.info = QLabel(parent=self)
+        self.info.setWordWrap(True)
+        layout.addWidget(self.info)
+
+        row = QHBoxLayout()
+        self.default_button = QPushButton("Load default", parent=self)
+        self.file_button = QPushButton("Load file…", parent=self)
+        self.save_button = QPushButton("Save…", parent=self)
+        for b in (self.default_button, self.file_button, self.save_button):
+            row.addWidget(b)
+        layout.addLayout(row)
+
+        new = QGroupBox("New untrained model", parent=self)
+        form = QFormLayout(new)
+        self.arch = QComboBox(parent=new)
+        self.arch.addItems(["U-Net", "U-Net++"])
+        self.channels = QSpinBox(parent=new)
+        self.channels.setRange(1, 4)
+        self.encoding = QComboBox(parent=new)
+        self.encoding.addItems(["foreground (2 classes)", "boundary (3 classes)"])
+        self.depth = QSpinBox(parent=new)
+        self.depth.setRange(1, 5)
+        self.depth.setValue(4)
+        self.width = QSpinBox(parent=new)
+        self.width.setRange(2, 64)
+        self.width.setValue(16)
+        form.addRow("Architecture", self.arch)
+        form.addRow("Input channels", self.channels)
+        form.addRow("Classes", self.encoding)
+        form.addRow("Depth", self.depth)
+        form.addRow("Base width", self.width)
+        self.new_button = QPushButton("Create", parent=new)
+        form.addRow(self.new_button)
+        layout.addWidget(new)
+
+        device_row = QHBoxLayout()
+        device_row.addWidget(QLabel("Device", parent=self))
+        self.device = QComboBox(parent=self)
+        self.device.addItems(DEVICES)
+        self.device.setCurrentText(self.state.device)
+        device_row.addWidget(self.device)
+        layout.addLayout(device_row)
+        layout.addStretch()
+
+        self.default_button.clicked.connect(self.load_default)
+        self.file_button.clicked.connect(self._choose_file)
+        self.save_button.clicked.connect(self._choose_save)
+        self.new_button.clicked.connect(self.create_new)
+        self.device.currentTextChanged.connect(self.state.set_device)
+        self.state.connect(self._refresh)
+        self.destroyed.connect(lambda *_: self.state.disconnect(self._refresh))
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.info.setText(describe(self.state.model, self.state.name, self.state.device))
+        self.save_button.setEnabled(self.state.model is not None)
+        if self.device.currentText() != self.state.device:
+            self.device.setCurrentText(self.state.device)
+
+    def load(self, path) -> bool:
+        """Make the model at ``path`` (or "default") active; errors become notifications."""
+        from ..checkpoint import load_model
+        from ..errors import UnetStudioError
+
+        try:
+            model = load_model(path)
+        except UnetStudioError as exc:
+            notify_error(exc)
+            return False
+        self.state.set_model(model, "default model" if str(path) == "default" else str(path))
+        return True
+
+    def load_default(self) -> bool:
+        return self.load("default")
+
+    def create_new(self) -> None:
+        from ..models import ENCODINGS, build_model
+
+        encoding = self.encoding.currentText().split()[0]
+        config = {
+            "arch": "unetpp" if self.arch.currentText() == "U-Net++" else "unet",
+            "in_channels": self.channels.value(),
+            "n_classes": ENCODINGS[encoding],
+            "encoding": encoding,
+            "depth": self.depth.value(),
+            "base_channels": self.width.value(),
+        }
+        self.state.set_model(build_model(config), f"new {self.arch.currentText()}")
+
+    def save(self, path) -> bool:
+        """Save the active model to ``path`` (.safetensors)."""
+        from ..checkpoint import save_model
+        from ..errors import UnetStudioError
+
+        try:
+            save_model(self.state.model, path)
+        except (UnetStudioError, OSError) as exc:
+            notify_error(exc)
+            return False
+        from napari.utils.notifications import show_info
+
+        show_info(f"Saved the model to {path}")
+        return True
+
+    def _choose_file(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load model", "", "Models (*.safetensors *.pt *.pth)")
+        if path:
+            self.load(path)
+
+    def _choose_save(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save model", "model.safetensors", "Models (*.safetensors)")
+        if path:
+            self.save(path if path.endswith(".safetensors") else path + ".safetensors")

@@ -1,0 +1,189 @@
+"""The "Segment" dock widget: instance labels of an Image layer, computed off the GUI thread."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._common import CancelFlag, ProgressBridge, layers_of, notify_error
+from ._state import state_for
+
+RESULT_KEY = "napari_unet_studio"
+
+
+def _checksum(data) -> int:
+    return zlib.crc32(np.ascontiguousarray(data).view(np.uint8))
+
+
+def _is_untouched_result(layer) -> bool:
+    """True when ``layer`` is a result of ours that nobody has painted on since."""
+    meta = layer.metadata.get(RESULT_KEY)
+    return bool(meta) and meta.get("checksum") == _checksum(layer.data)
+
+
+class SegmentWidget(QWidget):
+    """Pick an Image layer and segment it with the active model (default model if none)."""
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.state = state_for(napari_viewer)
+        self.worker = None
+        self.cancel_flag = CancelFlag()
+        self.bridge = ProgressBridge(self)
+        layout = QVBoxLayout(self)
+        form = QFormLayout()
+        self.image = QComboBox(parent=self)
+        self.tile = QSpinBox(parent=self)
+        self.tile.setRange(0, 8192)
+        self.tile.setSingleStep(16)
+        self.tile.setSpecialValueText("auto")
+        self.prune = QComboBox(parent=self)
+        self.prune.addItems(["full", "L1", "L2", "L3", "L4"])
+        self.probability = QCheckBox("Also add the foreground probability", parent=self)
+        form.addRow("Image", self.image)
+        form.addRow("Tile size", self.tile)
+        form.addRow("U-Net++ level", self.prune)
+        layout.addLayout(form)
+        layout.addWidget(self.probability)
+        row = QHBoxLayout()
+        self.run_button = QPushButton("Segment", parent=self)
+        self.cancel_button = QPushButton("Cancel", parent=self)
+        self.cancel_button.setEnabled(False)
+        row.addWidget(self.run_button)
+        row.addWidget(self.cancel_button)
+        layout.addLayout(row)
+        self.progress = QProgressBar(parent=self)
+        layout.addWidget(self.progress)
+        layout.addStretch()
+
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.bridge.progressed.connect(self._on_progress)
+        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
+            event.connect(self._refresh_layers)
+        self.state.connect(self._refresh_model)
+        self.destroyed.connect(lambda *_: self.state.disconnect(self._refresh_model))
+        self._refresh_layers()
+        self._refresh_model()
+
+    def _refresh_layers(self, *_) -> None:
+        current = self.image.currentText()
+        names = [layer.name for layer in layers_of(self.viewer, "Image")]
+        self.image.clear()
+        self.image.addItems(names)
+        if current in names:
+            self.image.setCurrentText(current)
+
+    def _refresh_model(self) -> None:
+        model = self.state.model
+        is_pp = model is not None and model.arch == "unetpp"
+        self.prune.setEnabled(is_pp)
+        if is_pp:
+            self.prune.clear()
+            self.prune.addItems(["full"] + [f"L{i}" for i in range(1, model.depth + 1)])
+
+    def _ensure_model(self):
+        if self.state.model is None:
+            from ..checkpoint import load_model
+
+            self.state.set_model(load_model("default"), "default model")
+        return self.state.model
+
+    def run(self):
+        """Start segmenting the chosen layer; returns the worker (or None when nothing started)."""
+        from napari.qt.threading import create_worker
+
+        from ..errors import UnetStudioError
+        from ..inference import segment
+
+        layer = next((l for l in layers_of(self.viewer, "Image") if l.name == self.image.currentText()), None)
+        if layer is None:
+            notify_error(UnetStudioError("select an Image layer to segment"))
+            return None
+        try:
+            model = self._ensure_model()
+        except UnetStudioError as exc:
+            notify_error(exc)
+            return None
+        if model.arch == "unetpp":
+            level = self.prune.currentText()
+            model.prune_level = None if level == "full" else int(level[1:])
+        data = layer.data[0] if layer.multiscale else layer.data
+        self.cancel_flag.clear()
+        self.progress.setValue(0)
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.worker = create_worker(
+            segment,
+            model,
+            data,
+            tile_size=self.tile.value() or None,
+            device=self.state.device,
+            channel_axis=-1 if layer.rgb else None,
+            progress=self.bridge,
+            cancel=self.cancel_flag,
+            return_probabilities=True,
+            _connect={"returned": lambda result: self._add_results(layer, result), "errored": self._on_error, "finished": self._on_finished},
+        )
+        return self.worker
+
+    def cancel(self) -> None:
+        self.cancel_flag.set()
+
+    def _on_progress(self, done: int, total: int) -> None:
+        self.progress.setMaximum(max(total, 1))
+        self.progress.setValue(done)
+
+    def _on_error(self, exc: BaseException) -> None:
+        from ..errors import Cancelled
+
+        if isinstance(exc, Cancelled):
+            from napari.utils.notifications import show_info
+
+            show_info("Segmentation cancelled; no layer was changed")
+        else:
+            notify_error(exc)
+
+    def _on_finished(self) -> None:
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+
+    def _add_results(self, image_layer, result) -> None:
+        """Add (or update our own untouched) result layers; never overwrite painted labels."""
+        labels, probs = result
+        model = self.state.model
+        spatial = dict(scale=image_layer.scale, translate=image_layer.translate)
+        name = f"{image_layer.name} labels"
+        existing = next((l for l in layers_of(self.viewer, "Labels") if l.name == name), None)
+        if existing is not None and _is_untouched_result(existing):
+            existing.data = labels
+            target = existing
+        else:
+            target = self.viewer.add_labels(labels, name=name, **spatial)
+        target.metadata[RESULT_KEY] = {"checksum": _checksum(labels), "source": image_layer.name}
+        if self.probability.isChecked():
+            foreground = 1.0 - probs[0]
+            pname = f"{image_layer.name} foreground probability"
+            player = next((l for l in layers_of(self.viewer, "Image") if l.name == pname), None)
+            if player is not None and player.metadata.get(RESULT_KEY):
+                player.data = foreground
+            else:
+                player = self.viewer.add_image(foreground, name=pname, colormap="magma", blending="additive",
+                                               contrast_limits=(0, 1), **spatial)
+                player.metadata[RESULT_KEY] = {"source": image_layer.name}
+        from napari.utils.notifications import show_info
+
+        show_info(f"{image_layer.name}: {int(labels.max())} objects ({model.arch if model else ''})")

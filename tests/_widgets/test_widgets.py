@@ -1,0 +1,167 @@
+"""The dock widgets in a real napari viewer: manifest, samples, segmenting off the GUI thread,
+never overwriting painted labels, cancel, and user errors as notifications."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from qtpy.QtCore import QTimer
+
+from napari_unet_studio import UNet, save_model
+from napari_unet_studio._widgets import _common
+from napari_unet_studio._widgets._state import state_for
+
+PLUGIN = "napari-unet-studio"
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    """Messages shown through napari's error notifications."""
+    shown = []
+    import napari.utils.notifications as notifications
+
+    monkeypatch.setattr(notifications, "show_error", shown.append)
+    return shown
+
+
+def small_model():
+    torch.manual_seed(0)
+    return UNet(depth=2, base_channels=4).eval()
+
+
+def open_widget(viewer, name):
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    return widget
+
+
+def run_and_wait(qtbot, widget, timeout=60_000):
+    """Start the widget's job and wait until it has finished (its button is enabled again).
+
+    The widget's own 'finished' handler is connected before the worker starts, so this cannot
+    miss a worker that fails at once (a waitSignal set up after the start could).
+    """
+    worker = widget.run()
+    assert worker is not None
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=timeout)
+    return worker
+
+
+def test_widgets_open_through_the_manifest(make_napari_viewer):
+    viewer = make_napari_viewer()
+    for name in ("Model", "Segment"):
+        assert open_widget(viewer, name) is not None
+
+
+@pytest.mark.parametrize("key,n_layers", [("nuclei", 2), ("em", 2)])
+def test_samples_load_with_ground_truth(make_napari_viewer, key, n_layers):
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, key)
+    kinds = sorted(type(layer).__name__ for layer in viewer.layers)
+    assert kinds == ["Image", "Labels"]
+
+
+def test_segment_adds_labels_and_never_overwrites_painting(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    image = np.zeros((120, 150), np.float32)
+    image[20:50, 20:60] = 1
+    viewer.add_image(image, name="cells")
+    widget = open_widget(viewer, "Segment")
+    state_for(viewer).set_model(small_model(), "test model")
+    widget.probability.setChecked(True)
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["cells labels"]
+    assert labels.data.shape == image.shape and np.issubdtype(labels.data.dtype, np.integer)
+    assert viewer.layers["cells foreground probability"].data.shape == image.shape
+    n_layers = len(viewer.layers)
+    # Segmenting again updates our untouched result in place ...
+    run_and_wait(qtbot, widget)
+    assert len(viewer.layers) == n_layers
+    # ... but once the user painted on it, the painting is kept and a new layer is added.
+    painted = labels.data.copy()
+    painted[0:5, 0:5] = 99
+    labels.data = painted
+    run_and_wait(qtbot, widget)
+    assert len(viewer.layers) == n_layers + 1
+    assert (viewer.layers["cells labels"].data[0:5, 0:5] == 99).all()
+
+
+def test_default_model_on_the_nuclei_sample(make_napari_viewer, qtbot):
+    from napari_unet_studio.checkpoint import default_model_path
+
+    if not default_model_path().is_file():
+        pytest.skip("no default model in this installation")
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "nuclei")
+    widget = open_widget(viewer, "Segment")
+    widget.image.setCurrentText("Fluorescence nuclei")
+    run_and_wait(qtbot, widget)  # no model chosen: the default model is loaded
+    truth = viewer.layers["Fluorescence nuclei ground truth"].data
+    labels = viewer.layers["Fluorescence nuclei labels"].data
+    assert labels.shape == truth.shape
+    assert 0.8 * truth.max() <= labels.max() <= 1.2 * truth.max()
+
+
+def test_cancel_leaves_the_viewer_unchanged(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((6, 400, 400), np.float32), name="stack")
+    widget = open_widget(viewer, "Segment")
+    state_for(viewer).set_model(small_model(), "test model")
+    widget.tile.setValue(60)
+    n_layers = len(viewer.layers)
+    assert widget.run() is not None
+    widget.cancel()
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=60_000)
+    assert len(viewer.layers) == n_layers and not widget.cancel_button.isEnabled()
+
+
+def test_viewer_stays_responsive_while_segmenting(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((2, 700, 700), np.float32), name="big")
+    widget = open_widget(viewer, "Segment")
+    torch.manual_seed(0)
+    state_for(viewer).set_model(UNet(depth=3, base_channels=8).eval(), "test model")
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(10)
+    try:
+        run_and_wait(qtbot, widget)
+    finally:
+        timer.stop()
+    gaps = np.diff(ticks)
+    assert len(gaps) > 10
+    assert gaps.max() < 0.1, f"the GUI thread stalled for {gaps.max() * 1000:.0f} ms"
+
+
+def test_user_errors_become_notifications(make_napari_viewer, qtbot, errors, tmp_path):
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, "Segment")
+    assert widget.run() is None and "select an Image layer" in errors[-1]
+    viewer.add_image(np.zeros((50, 60, 2), np.float32), name="two channels", rgb=False)
+    state_for(viewer).set_model(small_model(), "test model")
+    widget.image.setCurrentText("two channels")
+    run_and_wait(qtbot, widget)
+    assert "2 channels but the model takes 1" in errors[-1]
+    assert [type(l).__name__ for l in viewer.layers] == ["Image"]
+
+    model_widget = open_widget(viewer, "Model")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a model")
+    assert not model_widget.load(broken)
+    assert "not a valid .safetensors" in errors[-1]
+    assert state_for(viewer).name == "test model"  # the active model is unchanged
+
+
+def test_model_widget_create_save_load(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, "Model")
+    widget.arch.setCurrentText("U-Net++")
+    widget.depth.setValue(2)
+    widget.width.setValue(4)
+    widget.create_new()
+    state = state_for(viewer)
+    assert state.model.arch == "unetpp" and "U-Net++" in widget.info.text()
+    path = tmp_path / "m.safetensors"
+    assert widget.save(path) and path.is_file()
+    assert widget.load(path) and state.model.depth == 2 and str(path) in widget.info.text()
