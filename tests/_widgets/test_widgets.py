@@ -165,3 +165,35 @@ def test_model_widget_create_save_load(make_napari_viewer, tmp_path):
     path = tmp_path / "m.safetensors"
     assert widget.save(path) and path.is_file()
     assert widget.load(path) and state.model.depth == 2 and str(path) in widget.info.text()
+
+
+def test_preview_augmentation_and_weight_map_update_in_place(make_napari_viewer, qtbot, errors):
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "nuclei")
+    widget = open_widget(viewer, "Preview augmentation and weights")
+    widget.image.setCurrentText("Fluorescence nuclei")
+    widget.labels.setCurrentText("Fluorescence nuclei ground truth")
+    assert widget.preview() is not None
+    qtbot.waitUntil(lambda: "displacement" in viewer.layers and widget.run_button.isEnabled(), timeout=30_000)
+    image = viewer.layers["Fluorescence nuclei"].data
+    aug, aug_labels = viewer.layers["augmented image"].data, viewer.layers["augmented labels"].data
+    assert aug.shape == image.shape and aug_labels.shape == image.shape
+    assert set(np.unique(aug_labels)) <= set(np.unique(viewer.layers["Fluorescence nuclei ground truth"].data))
+    vectors = viewer.layers["displacement"].data
+    assert vectors.ndim == 3 and vectors.shape[1:] == (2, 2) and np.abs(vectors[:, 1]).max() > 1
+    n_layers = len(viewer.layers)
+    widget.reseed_button.click()
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled() and not np.array_equal(viewer.layers["augmented image"].data, aug), timeout=30_000)
+    assert len(viewer.layers) == n_layers  # updated, not piled up
+    widget.w0.setValue(10.0)
+    worker = widget.show_weights()
+    assert worker is not None
+    qtbot.waitUntil(lambda: "weight map" in viewer.layers and widget.run_button.isEnabled(), timeout=30_000)
+    from napari_unet_studio.weightmap import weight_map
+
+    np.testing.assert_allclose(viewer.layers["weight map"].data, weight_map(viewer.layers["Fluorescence nuclei ground truth"].data), atol=1e-6)
+    assert viewer.layers["weight map"].blending == "additive"
+    # a labels layer of another shape is named as the cause
+    viewer.add_labels(np.zeros((10, 10), np.int32), name="small")
+    widget.labels.setCurrentText("small")
+    assert widget.preview() is None and "differ in shape" in errors[-1]
