@@ -49,7 +49,7 @@ def run_and_wait(qtbot, widget, timeout=60_000):
 
 def test_widgets_open_through_the_manifest(make_napari_viewer):
     viewer = make_napari_viewer()
-    for name in ("Model", "Segment"):
+    for name in ("Model", "Segment", "Fine-tune", "Preview augmentation and weights"):
         assert open_widget(viewer, name) is not None
 
 
@@ -197,3 +197,87 @@ def test_preview_augmentation_and_weight_map_update_in_place(make_napari_viewer,
     viewer.add_labels(np.zeros((10, 10), np.int32), name="small")
     widget.labels.setCurrentText("small")
     assert widget.preview() is None and "differ in shape" in errors[-1]
+
+
+def _painted_viewer(make_napari_viewer):
+    from test_training import synthetic_cells
+
+    viewer = make_napari_viewer()
+    image, labels = synthetic_cells(shape=(128, 128), n=12, seed=3)
+    viewer.add_image(image, name="cells")
+    painted = viewer.add_labels(np.zeros_like(labels), name="painted")
+    painted.data = labels  # what painting with the brush produces
+    return viewer
+
+
+def test_fine_tune_lowers_the_loss_and_replaces_the_active_model(make_napari_viewer, qtbot):
+    viewer = _painted_viewer(make_napari_viewer)
+    state = state_for(viewer)
+    state.set_model(small_model(), "test model")
+    before = state.model
+    weights_before = {k: v.clone() for k, v in before.state_dict().items()}
+    widget = open_widget(viewer, "Fine-tune")
+    widget.image.setCurrentText("cells")
+    widget.labels.setCurrentText("painted")
+    widget.add_pair()
+    widget.steps.setValue(60)
+    widget.lr.setValue(0.003)
+    records = []
+    widget.bridge.recorded.connect(records.append)
+    run_and_wait(qtbot, widget, timeout=120_000)
+    assert state.model is not before and state.name == "test model (fine-tuned)"
+    assert all(torch.equal(v, before.state_dict()[k]) for k, v in weights_before.items())  # original untouched
+    run = state.model.provenance["training"][-1]
+    assert run["steps"] == 60 and run["stopped"] == "steps"
+    losses = [r["loss"] for r in records]
+    assert len(losses) >= 5 and np.mean(losses[-3:]) < np.mean(losses[:3])
+    assert "step 60" in widget.status.text() or "step" in widget.status.text()
+
+
+def test_fine_tune_cancel_keeps_the_best_so_far(make_napari_viewer, qtbot):
+    viewer = _painted_viewer(make_napari_viewer)
+    state = state_for(viewer)
+    state.set_model(small_model(), "test model")
+    widget = open_widget(viewer, "Fine-tune")
+    widget.add_pair()
+    widget.steps.setValue(100_000)
+    records = []
+    widget.bridge.recorded.connect(records.append)
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: len(records) >= 1, timeout=60_000)
+    started = time.perf_counter()
+    widget.cancel_button.click()
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=30_000)
+    assert time.perf_counter() - started < 5
+    assert state.model.provenance["training"][-1]["stopped"] == "cancelled"
+
+
+def test_fine_tune_user_errors(make_napari_viewer, errors):
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, "Fine-tune")
+    assert widget.run() is None and "add at least one" in errors[-1]
+    viewer.add_image(np.zeros((40, 40), np.float32), name="img")
+    viewer.add_labels(np.zeros((30, 40), np.int32), name="lab")
+    widget.image.setCurrentText("img")
+    widget.labels.setCurrentText("lab")
+    widget.add_pair()
+    assert widget.run() is None and "do not match" in errors[-1]
+
+
+def test_viewer_stays_responsive_while_fine_tuning(make_napari_viewer, qtbot):
+    viewer = _painted_viewer(make_napari_viewer)
+    state_for(viewer).set_model(small_model(), "test model")
+    widget = open_widget(viewer, "Fine-tune")
+    widget.add_pair()
+    widget.steps.setValue(40)
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(10)
+    try:
+        run_and_wait(qtbot, widget, timeout=120_000)
+    finally:
+        timer.stop()
+    gaps = np.diff(ticks)
+    assert len(gaps) > 10
+    assert gaps.max() < 0.1, f"the GUI thread stalled for {gaps.max() * 1000:.0f} ms"
