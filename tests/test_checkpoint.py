@@ -22,6 +22,9 @@ def test_round_trip(arch, tmp_path, rng):
     image = rng.random((70, 90)).astype(np.float32)
     assert np.array_equal(predict(model, image), predict(loaded, image))
     assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]  # no temporary files left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~umask  # not the temporary file's private mode
 
 
 def test_saving_needs_the_safetensors_suffix(tmp_path):

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 import torch
 
 from .errors import ModelFileError
+from .io import atomic_write
 from .models import ARCHITECTURES, build_model
 
 #: Metadata key of the JSON config inside our safetensors files.
@@ -48,15 +48,7 @@ def save_model(model, path: str | os.PathLike) -> Path:
         raise ModelFileError(f"model files end in .safetensors, not {path.suffix or 'nothing'!r}: {path}")
     config = dict(model.config(), format_version=FORMAT_VERSION)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={CONFIG_KEY: json.dumps(config)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={CONFIG_KEY: json.dumps(config)}))
     return path
 
 

@@ -61,12 +61,19 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise InputError(f"cannot read image {path}: {reason}") from exc
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    The file gets the permissions a newly created file would get (``mkstemp`` makes it private).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -90,11 +97,11 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray) -> Path:
     if path.suffix.lower() in TIFF_SUFFIXES:
         import tifffile
 
-        _atomic_write(path, lambda tmp: tifffile.imwrite(tmp, data, compression="zlib"))
+        atomic_write(path, lambda tmp: tifffile.imwrite(tmp, data, compression="zlib"))
     else:
         import imageio.v3 as iio
 
         if data.ndim != 2:
             raise InputError(f"{path}: a PNG holds one 2-D label image; write TIFF for stacks")
-        _atomic_write(path, lambda tmp: iio.imwrite(tmp, data, extension=".png"))
+        atomic_write(path, lambda tmp: iio.imwrite(tmp, data, extension=".png"))
     return path
