@@ -70,6 +70,16 @@ def test_sample_data_loads_from_the_installed_package(key, n_objects):
     assert len(np.unique(labels)) - 1 == n_objects
 
 
+def test_npe2_validate_command():
+    import shutil
+
+    exe = shutil.which("npe2")
+    if exe is None:
+        pytest.skip("npe2 command not installed")
+    out = subprocess.run([exe, "validate", "napari-unet-studio"], capture_output=True, text=True)
+    assert out.returncode == 0 and "valid" in out.stdout, out.stdout + out.stderr
+
+
 def test_manifest_is_valid():
     npe2 = pytest.importorskip("npe2")
     manifest = npe2.PluginManifest.from_distribution("napari-unet-studio")

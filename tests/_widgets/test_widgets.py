@@ -274,7 +274,7 @@ def test_fine_tune_cancel_keeps_the_best_so_far(make_napari_viewer, qtbot):
     assert state.model.provenance["training"][-1]["stopped"] == "cancelled"
 
 
-def test_fine_tune_user_errors(make_napari_viewer, errors):
+def test_fine_tune_user_errors(make_napari_viewer, qtbot, errors):
     viewer = make_napari_viewer()
     widget = open_widget(viewer, "Fine-tune")
     assert widget.run() is None and "add at least one" in errors[-1]
@@ -284,6 +284,17 @@ def test_fine_tune_user_errors(make_napari_viewer, errors):
     widget.labels.setCurrentText("lab")
     widget.add_pair()
     assert widget.run() is None and "do not match" in errors[-1]
+    # nothing painted yet: the cause is named (the error comes from the worker)
+    viewer.add_labels(np.zeros((40, 40), np.int32), name="empty")
+    widget.pairs.clear()
+    widget.labels.setCurrentText("empty")
+    widget.add_pair()
+    state_for(viewer).set_model(small_model(), "test model")
+    widget.steps.setValue(1)
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=30_000)
+    assert "no objects" in errors[-1]
+    assert state_for(viewer).name == "test model"
 
 
 def test_viewer_stays_responsive_while_fine_tuning(make_napari_viewer, qtbot):
