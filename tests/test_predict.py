@@ -284,3 +284,22 @@ def test_cuda_matches_cpu(rng):
     assert np.abs(cpu - gpu).max() < 2e-2  # fp16 autocast
     gpu_auto = predict(model, image, device="cuda")
     assert np.abs(gpu_auto - gpu).max() < 2e-2
+
+
+def test_bright_background_images_are_inverted_automatically(rng):
+    from napari_unet_studio.normalize import Normalization
+
+    dark = rng.random((64, 64, 1)).astype(np.float32) * 0.2
+    dark[20:30, 20:30] = 1.0  # fluorescence: bright objects on a dark background
+    bright = 1.0 - dark  # brightfield: dark objects on a bright background
+    auto = Normalization()
+    a = auto.apply(dark, auto.statistics(dark))
+    b = auto.apply(bright, auto.statistics(bright))
+    np.testing.assert_allclose(a, b, atol=0.02)  # both bright on dark (percentiles 1, 99.8 are not symmetric)
+    assert a[25, 25, 0] > 0.9 and np.median(a) < 0.3
+    never = Normalization(invert=False)
+    assert np.median(never.apply(bright, never.statistics(bright))) > 0.5
+    always = Normalization(invert=True)
+    assert np.median(always.apply(dark, always.statistics(dark))) > 0.5
+    with pytest.raises(ValueError):
+        Normalization(invert="sometimes")
