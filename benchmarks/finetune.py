@@ -4,7 +4,8 @@ Starting from the shipped default model (grayscale fluorescence nuclei), fine-tu
 4 images of DSB 2018 stained tissue (RGB, a kind the default model never saw) with budgets of
 1, 3 and 10 minutes, and report AP@0.5 on the held-out stained images; the same from a random
 start; the untouched default model; and U-Net vs U-Net++ from scratch at 2 images / 3 minutes.
-RGB images meet the one-channel default model as their luminance (the package's rule).
+RGB images meet the one-channel default model as their luminance, and bright-background
+images are inverted by the normalisation (the package's rules).
 
 Run:  python benchmarks/finetune.py [--data ../shared/data/dsb2018/color] [--budgets 60,180,600] [--images 1,2,4]
 """
