@@ -99,7 +99,7 @@ def _progress_bar(quiet: bool, desc: str):
     """A tqdm bar on stderr and a ``(done, total)`` callback that drives it."""
     from tqdm import tqdm
 
-    bar = tqdm(total=0, desc=desc, unit="tile", disable=quiet, file=sys.stderr, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=0, desc=desc, unit="tile", disable=quiet, file=sys.stderr, leave=False, dynamic_ncols=True, delay=0.3)
 
     def update(done: int, total: int) -> None:
         if bar.total != total:
