@@ -47,3 +47,12 @@ def notify_error(exc: BaseException) -> None:
 def layers_of(viewer, kind: str) -> list:
     """Layers of ``viewer`` whose type name is ``kind`` ("Image", "Labels", ...)."""
     return [layer for layer in viewer.layers if type(layer).__name__ == kind]
+
+
+def set_choices(combo, names: list[str]) -> None:
+    """Refill a combo box with ``names``, keeping the current choice when it is still there."""
+    current = combo.currentText()
+    combo.clear()
+    combo.addItems(names)
+    if current in names:
+        combo.setCurrentText(current)

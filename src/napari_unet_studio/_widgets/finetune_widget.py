@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import CancelFlag, layers_of, notify_error
+from ._common import CancelFlag, layers_of, notify_error, set_choices
 from ._state import state_for
 
 NONE = "(none)"
@@ -185,12 +185,7 @@ class FineTuneWidget(QWidget):
             (self.val_image, "Image", True),
             (self.val_labels, "Labels", True),
         ):
-            current = combo.currentText()
-            names = ([NONE] if optional else []) + [l.name for l in layers_of(self.viewer, kind)]
-            combo.clear()
-            combo.addItems(names)
-            if current in names:
-                combo.setCurrentText(current)
+            set_choices(combo, ([NONE] if optional else []) + [l.name for l in layers_of(self.viewer, kind)])
 
     def add_pair(self) -> None:
         """Add the chosen (Image, Labels, Regions) to the training pairs."""

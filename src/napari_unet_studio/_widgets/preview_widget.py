@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QPushButton, QSpinBox, QVBoxLayout, QWidget
 
-from ._common import layers_of, notify_error
+from ._common import layers_of, notify_error, set_choices
 
 PREVIEW_KEY = "napari_unet_studio_preview"
 VECTOR_SPACING = 24
@@ -86,12 +86,7 @@ class PreviewWidget(QWidget):
 
     def _refresh_layers(self, *_) -> None:
         for combo, kind in ((self.image, "Image"), (self.labels, "Labels")):
-            current = combo.currentText()
-            names = [l.name for l in layers_of(self.viewer, kind) if not l.metadata.get(PREVIEW_KEY)]
-            combo.clear()
-            combo.addItems(names)
-            if current in names:
-                combo.setCurrentText(current)
+            set_choices(combo, [l.name for l in layers_of(self.viewer, kind) if not l.metadata.get(PREVIEW_KEY)])
 
     def _layer(self, combo, kind):
         return next((l for l in layers_of(self.viewer, kind) if l.name == combo.currentText()), None)

@@ -17,7 +17,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import CancelFlag, ProgressBridge, layers_of, notify_error
+from ._common import CancelFlag, ProgressBridge, layers_of, notify_error, set_choices
 from ._state import state_for
 
 RESULT_KEY = "napari_unet_studio"
@@ -80,12 +80,7 @@ class SegmentWidget(QWidget):
         self._refresh_model()
 
     def _refresh_layers(self, *_) -> None:
-        current = self.image.currentText()
-        names = [layer.name for layer in layers_of(self.viewer, "Image")]
-        self.image.clear()
-        self.image.addItems(names)
-        if current in names:
-            self.image.setCurrentText(current)
+        set_choices(self.image, [layer.name for layer in layers_of(self.viewer, "Image")])
 
     def _refresh_model(self) -> None:
         model = self.state.model
