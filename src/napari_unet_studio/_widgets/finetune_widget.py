@@ -238,18 +238,15 @@ class FineTuneWidget(QWidget):
         """Start fine-tuning; returns the worker (or None when nothing started)."""
         from napari.qt.threading import create_worker
 
-        from ..checkpoint import load_model
         from ..errors import UnetStudioError
         from ..training import train
 
         try:
             images, labels, regions = self._collect()
-            if self.state.model is None:
-                self.state.set_model(load_model("default"), "default model")
+            model = copy.deepcopy(self.state.model_or_default())
         except UnetStudioError as exc:
             notify_error(exc)
             return None
-        model = copy.deepcopy(self.state.model)
         val_images = val_labels = None
         if self.val_image.currentText() != NONE and self.val_labels.currentText() != NONE:
             val_images = [np.asarray(self._layer(self.val_image.currentText()).data)]

@@ -90,13 +90,6 @@ class SegmentWidget(QWidget):
             self.prune.clear()
             self.prune.addItems(["full"] + [f"L{i}" for i in range(1, model.depth + 1)])
 
-    def _ensure_model(self):
-        if self.state.model is None:
-            from ..checkpoint import load_model
-
-            self.state.set_model(load_model("default"), "default model")
-        return self.state.model
-
     def run(self):
         """Start segmenting the chosen layer; returns the worker (or None when nothing started)."""
         from napari.qt.threading import create_worker
@@ -109,7 +102,7 @@ class SegmentWidget(QWidget):
             notify_error(UnetStudioError("select an Image layer to segment"))
             return None
         try:
-            model = self._ensure_model()
+            model = self.state.model_or_default()
         except UnetStudioError as exc:
             notify_error(exc)
             return None
