@@ -100,22 +100,35 @@ class Normalization:
         return (np.asarray(tile, dtype=np.float32) - offset) / scale
 
 
-def adapt_channels(pixels: np.ndarray, in_channels: int) -> np.ndarray:
-    """Make a ``(..., C)`` array match a model that takes ``in_channels`` channels.
+def channel_conversion(n_channels: int, in_channels: int) -> str | None:
+    """How an image with ``n_channels`` channels meets a model that takes ``in_channels``.
 
-    Equal counts pass through. An RGB(A) image meets a one-channel model as its luminance
-    (alpha dropped); a one-channel image meets an RGB model by repeating it. Any other
-    combination is an :class:`~napari_unet_studio.errors.InputError`.
+    Returns ``None`` when the counts are equal, otherwise a short description of the conversion
+    :func:`adapt_channels` applies (for telling the user). An RGB(A) image meets a one-channel
+    model as its luminance (alpha dropped), which keeps the default model usable on colour
+    images (README, "RGB images"). A one-channel image
+    meets an RGB model by repeating it. Any other combination is an
+    :class:`~napari_unet_studio.errors.InputError` naming both counts.
     """
+    if n_channels == in_channels:
+        return None
+    if in_channels == 1 and n_channels in (3, 4):
+        return f"the {'RGBA' if n_channels == 4 else 'RGB'} image is segmented as its luminance (the model takes one channel)"
+    if n_channels == 1 and in_channels == 3:
+        return "the grayscale image is repeated into the model's three channels"
+    raise InputError(f"the image has {n_channels} channels but the model takes {in_channels}")
+
+
+def adapt_channels(pixels: np.ndarray, in_channels: int) -> np.ndarray:
+    """Make a ``(..., C)`` array match a model that takes ``in_channels`` channels
+    (the rule of :func:`channel_conversion`)."""
     c = pixels.shape[-1]
-    if c == in_channels:
+    if channel_conversion(c, in_channels) is None:
         return pixels
-    if in_channels == 1 and c in (3, 4):
+    if in_channels == 1:
         gray = np.tensordot(np.asarray(pixels[..., :3], dtype=np.float32), LUMINANCE, axes=([-1], [0]))
         return gray[..., None]
-    if c == 1 and in_channels == 3:
-        return np.repeat(pixels, 3, axis=-1)
-    raise InputError(f"the image has {c} channels but the model takes {in_channels}")
+    return np.repeat(pixels, in_channels, axis=-1)
 
 
 def subsample_step(shape: tuple[int, int], max_pixels: int | None = None) -> int:

@@ -397,6 +397,8 @@ def train(
             score = _validate(model, val_images, val_labels, device) if validate else -(ema if ema is not None else math.inf)
             if validate:
                 history[-1]["val_ap50"] = score
+                if progress is not None:
+                    progress(history[-1])  # the same step again, now with its validation score
             if score > best["score"]:
                 best = {"score": score, "state": copy.deepcopy(model.state_dict()), "step": step}
     if best["state"] is not None:

@@ -163,8 +163,8 @@ def test_user_errors_become_notifications(make_napari_viewer, qtbot, errors, tmp
     viewer.add_image(np.zeros((50, 60, 2), np.float32), name="two channels", rgb=False)
     state_for(viewer).set_model(small_model(), "test model")
     widget.image.setCurrentText("two channels")
-    run_and_wait(qtbot, widget)
-    assert "2 channels but the model takes 1" in errors[-1]
+    assert widget.run() is None  # refused before any work starts
+    assert "two channels: the image has 2 channels but the model takes 1" in errors[-1]
     assert [type(l).__name__ for l in viewer.layers] == ["Image"]
 
     model_widget = open_widget(viewer, "Model")
@@ -253,7 +253,7 @@ def test_fine_tune_lowers_the_loss_and_replaces_the_active_model(make_napari_vie
     assert run["steps"] == 60 and run["stopped"] == "steps"
     losses = [r["loss"] for r in records]
     assert len(losses) >= 5 and np.mean(losses[-3:]) < np.mean(losses[:3])
-    assert "step 60" in widget.status.text() or "step" in widget.status.text()
+    assert widget.status.text().startswith("step 60,")  # the last record always reaches the dock
 
 
 def test_fine_tune_cancel_keeps_the_best_so_far(make_napari_viewer, qtbot):
@@ -314,3 +314,101 @@ def test_viewer_stays_responsive_while_fine_tuning(make_napari_viewer, qtbot):
     gaps = np.diff(ticks)
     assert len(gaps) > 10
     assert gaps.max() < 0.1, f"the GUI thread stalled for {gaps.max() * 1000:.0f} ms"
+
+
+def test_rgb_image_with_a_grayscale_model_is_segmented_as_luminance(make_napari_viewer, qtbot, monkeypatch):
+    import napari.utils.notifications as notifications
+
+    infos = []
+    monkeypatch.setattr(notifications, "show_info", infos.append)
+    viewer = make_napari_viewer()
+    gray = np.zeros((96, 96), np.float32)
+    gray[20:50, 30:70] = 1
+    rgb = np.repeat((gray * 200)[..., None], 3, axis=-1).astype(np.uint8)
+    viewer.add_image(rgb, name="colour", rgb=True)
+    viewer.add_image(gray, name="gray")
+    state_for(viewer).set_model(small_model(), "test model")
+    widget = open_widget(viewer, "Segment")
+    widget.image.setCurrentText("colour")
+    widget.probability.setChecked(True)
+    run_and_wait(qtbot, widget)
+    assert any("colour: the RGB image is segmented as its luminance" in m for m in infos)
+    widget.image.setCurrentText("gray")
+    run_and_wait(qtbot, widget)
+    # a gray image with equal R, G and B: the same probabilities as the gray image itself
+    np.testing.assert_allclose(viewer.layers["colour foreground probability"].data,
+                               viewer.layers["gray foreground probability"].data, atol=1e-4)
+
+
+def test_dask_and_zarr_layers_are_segmented_lazily(make_napari_viewer, qtbot):
+    """Lazy layers give the same labels as in-memory ones; the layer's data stay lazy."""
+    da = pytest.importorskip("dask.array")
+    zarr = pytest.importorskip("zarr")
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    image = rng.random((300, 260), np.float32)
+    stored = zarr.zeros(image.shape, chunks=(64, 64), dtype="f4")
+    stored[:] = image
+    viewer.add_image(image, name="memory")
+    viewer.add_image(da.from_array(image, chunks=(100, 100)), name="dask")
+    viewer.add_image(stored, name="zarr", contrast_limits=(0, 1))
+    state_for(viewer).set_model(small_model(), "test model")
+    widget = open_widget(viewer, "Segment")
+    widget.probability.setChecked(True)
+    widget.tile.setValue(96)
+    for name in ("memory", "dask", "zarr"):
+        widget.image.setCurrentText(name)
+        run_and_wait(qtbot, widget)
+    reference = viewer.layers["memory foreground probability"].data
+    for name in ("dask", "zarr"):
+        np.testing.assert_allclose(viewer.layers[f"{name} foreground probability"].data, reference, atol=1e-5)
+        np.testing.assert_array_equal(viewer.layers[f"{name} labels"].data, viewer.layers["memory labels"].data)
+    assert isinstance(viewer.layers["dask"].data, da.Array)
+
+
+def test_fine_tune_reports_validation_ap(make_napari_viewer, qtbot, errors):
+    from test_training import synthetic_cells
+
+    viewer = _painted_viewer(make_napari_viewer)
+    val_image, val_labels = synthetic_cells(shape=(128, 128), n=10, seed=4)
+    viewer.add_image(val_image, name="held-out")
+    viewer.add_labels(val_labels, name="held-out truth")
+    state_for(viewer).set_model(small_model(), "test model")
+    widget = open_widget(viewer, "Fine-tune")
+    widget.image.setCurrentText("cells")
+    widget.labels.setCurrentText("painted")
+    widget.add_pair()
+    widget.steps.setValue(20)
+    widget.val_image.setCurrentText("held-out")
+    assert widget.run() is None and "both a validation image and its labels" in errors[-1]
+    widget.val_labels.setCurrentText("held-out truth")
+    records = []
+    widget.bridge.recorded.connect(records.append)
+    run_and_wait(qtbot, widget, timeout=120_000)
+    scores = [r["val_ap50"] for r in records if "val_ap50" in r]
+    assert scores and all(0.0 <= s <= 1.0 for s in scores)
+    assert widget.plot.scores and "val AP@0.5" in widget.status.text()
+    assert state_for(viewer).name == "test model (fine-tuned)"
+
+
+def test_choices_persist_across_reopening(make_napari_viewer, isolated_settings):
+    viewer = make_napari_viewer()
+    segment = open_widget(viewer, "Segment")
+    finetune = open_widget(viewer, "Fine-tune")
+    preview = open_widget(viewer, "Preview augmentation and weights")
+    assert (segment.tile.value(), finetune.budget.value(), preview.sigma.value()) == (0, 180, 10.0)
+    segment.tile.setValue(512)
+    segment.probability.setChecked(True)
+    finetune.budget.setValue(600)
+    finetune.freeze.setChecked(True)
+    preview.sigma.setValue(12.5)
+    viewer.window.remove_dock_widget("all")
+
+    other = make_napari_viewer()
+    segment = open_widget(other, "Segment")
+    finetune = open_widget(other, "Fine-tune")
+    preview = open_widget(other, "Preview augmentation and weights")
+    assert segment.tile.value() == 512 and segment.probability.isChecked()
+    assert finetune.budget.value() == 600 and finetune.freeze.isChecked()
+    assert preview.sigma.value() == 12.5
+    assert list(isolated_settings.rglob("*.ini")), "settings must go to the (test) settings folder"

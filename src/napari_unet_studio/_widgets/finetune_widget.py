@@ -29,6 +29,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._common import CancelFlag, layers_of, notify_error, set_choices
+from ._settings import persist
 from ._state import state_for
 
 NONE = "(none)"
@@ -46,7 +47,7 @@ class RecordBridge(QObject):
 
     def __call__(self, record: dict) -> None:
         now = time.perf_counter()
-        if now - self._last >= self.interval or "val_ap50" in record:
+        if now - self._last >= self.interval or "val_ap50" in record or record.get("step") == record.get("steps"):
             self._last = now
             self.recorded.emit(dict(record))
 
@@ -153,6 +154,8 @@ class FineTuneWidget(QWidget):
         opts.addRow(self.deep)
         opts.addRow(self.freeze)
         layout.addLayout(opts)
+        persist("fine-tune", {"steps": self.steps, "time_budget": self.budget, "learning_rate": self.lr,
+                             "ignore_value": self.ignore, "deep_supervision": self.deep, "freeze_encoder": self.freeze})
         row = QHBoxLayout()
         self.run_button = QPushButton("Fine-tune", parent=self)
         self.cancel_button = QPushButton("Cancel", parent=self)
@@ -234,6 +237,35 @@ class FineTuneWidget(QWidget):
             regions.append(mask)
         return images, labels, regions
 
+    def _collect_validation(self):
+        """The validation (image, labels) as one-element lists, ``(None, None)`` when not chosen,
+        or raise InputError."""
+        from ..errors import InputError
+
+        image_name, labels_name = self.val_image.currentText(), self.val_labels.currentText()
+        if (image_name == NONE) != (labels_name == NONE):
+            raise InputError("choose both a validation image and its labels, or neither")
+        if image_name == NONE:
+            return None, None
+        image_layer, labels_layer = self._layer(image_name), self._layer(labels_name)
+        if image_layer is None or labels_layer is None:
+            raise InputError(f"layer {image_name if image_layer is None else labels_name!r} no longer exists")
+        image, lab = np.asarray(image_layer.data), np.asarray(labels_layer.data)
+        if image.shape[:2] != lab.shape:
+            raise InputError(f"validation labels {labels_name!r} {lab.shape} do not match image {image_name!r} {image.shape[:2]}")
+        return [image], [lab.copy()]
+
+    def _check_channels(self, images, model) -> None:
+        """Raise InputError for images the model cannot take; tell the user about conversions."""
+        from ..inference import ImageLayout
+        from ..normalize import channel_conversion
+
+        notes = {channel_conversion(ImageLayout(image).n_channels, model.in_channels) for image in images}
+        for note in sorted(n for n in notes if n):
+            from napari.utils.notifications import show_info
+
+            show_info(f"Fine-tune: {note}")
+
     def run(self):
         """Start fine-tuning; returns the worker (or None when nothing started)."""
         from napari.qt.threading import create_worker
@@ -243,14 +275,12 @@ class FineTuneWidget(QWidget):
 
         try:
             images, labels, regions = self._collect()
+            val_images, val_labels = self._collect_validation()
             model = copy.deepcopy(self.state.model_or_default())
+            self._check_channels(images + (val_images or []), model)
         except UnetStudioError as exc:
             notify_error(exc)
             return None
-        val_images = val_labels = None
-        if self.val_image.currentText() != NONE and self.val_labels.currentText() != NONE:
-            val_images = [np.asarray(self._layer(self.val_image.currentText()).data)]
-            val_labels = [np.asarray(self._layer(self.val_labels.currentText()).data)]
         steps = self.steps.value() or None
         kwargs = dict(
             steps=steps,

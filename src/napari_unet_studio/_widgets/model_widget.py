@@ -16,6 +16,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._common import notify_error
+from ._settings import persist
 from ._state import state_for
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -84,6 +85,8 @@ class ModelWidget(QWidget):
         self.new_button = QPushButton("Create", parent=new)
         form.addRow(self.new_button)
         layout.addWidget(new)
+        persist("new-model", {"arch": self.arch, "channels": self.channels, "classes": self.encoding,
+                              "depth": self.depth, "base_width": self.width})
 
         device_row = QHBoxLayout()
         device_row.addWidget(QLabel("Device", parent=self))

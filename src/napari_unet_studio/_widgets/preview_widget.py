@@ -11,6 +11,7 @@ import numpy as np
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QPushButton, QSpinBox, QVBoxLayout, QWidget
 
 from ._common import layers_of, notify_error, set_choices
+from ._settings import persist
 
 PREVIEW_KEY = "napari_unet_studio_preview"
 VECTOR_SPACING = 24
@@ -65,6 +66,7 @@ class PreviewWidget(QWidget):
         form.addRow("Weight w0", self.w0)
         form.addRow("Weight sigma (px)", self.w_sigma)
         layout.addLayout(form)
+        persist("preview", {"grid": self.grid, "sigma": self.sigma, "w0": self.w0, "weight_sigma": self.w_sigma})
         row = QHBoxLayout()
         self.preview_button = QPushButton("Preview", parent=self)
         self.reseed_button = QPushButton("Reseed", parent=self)

@@ -18,6 +18,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._common import CancelFlag, ProgressBridge, layers_of, notify_error, set_choices
+from ._settings import persist
 from ._state import state_for
 
 RESULT_KEY = "napari_unet_studio"
@@ -58,6 +59,7 @@ class SegmentWidget(QWidget):
         form.addRow("U-Net++ level", self.prune)
         layout.addLayout(form)
         layout.addWidget(self.probability)
+        persist("segment", {"tile_size": self.tile, "probability": self.probability})
         row = QHBoxLayout()
         self.run_button = QPushButton("Segment", parent=self)
         self.cancel_button = QPushButton("Cancel", parent=self)
@@ -95,7 +97,8 @@ class SegmentWidget(QWidget):
         from napari.qt.threading import create_worker
 
         from ..errors import UnetStudioError
-        from ..inference import segment
+        from ..inference import ImageLayout, segment
+        from ..normalize import channel_conversion
 
         layer = next((l for l in layers_of(self.viewer, "Image") if l.name == self.image.currentText()), None)
         if layer is None:
@@ -106,10 +109,20 @@ class SegmentWidget(QWidget):
         except UnetStudioError as exc:
             notify_error(exc)
             return None
+        data = layer.data[0] if layer.multiscale else layer.data
+        channel_axis = -1 if layer.rgb else None
+        try:
+            conversion = channel_conversion(ImageLayout(data, channel_axis).n_channels, model.in_channels)
+        except UnetStudioError as exc:
+            notify_error(UnetStudioError(f"{layer.name}: {exc}"))
+            return None
+        if conversion:
+            from napari.utils.notifications import show_info
+
+            show_info(f"{layer.name}: {conversion}")
         if model.arch == "unetpp":
             level = self.prune.currentText()
             model.prune_level = None if level == "full" else int(level[1:])
-        data = layer.data[0] if layer.multiscale else layer.data
         self.cancel_flag.clear()
         self.progress.setValue(0)
         self.run_button.setEnabled(False)
@@ -120,7 +133,7 @@ class SegmentWidget(QWidget):
             data,
             tile_size=self.tile.value() or None,
             device=self.state.device,
-            channel_axis=-1 if layer.rgb else None,
+            channel_axis=channel_axis,
             progress=self.bridge,
             cancel=self.cancel_flag,
             return_probabilities=True,

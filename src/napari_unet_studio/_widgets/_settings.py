@@ -1,0 +1,66 @@
+"""Remember a widget's choices (tile size, budgets, sliders, ...) across re-opens and sessions.
+
+Values live in a per-user INI file through ``QSettings`` (organisation ``napari-unet-studio``),
+one group per widget. Layer choices are not remembered: they belong to one viewer's layers.
+"""
+
+from __future__ import annotations
+
+from qtpy.QtCore import QSettings
+from qtpy.QtWidgets import QAbstractSpinBox, QCheckBox, QComboBox
+
+ORGANIZATION = "napari-unet-studio"
+APPLICATION = "widgets"
+
+
+def settings() -> QSettings:
+    """The plugin's settings store (an INI file in the user's configuration folder)."""
+    return QSettings(QSettings.Format.IniFormat, QSettings.Scope.UserScope, ORGANIZATION, APPLICATION)
+
+
+def _value(control):
+    if isinstance(control, QCheckBox):
+        return control.isChecked()
+    if isinstance(control, QComboBox):
+        return control.currentText()
+    return control.value()
+
+
+def _restore(control, stored) -> None:
+    try:
+        if isinstance(control, QCheckBox):
+            control.setChecked(str(stored).lower() in ("true", "1"))
+        elif isinstance(control, QComboBox):
+            if control.findText(str(stored)) >= 0:
+                control.setCurrentText(str(stored))
+        elif isinstance(control, QAbstractSpinBox):
+            kind = type(control.value())
+            control.setValue(kind(float(stored)) if kind is int else kind(stored))
+    except (TypeError, ValueError):
+        pass  # a hand-edited or outdated value: keep the widget's default
+
+
+def _changed_signal(control):
+    if isinstance(control, QCheckBox):
+        return control.toggled
+    if isinstance(control, QComboBox):
+        return control.currentTextChanged
+    return control.valueChanged
+
+
+def persist(group: str, controls: dict) -> None:
+    """Restore ``controls`` (name -> QCheckBox, QComboBox with fixed items, or spin box) from the
+    settings group ``group`` and save every later change there."""
+    store = settings()
+    store.beginGroup(group)
+    for name, control in controls.items():
+        if store.contains(name):
+            _restore(control, store.value(name))
+    store.endGroup()
+
+    def save(*_, name, control):
+        s = settings()
+        s.setValue(f"{group}/{name}", _value(control))
+
+    for name, control in controls.items():
+        _changed_signal(control).connect(lambda *args, n=name, c=control: save(name=n, control=c))
