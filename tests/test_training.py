@@ -170,3 +170,23 @@ def test_freeze_encoder_keeps_the_contracting_path():
     assert changed and not any(k.startswith("encoder.") for k in changed)
     assert any(k.startswith("decoder.") for k in changed)
     assert all(p.requires_grad for p in model.parameters())  # unfrozen again afterwards
+
+
+def test_optimizer_and_schedule_choices():
+    image, labels = synthetic_cells(seed=9)
+    lrs = {}
+    for optimizer, schedule in (("adam", "cosine"), ("sgd", "constant")):
+        records = []
+        torch.manual_seed(0)
+        model, history = train(small_unet(), [image], [labels], steps=40, seed=0, batch_size=1, tile_size=60, lr=0.01,
+                               optimizer=optimizer, schedule=schedule, progress=records.append)
+        lrs[optimizer] = [r["lr"] for r in records]
+        assert all(np.isfinite(h["loss"]) for h in history)
+    # 20 warm-up steps for both; then the cosine decays towards 5 % and the constant stays put.
+    assert lrs["adam"][19] == lrs["sgd"][19] == pytest.approx(0.01)
+    assert lrs["sgd"][-1] == pytest.approx(0.01)
+    assert 0.0005 <= lrs["adam"][-1] < 0.002
+    with pytest.raises(ValueError, match="optimizer must be"):
+        train(small_unet(), [image], [labels], steps=1, optimizer="rmsprop")
+    with pytest.raises(ValueError, match="schedule must be"):
+        train(small_unet(), [image], [labels], steps=1, schedule="step")
