@@ -12,7 +12,7 @@ import napari_unet_studio
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ["models", "tiling", "inference", "postprocess", "checkpoint", "normalize", "devices", "io", "cli", "errors", "_sample_data", "weightmap", "augment", "training", "metrics"]
-GUI_MODULES = ("qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari", "magicgui", "vispy")
+GUI_MODULES = ("qtpy", "superqt", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari", "magicgui", "vispy")
 
 
 def _modules_after(code: str) -> set[str]:

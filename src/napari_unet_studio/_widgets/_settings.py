@@ -7,7 +7,7 @@ one group per widget. Layer choices are not remembered: they belong to one viewe
 from __future__ import annotations
 
 from qtpy.QtCore import QSettings
-from qtpy.QtWidgets import QAbstractSpinBox, QCheckBox, QComboBox
+from qtpy.QtWidgets import QCheckBox, QComboBox
 
 ORGANIZATION = "napari-unet-studio"
 APPLICATION = "widgets"
@@ -33,9 +33,9 @@ def _restore(control, stored) -> None:
         elif isinstance(control, QComboBox):
             if control.findText(str(stored)) >= 0:
                 control.setCurrentText(str(stored))
-        elif isinstance(control, QAbstractSpinBox):
+        else:  # spin boxes and sliders
             kind = type(control.value())
-            control.setValue(kind(float(stored)) if kind is int else kind(stored))
+            control.setValue(kind(float(stored)))
     except (TypeError, ValueError):
         pass  # a hand-edited or outdated value: keep the widget's default
 
@@ -49,7 +49,7 @@ def _changed_signal(control):
 
 
 def persist(group: str, controls: dict) -> None:
-    """Restore ``controls`` (name -> QCheckBox, QComboBox with fixed items, or spin box) from the
+    """Restore ``controls`` (name -> QCheckBox, QComboBox with fixed items, spin box or slider) from the
     settings group ``group`` and save every later change there."""
     store = settings()
     store.beginGroup(group)

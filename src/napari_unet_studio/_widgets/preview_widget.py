@@ -8,7 +8,9 @@ same preview layers instead of piling up new ones. Computation runs in a worker 
 from __future__ import annotations
 
 import numpy as np
-from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QPushButton, QSpinBox, QVBoxLayout, QWidget
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QPushButton, QVBoxLayout, QWidget
+from superqt import QLabeledDoubleSlider, QLabeledSlider
 
 from ._common import layers_of, notify_error, set_choices
 from ._settings import persist
@@ -47,18 +49,10 @@ class PreviewWidget(QWidget):
         form = QFormLayout()
         self.image = QComboBox(parent=self)
         self.labels = QComboBox(parent=self)
-        self.grid = QSpinBox(parent=self)
-        self.grid.setRange(2, 12)
-        self.grid.setValue(3)
-        self.sigma = QDoubleSpinBox(parent=self)
-        self.sigma.setRange(0.0, 50.0)
-        self.sigma.setValue(10.0)
-        self.w0 = QDoubleSpinBox(parent=self)
-        self.w0.setRange(0.0, 50.0)
-        self.w0.setValue(10.0)
-        self.w_sigma = QDoubleSpinBox(parent=self)
-        self.w_sigma.setRange(0.5, 50.0)
-        self.w_sigma.setValue(5.0)
+        self.grid = self._slider(QLabeledSlider, 2, 12, 3)
+        self.sigma = self._slider(QLabeledDoubleSlider, 0.0, 50.0, 10.0)
+        self.w0 = self._slider(QLabeledDoubleSlider, 0.0, 50.0, 10.0)
+        self.w_sigma = self._slider(QLabeledDoubleSlider, 0.5, 50.0, 5.0)
         form.addRow("Image", self.image)
         form.addRow("Labels", self.labels)
         form.addRow("Grid points", self.grid)
@@ -81,6 +75,12 @@ class PreviewWidget(QWidget):
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(self._refresh_layers)
         self._refresh_layers()
+
+    def _slider(self, kind, low, high, value):
+        slider = kind(Qt.Orientation.Horizontal, parent=self)
+        slider.setRange(low, high)
+        slider.setValue(value)
+        return slider
 
     @property
     def run_button(self):  # the button tests and users wait on
