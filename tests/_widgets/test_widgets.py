@@ -412,3 +412,44 @@ def test_choices_persist_across_reopening(make_napari_viewer, isolated_settings)
     assert finetune.budget.value() == 600 and finetune.freeze.isChecked()
     assert preview.sigma.value() == 12.5
     assert list(isolated_settings.rglob("*.ini")), "settings must go to the (test) settings folder"
+
+
+def test_fine_tune_on_sparse_labels_inside_drawn_regions(make_napari_viewer, qtbot, monkeypatch, errors):
+    """A Shapes rectangle limits training to its inside; the 'not annotated' value is ignored."""
+    import napari_unet_studio.training as training
+
+    viewer = _painted_viewer(make_napari_viewer)
+    sparse = viewer.layers["painted"].data.astype(np.int32)
+    sparse[:, 64:] = 7  # the right half is "not annotated"
+    viewer.add_labels(sparse, name="sparse")
+    viewer.add_shapes([np.array([[10, 5], [10, 60], [100, 60], [100, 5]])], shape_type="rectangle", name="regions")
+    viewer.add_shapes(name="no regions")
+    calls = []
+    real_train = training.train
+
+    def recording_train(*args, **kwargs):
+        calls.append(kwargs)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train", recording_train)
+    state_for(viewer).set_model(small_model(), "test model")
+    widget = open_widget(viewer, "Fine-tune")
+    widget.image.setCurrentText("cells")
+    widget.labels.setCurrentText("sparse")
+    widget.regions.setCurrentText("no regions")
+    widget.add_pair()
+    assert widget.run() is None and "holds no regions" in errors[-1]
+    widget.pair_list.setCurrentRow(0)
+    widget.remove_button.click()
+    assert widget.pairs == [] and widget.pair_list.count() == 0
+    widget.regions.setCurrentText("regions")
+    widget.add_pair()
+    widget.ignore.setValue(7)
+    widget.steps.setValue(5)
+    run_and_wait(qtbot, widget, timeout=120_000)
+    assert state_for(viewer).name == "test model (fine-tuned)"
+    (kwargs,) = calls
+    assert kwargs["ignore_value"] == 7
+    mask = kwargs["regions"][0]
+    assert mask.shape == sparse.shape and mask[10:100, 5:60].all() and mask.sum() == pytest.approx(91 * 56, rel=0.05)
+    assert (viewer.layers["sparse"].data == sparse).all()  # the painting is untouched
