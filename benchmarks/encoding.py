@@ -23,9 +23,8 @@ import torch
 
 from napari_unet_studio import UNet, segment, train
 from napari_unet_studio.io import collect_images, read_image
-from napari_unet_studio.metrics import COCO_THRESHOLDS, average_precision
+from napari_unet_studio.metrics import COCO_THRESHOLDS, as_instances, average_precision
 from napari_unet_studio.postprocess import labels_from_probabilities
-from napari_unet_studio.training import as_instances
 
 RESULTS = Path(__file__).parent / "results"
 

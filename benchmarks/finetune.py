@@ -25,11 +25,10 @@ import numpy as np
 import torch
 
 from napari_unet_studio import UNet, UNetPlusPlus, load_model, segment, train
+from napari_unet_studio.io import collect_images, read_image
+from napari_unet_studio.metrics import as_instances, average_precision
 from napari_unet_studio.models import build_model
 from napari_unet_studio.normalize import LUMINANCE
-from napari_unet_studio.io import collect_images, read_image
-from napari_unet_studio.metrics import average_precision
-from napari_unet_studio.training import as_instances
 
 
 def load(folder: Path):

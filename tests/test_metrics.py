@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from napari_unet_studio.metrics import average_precision, evaluate, iou_matrix, mean_matched_iou, pixel_error
 
@@ -45,3 +46,19 @@ def test_mean_iou_pixel_error_and_evaluate():
     result = evaluate([p], [t])
     assert set(result) == {"images", "ap50", "ap50_95", "mean_matched_iou", "pixel_error", "rand_error"}
     assert result["ap50"] == 1.0 and 0 <= result["rand_error"] < 0.2
+
+
+def test_binary_truth_masks_count_as_their_components():
+    """ISBI-style truth (cells 255, membranes 0) is scored per cell, not as one object."""
+    from napari_unet_studio.metrics import as_instances, evaluate
+
+    truth = np.zeros((40, 40), np.uint8)
+    truth[2:18, 2:18] = truth[2:18, 22:38] = truth[22:38, 2:38] = 255
+    pred = as_instances(truth)
+    assert pred.max() == 3
+    scores = evaluate([pred], [truth])
+    assert scores["ap50"] == 1.0 and scores["rand_error"] == 0.0 and scores["pixel_error"] == 0.0
+    merged = np.where(truth > 0, 1, 0).astype(np.int32)
+    merged[18:22, 2:18] = 1  # two cells joined by a bridge: one object where there are two
+    worse = evaluate([ndi.label(merged)[0]], [truth])
+    assert worse["ap50"] < 1.0 and worse["rand_error"] > 0.0

@@ -18,7 +18,7 @@ from napari_unet_studio import load_model, predict, save_model
 from napari_unet_studio.io import collect_images, read_image
 from napari_unet_studio.metrics import average_precision
 from napari_unet_studio.postprocess import labels_from_probabilities
-from napari_unet_studio.training import as_instances
+from napari_unet_studio.metrics import as_instances
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 MIN_SIZES = (5, 10, 15, 25, 40)

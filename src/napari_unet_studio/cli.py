@@ -169,7 +169,7 @@ def _read_pairs(pairs, what: str):
     import numpy as np
 
     from .io import read_image
-    from .training import as_instances
+    from .metrics import as_instances
 
     images, labels = [], []
     for image_path, label_path in pairs:

@@ -8,11 +8,26 @@ pairs with IoU >= t), and ``AP = TP / (TP + FP + FN)``.
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage as ndi
 from scipy.optimize import linear_sum_assignment
 from skimage.segmentation import relabel_sequential
 
 #: IoU thresholds 0.5, 0.55, ..., 0.95.
 COCO_THRESHOLDS = tuple(np.round(np.arange(0.5, 0.96, 0.05), 2))
+
+
+def as_instances(labels: np.ndarray) -> np.ndarray:
+    """Instance labels of ``labels``: a label image with a single non-zero value (or a boolean
+    array) is a binary mask, and its connected components are the objects (so ISBI 2012 cell
+    masks, whose membranes are the background, become cells)."""
+    labels = np.asarray(labels)
+    if labels.dtype == bool:
+        return ndi.label(labels)[0]
+    values = np.unique(labels)
+    values = values[values != 0]
+    if len(values) == 1:
+        return ndi.label(labels != 0)[0]
+    return labels.astype(np.int64, copy=False)
 
 
 def iou_matrix(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
@@ -74,12 +89,14 @@ def rand_error(pred: np.ndarray, true: np.ndarray) -> float:
 
 
 def evaluate(preds, trues) -> dict:
-    """All metrics over a set of images: AP averaged per image, and pooled object counts."""
+    """All metrics over a set of images, averaged per image. Binary masks count as their
+    connected components (:func:`as_instances`)."""
     preds, trues = list(preds), list(trues)
     if len(preds) != len(trues):
         raise ValueError("as many predictions as ground truths are needed")
     ap50, ap_coco, miou, pe, re = [], [], [], [], []
     for p, t in zip(preds, trues):
+        p, t = as_instances(p), as_instances(t)
         ap = average_precision(p, t, COCO_THRESHOLDS)
         ap50.append(ap[0.5])
         ap_coco.append(float(np.mean(list(ap.values()))))

@@ -27,6 +27,7 @@ from .augment import affine_matrices, displacement_field, gray_value_augment, sa
 from .devices import resolve_device
 from .errors import InputError
 from .inference import ImageLayout
+from .metrics import as_instances  # noqa: F401 (part of this module's API too)
 from .models import Geometry
 from .normalize import adapt_channels
 from .tiling import reflect_indices
@@ -36,18 +37,6 @@ from .weightmap import weight_map
 IGNORE_INDEX = -100
 #: Output size (pixels) the default training crop is sized for.
 DEFAULT_CROP_OUTPUT = 260
-
-
-def as_instances(labels: np.ndarray) -> np.ndarray:
-    """Labels with a single non-zero value are a binary mask: its connected components are the objects."""
-    labels = np.asarray(labels)
-    if labels.dtype == bool:
-        return ndi.label(labels)[0]
-    values = np.unique(labels)
-    values = values[values != 0]
-    if len(values) == 1:
-        return ndi.label(labels != 0)[0]
-    return labels.astype(np.int64, copy=False)
 
 
 def encode_targets(labels: np.ndarray, encoding: str) -> tuple[np.ndarray, np.ndarray]:

@@ -152,7 +152,7 @@ class PreviewWidget(QWidget):
 
     def show_weights(self):
         """Show w(x) of the chosen labels as a translucent overlay."""
-        from ..training import as_instances
+        from ..metrics import as_instances
         from ..weightmap import weight_map
 
         try:
