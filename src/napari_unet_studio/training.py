@@ -264,7 +264,9 @@ def train(
     optimizer, schedule
         ``"adam"`` (default) or the paper's ``"sgd"`` (momentum 0.99); ``"cosine"`` (default:
         20 warm-up steps, then cosine decay to 5 %) or ``"constant"`` (after the warm-up).
-        The defaults won a same-budget comparison (``benchmarks/optimizer.py``).
+        The defaults won a comparison at equal steps and similar pixels per step
+        (``benchmarks/optimizer.py``: AP@0.5 0.738 vs 0.664 without the decay and 0.699 for
+        the paper's SGD, one 572 px crop per step).
     fine_tune
         Whether the model starts from trained weights (default: it has a training provenance).
     freeze_encoder
