@@ -11,7 +11,7 @@ the luminance weights, so it starts where the luminance model starts) at 2 image
 the alternative way to meet RGB images.
 
 Run:  python benchmarks/finetune.py [--data ../shared/data/dsb2018/color] [--budgets 60,180,600] [--images 1,2,4]
-      [--no-unetpp] [--widened] [--out FILE]
+      [--no-unetpp] [--no-scratch] [--widened] [--seed N] [--out FILE]
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def main():
     parser.add_argument("--images", default="1,2,4")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-unetpp", action="store_true", help="skip U-Net++ from scratch")
+    parser.add_argument("--no-scratch", action="store_true", help="skip the runs from random weights")
     parser.add_argument("--widened", action="store_true", help="also fine-tune the widened default model")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "finetune.json"))
     args = parser.parse_args()
@@ -83,7 +84,8 @@ def main():
     for n in counts:
         for budget in budgets:
             run("default", lambda: load_model("default"), n, budget)
-            run("scratch", lambda: UNet(), n, budget)
+            if not args.no_scratch:
+                run("scratch", lambda: UNet(), n, budget)
     if not args.no_unetpp:
         run("scratch U-Net++", lambda: UNetPlusPlus(), 2, 180)
     if args.widened:
