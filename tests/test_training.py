@@ -190,3 +190,25 @@ def test_optimizer_and_schedule_choices():
         train(small_unet(), [image], [labels], steps=1, optimizer="rmsprop")
     with pytest.raises(ValueError, match="schedule must be"):
         train(small_unet(), [image], [labels], steps=1, schedule="step")
+
+
+def test_a_gray_model_is_widened_for_rgb_training_images():
+    from napari_unet_studio.models import widen_input
+    from napari_unet_studio.training import will_widen
+
+    gray, labels = synthetic_cells(seed=10)
+    rgb = np.stack([gray * 0.9, gray, gray * 0.5], axis=-1).astype(np.float32)
+    model = small_unet().eval()  # no dropout noise in the comparison
+    # The widened copy starts where the luminance model is: same output on a gray RGB image.
+    wide = widen_input(model)
+    assert wide.in_channels == 3 and model.in_channels == 1
+    x = torch.rand(1, 1, 60, 60)
+    with torch.no_grad():
+        np.testing.assert_allclose(wide(x.repeat(1, 3, 1, 1)), model(x), atol=1e-5)
+    assert will_widen(model, [rgb]) and not will_widen(model, [rgb, gray]) and not will_widen(wide, [rgb])
+    trained, _ = train(model, [rgb], [labels], steps=3, seed=0, batch_size=1, tile_size=60)
+    assert trained is not model and trained.in_channels == 3 and model.in_channels == 1
+    assert trained.provenance["training"][-1]["input_widened"] == "1 -> 3 channels"
+    assert segment(trained, rgb).shape == labels.shape and segment(trained, gray).shape == labels.shape
+    kept, _ = train(small_unet(), [rgb], [labels], steps=2, seed=0, batch_size=1, tile_size=60, widen_for_rgb=False)
+    assert kept.in_channels == 1

@@ -266,6 +266,8 @@ def run_train(args: argparse.Namespace) -> int:
     save_model(model, out)
     run = model.provenance["training"][-1]
     val = f", best val AP@0.5 {run['val_ap50']:.3f} at step {run['best_step']}" if "val_ap50" in run else ""
+    if "input_widened" in run:
+        val += "; first convolution widened to RGB"
     print(
         f"trained {run['steps']} steps on {len(images)} images in {time.perf_counter() - start:.0f} s "
         f"({run['stopped']}{val}) -> {out}"

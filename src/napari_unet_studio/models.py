@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .normalize import Normalization
+from .normalize import LUMINANCE, Normalization
 
 #: Output encodings understood by :func:`napari_unet_studio.segment`, by number of classes.
 ENCODINGS = {
@@ -366,6 +366,28 @@ class UNetPlusPlus(_ValidUNetBase):
 
 
 ARCHITECTURES = {cls.arch: cls for cls in (UNet, UNetPlusPlus)}
+
+
+def widen_input(model: _ValidUNetBase, in_channels: int = 3) -> _ValidUNetBase:
+    """A copy of a one-channel ``model`` that takes RGB (``in_channels=3``) images.
+
+    The first convolution's weights are split over the channels by the luminance coefficients,
+    so the copy starts out computing (up to per-channel normalisation) what ``model`` computes
+    on the image's luminance, and fine-tuning can then learn to use colour. Everything else,
+    including the training history, is copied.
+    """
+    import copy
+
+    if model.in_channels != 1 or in_channels != 3:
+        raise ValueError(f"can widen a one-channel model to 3 channels, not {model.in_channels} to {in_channels}")
+    wide = build_model(dict(copy.deepcopy(model.config()), in_channels=in_channels))
+    state = model.state_dict()
+    first = "encoder.0.0.weight"  # the first convolution (no bias: BatchNorm follows, or zeros)
+    state[first] = state[first] * torch.as_tensor(LUMINANCE, dtype=state[first].dtype)[None, :, None, None]
+    wide.load_state_dict(state)
+    if isinstance(model, UNetPlusPlus):
+        wide.prune_level = model.prune_level
+    return wide.train(model.training)
 
 
 def build_model(config: dict) -> _ValidUNetBase:

@@ -106,8 +106,8 @@ def channel_conversion(n_channels: int, in_channels: int) -> str | None:
     Returns ``None`` when the counts are equal, otherwise a short description of the conversion
     :func:`adapt_channels` applies (for telling the user). An RGB(A) image meets a one-channel
     model as its luminance (alpha dropped), which keeps the default model usable on colour
-    images (README, "RGB images"). A one-channel image
-    meets an RGB model by repeating it. Any other combination is an
+    images. A one-channel image meets an RGB model by repeating it; an RGBA image meets it
+    without its alpha. Any other combination is an
     :class:`~napari_unet_studio.errors.InputError` naming both counts.
     """
     if n_channels == in_channels:
@@ -116,6 +116,8 @@ def channel_conversion(n_channels: int, in_channels: int) -> str | None:
         return f"the {'RGBA' if n_channels == 4 else 'RGB'} image is segmented as its luminance (the model takes one channel)"
     if n_channels == 1 and in_channels == 3:
         return "the grayscale image is repeated into the model's three channels"
+    if n_channels == 4 and in_channels == 3:
+        return "the RGBA image's alpha channel is dropped"
     raise InputError(f"the image has {n_channels} channels but the model takes {in_channels}")
 
 
@@ -128,6 +130,8 @@ def adapt_channels(pixels: np.ndarray, in_channels: int) -> np.ndarray:
     if in_channels == 1:
         gray = np.tensordot(np.asarray(pixels[..., :3], dtype=np.float32), LUMINANCE, axes=([-1], [0]))
         return gray[..., None]
+    if c == 4:
+        return pixels[..., :3]
     return np.repeat(pixels, in_channels, axis=-1)
 
 

@@ -453,3 +453,31 @@ def test_fine_tune_on_sparse_labels_inside_drawn_regions(make_napari_viewer, qtb
     mask = kwargs["regions"][0]
     assert mask.shape == sparse.shape and mask[10:100, 5:60].all() and mask.sum() == pytest.approx(91 * 56, rel=0.05)
     assert (viewer.layers["sparse"].data == sparse).all()  # the painting is untouched
+
+
+def test_fine_tuning_a_gray_model_on_rgb_widens_it(make_napari_viewer, qtbot, monkeypatch):
+    import napari.utils.notifications as notifications
+
+    from test_training import synthetic_cells
+
+    infos = []
+    monkeypatch.setattr(notifications, "show_info", infos.append)
+    viewer = make_napari_viewer()
+    gray, labels = synthetic_cells(shape=(128, 128), n=12, seed=3)
+    rgb = (np.stack([gray * 0.9, gray, gray * 0.4], axis=-1) * 255).clip(0, 255).astype(np.uint8)
+    viewer.add_image(rgb, name="colour", rgb=True)
+    viewer.add_labels(labels, name="painted")
+    state = state_for(viewer)
+    state.set_model(small_model(), "test model")
+    widget = open_widget(viewer, "Fine-tune")
+    widget.add_pair()
+    widget.steps.setValue(3)
+    run_and_wait(qtbot, widget, timeout=120_000)
+    assert any("widened to take RGB" in m for m in infos)
+    assert state.model.in_channels == 3 and state.name == "test model (fine-tuned)"
+    segment = open_widget(viewer, "Segment")
+    segment.image.setCurrentText("colour")
+    infos.clear()
+    run_and_wait(qtbot, segment)
+    assert viewer.layers["colour labels"].data.shape == labels.shape
+    assert not any("luminance" in m for m in infos)  # the colour model takes the colour image as it is

@@ -255,15 +255,21 @@ class FineTuneWidget(QWidget):
             raise InputError(f"validation labels {labels_name!r} {lab.shape} do not match image {image_name!r} {image.shape[:2]}")
         return [image], [lab.copy()]
 
-    def _check_channels(self, images, model) -> None:
+    def _check_channels(self, images, val_images, model) -> None:
         """Raise InputError for images the model cannot take; tell the user about conversions."""
+        from napari.utils.notifications import show_info
+
         from ..inference import ImageLayout
         from ..normalize import channel_conversion
+        from ..training import will_widen
 
-        notes = {channel_conversion(ImageLayout(image).n_channels, model.in_channels) for image in images}
+        in_channels = model.in_channels
+        if will_widen(model, images):
+            show_info("Fine-tune: the model's first convolution is widened to take RGB (starting from its "
+                      "luminance weights); the fine-tuned model will take colour images")
+            in_channels = 3
+        notes = {channel_conversion(ImageLayout(image).n_channels, in_channels) for image in images + val_images}
         for note in sorted(n for n in notes if n):
-            from napari.utils.notifications import show_info
-
             show_info(f"Fine-tune: {note}")
 
     def run(self):
@@ -277,7 +283,7 @@ class FineTuneWidget(QWidget):
             images, labels, regions = self._collect()
             val_images, val_labels = self._collect_validation()
             model = copy.deepcopy(self.state.model_or_default())
-            self._check_channels(images + (val_images or []), model)
+            self._check_channels(images, val_images or [], model)
         except UnetStudioError as exc:
             notify_error(exc)
             return None
