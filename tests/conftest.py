@@ -35,3 +35,12 @@ def rng():
 @pytest.fixture
 def tiny_model():
     return tiny()
+
+
+@pytest.fixture
+def isolated_settings(tmp_path):
+    """Widget choices persist in the user's settings; GUI tests keep theirs in a fresh folder."""
+    from qtpy.QtCore import QSettings
+
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path / "settings"))
+    return tmp_path / "settings"

@@ -13,6 +13,7 @@ from napari_unet_studio._widgets import _common
 from napari_unet_studio._widgets._state import state_for
 
 PLUGIN = "napari-unet-studio"
+pytestmark = pytest.mark.usefixtures("isolated_settings")  # never the user's own settings
 
 
 @pytest.fixture
