@@ -24,14 +24,10 @@ import numpy as np
 import torch
 
 from napari_unet_studio import UNet, UNetPlusPlus, load_model, segment, train
-from napari_unet_studio.io import collect_images, read_image
-from napari_unet_studio.metrics import as_instances, average_precision
+from napari_unet_studio.metrics import average_precision
 from napari_unet_studio.models import widen_input
 
-
-def load(folder: Path):
-    files = collect_images([folder / "images"])
-    return [read_image(f) for f in files], [as_instances(read_image(folder / "labels" / f.name)) for f in files]
+from encoding import load
 
 
 def ap50(model, images, labels) -> float:
@@ -51,8 +47,8 @@ def main():
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     counts = [int(n) for n in args.images.split(",")]
-    train_images, train_labels = load(args.data / "train")
-    val_images, val_labels = load(args.data / "val")
+    train_images, train_labels = load(args.data / "train", None, args.seed)  # all, in name order
+    val_images, val_labels = load(args.data / "val", None, args.seed)
     results = {"untouched_default": ap50(load_model("default"), val_images, val_labels), "runs": []}
     print(f"untouched default model: AP@0.5 {results['untouched_default']:.3f}", flush=True)
     if args.widened:

@@ -13,6 +13,7 @@ take minutes. Wider models remain one argument away.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -376,8 +377,6 @@ def widen_input(model: _ValidUNetBase, in_channels: int = 3) -> _ValidUNetBase:
     on the image's luminance, and fine-tuning can then learn to use colour. Everything else,
     including the training history, is copied.
     """
-    import copy
-
     if model.in_channels != 1 or in_channels != 3:
         raise ValueError(f"can widen a one-channel model to 3 channels, not {model.in_channels} to {in_channels}")
     wide = build_model(dict(copy.deepcopy(model.config()), in_channels=in_channels))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import QHBoxLayout, QPushButton, QWidget
 
 
 class ProgressBridge(QObject):
@@ -14,6 +15,24 @@ class ProgressBridge(QObject):
 
     def __call__(self, done: int, total: int) -> None:
         self.progressed.emit(int(done), int(total))
+
+
+class RunCancelRow(QWidget):
+    """A run button and a Cancel button; while busy, only Cancel is enabled."""
+
+    def __init__(self, label: str, parent=None) -> None:
+        super().__init__(parent)
+        row = QHBoxLayout(self)
+        row.setContentsMargins(0, 0, 0, 0)
+        self.run_button = QPushButton(label, parent=self)
+        self.cancel_button = QPushButton("Cancel", parent=self)
+        row.addWidget(self.run_button)
+        row.addWidget(self.cancel_button)
+        self.set_busy(False)
+
+    def set_busy(self, busy: bool) -> None:
+        self.run_button.setEnabled(not busy)
+        self.cancel_button.setEnabled(busy)
 
 
 class CancelFlag:

@@ -58,9 +58,5 @@ def persist(group: str, controls: dict) -> None:
             _restore(control, store.value(name))
     store.endGroup()
 
-    def save(*_, name, control):
-        s = settings()
-        s.setValue(f"{group}/{name}", _value(control))
-
     for name, control in controls.items():
-        _changed_signal(control).connect(lambda *args, n=name, c=control: save(name=n, control=c))
+        _changed_signal(control).connect(lambda *_, n=name, c=control: settings().setValue(f"{group}/{n}", _value(c)))

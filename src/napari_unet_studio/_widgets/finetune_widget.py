@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import CancelFlag, layers_of, notify_error, set_choices
+from ._common import CancelFlag, RunCancelRow, layers_of, notify_error, set_choices
 from ._settings import persist
 from ._state import state_for
 
@@ -156,13 +156,9 @@ class FineTuneWidget(QWidget):
         layout.addLayout(opts)
         persist("fine-tune", {"steps": self.steps, "time_budget": self.budget, "learning_rate": self.lr,
                              "ignore_value": self.ignore, "deep_supervision": self.deep, "freeze_encoder": self.freeze})
-        row = QHBoxLayout()
-        self.run_button = QPushButton("Fine-tune", parent=self)
-        self.cancel_button = QPushButton("Cancel", parent=self)
-        self.cancel_button.setEnabled(False)
-        row.addWidget(self.run_button)
-        row.addWidget(self.cancel_button)
-        layout.addLayout(row)
+        self.buttons = RunCancelRow("Fine-tune", parent=self)
+        self.run_button, self.cancel_button = self.buttons.run_button, self.buttons.cancel_button
+        layout.addWidget(self.buttons)
         self.progress = QProgressBar(parent=self)
         self.status = QLabel(parent=self)
         self.plot = LossPlot(parent=self)
@@ -211,6 +207,19 @@ class FineTuneWidget(QWidget):
     def _layer(self, name: str):
         return next((l for l in self.viewer.layers if l.name == name), None)
 
+    def _pair(self, image_name: str, labels_name: str, what: str = "labels"):
+        """The (image, labels) arrays of two layers, checked; the labels are a copy, since the
+        user may keep painting while we train. Raises InputError naming the cause."""
+        from ..errors import InputError
+
+        image_layer, labels_layer = self._layer(image_name), self._layer(labels_name)
+        if image_layer is None or labels_layer is None:
+            raise InputError(f"layer {image_name if image_layer is None else labels_name!r} no longer exists")
+        image, lab = np.asarray(image_layer.data), np.array(labels_layer.data)
+        if image.shape[:2] != lab.shape:
+            raise InputError(f"{what} {labels_name!r} {lab.shape} do not match image {image_name!r} {image.shape[:2]}")
+        return image, lab
+
     def _collect(self):
         """Images, labels and region masks of the chosen pairs (as numpy), or raise InputError."""
         from ..errors import InputError
@@ -219,13 +228,7 @@ class FineTuneWidget(QWidget):
             raise InputError("add at least one (Image, Labels) pair to fine-tune on")
         images, labels, regions = [], [], []
         for image_name, labels_name, regions_name in self.pairs:
-            image_layer, labels_layer = self._layer(image_name), self._layer(labels_name)
-            if image_layer is None or labels_layer is None:
-                raise InputError(f"layer {image_name if image_layer is None else labels_name!r} no longer exists")
-            image = np.asarray(image_layer.data)
-            lab = np.asarray(labels_layer.data)
-            if image.shape[:2] != lab.shape:
-                raise InputError(f"labels {labels_name!r} {lab.shape} do not match image {image_name!r} {image.shape[:2]}")
+            image, lab = self._pair(image_name, labels_name)
             mask = None
             if regions_name != NONE:
                 shapes = self._layer(regions_name)
@@ -233,7 +236,7 @@ class FineTuneWidget(QWidget):
                     raise InputError(f"the Shapes layer {regions_name!r} holds no regions")
                 mask = np.asarray(shapes.to_masks(mask_shape=lab.shape)).any(axis=0)
             images.append(image)
-            labels.append(lab.copy())  # the user may keep painting while we train
+            labels.append(lab)
             regions.append(mask)
         return images, labels, regions
 
@@ -247,13 +250,8 @@ class FineTuneWidget(QWidget):
             raise InputError("choose both a validation image and its labels, or neither")
         if image_name == NONE:
             return None, None
-        image_layer, labels_layer = self._layer(image_name), self._layer(labels_name)
-        if image_layer is None or labels_layer is None:
-            raise InputError(f"layer {image_name if image_layer is None else labels_name!r} no longer exists")
-        image, lab = np.asarray(image_layer.data), np.asarray(labels_layer.data)
-        if image.shape[:2] != lab.shape:
-            raise InputError(f"validation labels {labels_name!r} {lab.shape} do not match image {image_name!r} {image.shape[:2]}")
-        return [image], [lab.copy()]
+        image, lab = self._pair(image_name, labels_name, what="validation labels")
+        return [image], [lab]
 
     def _check_channels(self, images, val_images, model) -> None:
         """Raise InputError for images the model cannot take; tell the user about conversions."""
@@ -308,8 +306,7 @@ class FineTuneWidget(QWidget):
         self.progress.setRange(0, 1000)
         self.progress.setValue(0)
         self.status.setText("preparing (weight maps)…")
-        self.run_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
+        self.buttons.set_busy(True)
         self._name = self.state.name
         self.worker = create_worker(
             train, model, images, labels, **kwargs,
@@ -340,5 +337,4 @@ class FineTuneWidget(QWidget):
         show_info(f"Fine-tuned {run['steps']} steps ({run['stopped']}); the result is now the active model")
 
     def _on_finished(self) -> None:
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
+        self.buttons.set_busy(False)

@@ -9,15 +9,13 @@ from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QFormLayout,
-    QHBoxLayout,
     QProgressBar,
-    QPushButton,
     QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
-from ._common import CancelFlag, ProgressBridge, layers_of, notify_error, set_choices
+from ._common import CancelFlag, RunCancelRow, ProgressBridge, layers_of, notify_error, set_choices
 from ._settings import persist
 from ._state import state_for
 
@@ -60,13 +58,9 @@ class SegmentWidget(QWidget):
         layout.addLayout(form)
         layout.addWidget(self.probability)
         persist("segment", {"tile_size": self.tile, "probability": self.probability})
-        row = QHBoxLayout()
-        self.run_button = QPushButton("Segment", parent=self)
-        self.cancel_button = QPushButton("Cancel", parent=self)
-        self.cancel_button.setEnabled(False)
-        row.addWidget(self.run_button)
-        row.addWidget(self.cancel_button)
-        layout.addLayout(row)
+        self.buttons = RunCancelRow("Segment", parent=self)
+        self.run_button, self.cancel_button = self.buttons.run_button, self.buttons.cancel_button
+        layout.addWidget(self.buttons)
         self.progress = QProgressBar(parent=self)
         layout.addWidget(self.progress)
         layout.addStretch()
@@ -125,8 +119,7 @@ class SegmentWidget(QWidget):
             model.prune_level = None if level == "full" else int(level[1:])
         self.cancel_flag.clear()
         self.progress.setValue(0)
-        self.run_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
+        self.buttons.set_busy(True)
         self.worker = create_worker(
             segment,
             model,
@@ -159,8 +152,7 @@ class SegmentWidget(QWidget):
             notify_error(exc)
 
     def _on_finished(self) -> None:
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
+        self.buttons.set_busy(False)
 
     def _add_results(self, image_layer, result) -> None:
         """Add (or update our own untouched) result layers; never overwrite painted labels."""
