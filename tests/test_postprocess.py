@@ -68,6 +68,35 @@ def test_gap_learnt_by_the_network_separates_with_connected_components():
     assert labels_from_probabilities(probs, encoding="foreground").max() == 2
 
 
+def test_seed_threshold_separates_where_the_network_is_most_confident_and_keeps_extent():
+    a, b = two_touching_discs(gap=-6)
+    union = a | b
+    # The network is unsure (0.7) in the band where the discs touch and along their rims, and
+    # sure (0.95) inside each disc: plain thresholds either merge them or shrink them.
+    core = (ndi.binary_erosion(a, iterations=4) | ndi.binary_erosion(b, iterations=4)) & ~ndi.binary_dilation(a & b, iterations=4)
+    fg = np.where(union, 0.7, 0.05)
+    fg[core] = 0.95
+    fg[5:9, 5:9] = 0.95  # a 16-pixel speck, under min_size: no seed of its own
+    probs = np.stack([1 - fg, fg]).astype(np.float32)
+    assert labels_from_probabilities(probs, encoding="foreground", threshold=0.5, min_size=20).max() == 1  # merged
+    shrunk = labels_from_probabilities(probs, encoding="foreground", threshold=0.9, min_size=20)
+    assert shrunk.max() == 2 and (shrunk > 0).sum() == core.sum()
+    grown = labels_from_probabilities(probs, encoding="foreground", threshold=0.5, seed_threshold=0.9, min_size=20)
+    assert grown.max() == 2
+    assert ((grown > 0) == union).all()  # every foreground pixel of the two discs is given to one
+    assert sorted(iou(grown == i, m) > 0.9 for i in (1, 2) for m in (a, b)).count(True) == 2
+    assert (grown[5:9, 5:9] == 0).all()  # foreground that no seed reaches is dropped
+
+
+def test_seed_threshold_checks_its_range():
+    probs = np.full((2, 5, 5), 0.5, np.float32)
+    for bad in (0.4, 1.0):
+        with pytest.raises(ValueError, match="seed_threshold"):
+            labels_from_probabilities(probs, encoding="foreground", threshold=0.5, seed_threshold=bad)
+    with pytest.raises(ValueError, match="combined"):
+        labels_from_probabilities(probs, encoding="foreground", seed_threshold=0.9, split="distance")
+
+
 def test_small_objects_removed_and_ids_sequential():
     labels = np.zeros((30, 30), np.int32)
     labels[0:2, 0:2] = 5  # 4 px

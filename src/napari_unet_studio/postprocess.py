@@ -9,7 +9,11 @@ Two encodings (see :data:`napari_unet_studio.models.ENCODINGS`):
     boundary band is not closed. Foreground regions that no seed reaches are dropped.
 ``"foreground"`` (2 classes: the paper's background / foreground)
     Connected components (4-connectivity) of the foreground, which relies on the network
-    having learnt the gaps between cells from the weight map; optionally
+    having learnt the gaps between cells from the weight map. With ``seed_threshold`` the
+    objects are instead the connected regions where the network is most confident (above
+    ``seed_threshold``), grown by a watershed on the probability over the whole foreground
+    (above ``threshold``): touching cells that the network separates only in its most confident
+    pixels stay apart and still keep their full extent (a hysteresis threshold). Optionally
     ``split="distance"`` splits merged blobs by a watershed on their distance transform.
 
 Objects smaller than ``min_size`` pixels are removed and labels are renumbered 1..N.
@@ -47,8 +51,18 @@ def _boundary_labels(probs: np.ndarray, threshold: float) -> np.ndarray:
     return watershed(-interior, markers=seeds, mask=foreground)
 
 
-def _foreground_labels(probs: np.ndarray, threshold: float, split: str | None, h: float) -> np.ndarray:
+def _foreground_labels(
+    probs: np.ndarray, threshold: float, split: str | None, h: float, seed_threshold: float | None, min_size: int
+) -> np.ndarray:
     foreground = probs[1] > threshold
+    if seed_threshold is not None:
+        if split is not None:
+            raise ValueError("seed_threshold and split cannot be combined")
+        if not threshold <= seed_threshold < 1:
+            raise ValueError(f"seed_threshold must lie in [threshold, 1), got {seed_threshold} (threshold {threshold})")
+        # Seeds under min_size are noise: dropped before they can split an object.
+        seeds = remove_small(ndi.label(probs[1] > seed_threshold)[0], min_size)
+        return watershed(-probs[1], markers=seeds, mask=foreground)
     if split is None:
         return ndi.label(foreground)[0]
     if split != "distance":
@@ -66,6 +80,7 @@ def labels_from_probabilities(
     threshold: float = 0.5,
     split: str | None = None,
     split_h: float = 2.0,
+    seed_threshold: float | None = None,
 ) -> np.ndarray:
     """Instance labels (int32, 0 = background) from ``(n_classes, Y, X)`` probabilities.
 
@@ -84,6 +99,10 @@ def labels_from_probabilities(
         For ``"foreground"``: ``None`` (connected components) or ``"distance"``.
     split_h
         Minimum depth (pixels of distance) of a distance-transform maximum that starts a new object.
+    seed_threshold
+        For ``"foreground"``: when set (in ``[threshold, 1)``), objects start from the connected
+        regions above it (those under ``min_size`` ignored) and grow over the pixels above
+        ``threshold``; foreground that no seed reaches is dropped.
     """
     probs = np.asarray(probs, dtype=np.float32)
     if probs.ndim != 3:
@@ -91,7 +110,7 @@ def labels_from_probabilities(
     if encoding == "boundary":
         labels = _boundary_labels(probs, threshold)
     elif encoding == "foreground":
-        labels = _foreground_labels(probs, threshold, split, split_h)
+        labels = _foreground_labels(probs, threshold, split, split_h, seed_threshold, min_size)
     elif encoding == "semantic":
         labels = ndi.label(probs.argmax(axis=0) > 0)[0]
     else:
