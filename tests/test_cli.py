@@ -147,6 +147,38 @@ def test_user_errors_are_one_line_exit_2_and_write_nothing(case, tmp_path, rng, 
     assert not out_dir.exists() or not any(out_dir.iterdir())
 
 
+def test_threshold_options_reach_segment(tmp_path, images, model_file, capsys, monkeypatch):
+    import napari_unet_studio.inference as inference
+
+    seen = []
+    monkeypatch.setattr(inference, "segment", lambda model, image, **kw: seen.append(kw) or np.zeros(image.shape[:2], np.int32))
+    code, _, err = run(["predict", images / "a.png", "-o", tmp_path / "o", "-m", model_file, "-q"], capsys)
+    assert code == 0, err
+    assert "threshold" not in seen[-1] and "seed_threshold" not in seen[-1]  # the model's own settings
+    code, _, err = run(["predict", images / "a.png", "-o", tmp_path / "o", "-m", model_file, "-q",
+                        "--threshold", "0.3", "--seed-threshold", "0.8"], capsys)
+    assert code == 0, err
+    assert seen[-1]["threshold"] == 0.3 and seen[-1]["seed_threshold"] == 0.8
+    code, _, err = run(["predict", images / "a.png", "-o", tmp_path / "o", "-m", model_file, "-q", "--seed-threshold", "none"], capsys)
+    assert code == 0, err
+    assert seen[-1]["seed_threshold"] is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threshold", "0.6", "--seed-threshold", "0.4"], "seed_threshold must lie in [threshold, 1)"),
+    (["--threshold", "2"], "expected a probability in [0, 1)"),
+    (["--seed-threshold", "high"], "expected a probability"),
+])
+def test_bad_threshold_options_are_refused(tmp_path, images, model_file, capsys, args, message):
+    try:  # argparse refuses malformed values; the combination is refused after the model is read
+        code = main(["predict", str(images), "-o", str(tmp_path / "o"), "-m", str(model_file), "-q", *args])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_unavailable_device(tmp_path, images, model_file, capsys):
     import torch
 

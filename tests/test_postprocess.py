@@ -144,11 +144,11 @@ def test_segment_stack_has_unique_ids_across_slices(rng):
     assert set(np.unique(labels[0])) == {0, 1, 2} and set(np.unique(labels[1])) == {0, 3, 4}
 
 
-def test_segment_uses_the_models_postprocess_settings():
+def ramp_model():
+    """A 2-class model whose foreground probability is its input pixel value."""
     import torch
 
     model = tiny("unet", depth=2, n_classes=2)
-
     g = model.geometry.halo
 
     class Ramp(torch.nn.Module):
@@ -158,6 +158,11 @@ def test_segment_uses_the_models_postprocess_settings():
 
     model.forward = Ramp().forward
     model.normalization = type(model.normalization)(kind="none")
+    return model
+
+
+def test_segment_uses_the_models_postprocess_settings():
+    model = ramp_model()
     image = np.zeros((40, 40), np.float32)
     image[5:15, 5:15] = 0.6  # foreground probability 0.6
     image[25:35, 25:35] = 0.9
@@ -167,3 +172,43 @@ def test_segment_uses_the_models_postprocess_settings():
     assert segment(model, image, threshold=0.5).max() == 2  # an explicit argument wins
     model.postprocess = {"min_size": 200}
     assert segment(model, image).max() == 0
+
+
+def test_segment_with_seeds_from_the_model_or_the_caller():
+    model = ramp_model()
+    image = np.zeros((40, 60), np.float32)
+    image[10:30, 5:55] = 0.7  # one foreground blob...
+    image[12:28, 8:25] = 0.95  # ...with two confident cores
+    image[12:28, 35:52] = 0.95
+    assert segment(model, image).max() == 1
+    model.postprocess = {"seed_threshold": 0.9}
+    labels = segment(model, image)
+    assert labels.max() == 2 and ((labels > 0) == (image > 0.5)).all()
+    assert segment(model, image, seed_threshold=None).max() == 1  # the caller turns seeds off
+
+
+def test_segment_refuses_bad_settings_before_any_work():
+    from napari_unet_studio.errors import InputError
+
+    model = ramp_model()
+    calls = []
+    model.postprocess = {"threshold": 0.5, "seed_threshold": 0.3}
+    with pytest.raises(InputError, match="seed_threshold must lie"):
+        segment(model, np.zeros((40, 40), np.float32), progress=lambda *a: calls.append(a))
+    with pytest.raises(InputError, match="unknown post-processing option 'treshold'"):
+        segment(model, np.zeros((40, 40), np.float32), treshold=0.5, progress=lambda *a: calls.append(a))
+    assert calls == []  # refused before predicting a single tile
+
+
+def test_check_options():
+    from napari_unet_studio.postprocess import check_options
+
+    check_options("foreground", {"threshold": 0.5, "seed_threshold": 0.9, "min_size": 10})
+    for encoding, options, message in [
+        ("boundary", {"seed_threshold": 0.9}, "foreground encoding"),
+        ("foreground", {"threshold": 1.5}, "threshold must lie"),
+        ("foreground", {"split": "watershed"}, "unknown split"),
+        ("mystery", {}, "unknown encoding"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            check_options(encoding, options)

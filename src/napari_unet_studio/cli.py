@@ -20,6 +20,20 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {value}")
+    return value
+
+
+def _probability_or_none(text: str) -> float | None:
+    return None if text.lower() == "none" else _probability(text)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -50,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile-size", type=_positive_int, default=None, metavar="N", help="input tile edge in pixels (default: from free memory)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="compute device (default: auto)")
     p.add_argument("--min-size", type=_positive_int, default=None, metavar="PX", help="remove objects smaller than this many pixels")
+    p.add_argument("--threshold", type=_probability, default=None, metavar="P", help="foreground probability of an object pixel (default: the model's)")
+    p.add_argument(
+        "--seed-threshold", type=_probability_or_none, default=argparse.SUPPRESS, metavar="P|none",
+        help="objects grow from regions above this probability; 'none': connected components (default: the model's)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(run=run_predict)
 
@@ -116,6 +135,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from .devices import resolve_device
     from .io import collect_images, read_image, write_labels
     from .inference import segment
+    from .postprocess import check_options
 
     start = time.perf_counter()
     images = collect_images(args.inputs)
@@ -129,12 +149,16 @@ def run_predict(args: argparse.Namespace) -> int:
         raise InputError(f"--output must be a folder, but {out_dir} is a file")
     device = resolve_device(args.device)
     model = load_model(args.model)
+    options = {} if args.threshold is None else {"threshold": args.threshold}
+    if "seed_threshold" in vars(args):
+        options["seed_threshold"] = args.seed_threshold
+    check_options(model.encoding, {**model.postprocess, **options})
     n_objects = 0
     for path in images:
         image = read_image(path)
         bar, update = _progress_bar(args.quiet, path.name)
         try:
-            labels = segment(model, image, tile_size=args.tile_size, device=device, progress=update, min_size=args.min_size)
+            labels = segment(model, image, tile_size=args.tile_size, device=device, progress=update, min_size=args.min_size, **options)
         except InputError as exc:
             raise InputError(f"{path}: {exc}") from exc
         finally:

@@ -307,17 +307,19 @@ def segment(
     with the model's output encoding and post-processing settings (``model.postprocess``).
     Slices of a stack are labelled separately, with ids unique across the stack. Arguments as
     for :func:`predict`; ``min_size`` (pixels) removes smaller objects, other keyword arguments
-    (``threshold``, ``split``, ...) override the model's post-processing settings. With
+    (``threshold``, ``seed_threshold``, ``split``, ...) override the model's post-processing
+    settings (checked before any work; ``seed_threshold=None`` turns seeds off). With
     ``return_probabilities=True`` the result is ``(labels, probabilities)``.
     """
-    from .postprocess import DEFAULT_MIN_SIZE, labels_from_probabilities
+    from .postprocess import DEFAULT_MIN_SIZE, check_options, labels_from_probabilities
 
-    probs = predict(
-        model, image, tile_size=tile_size, device=device, channel_axis=channel_axis, progress=progress, cancel=cancel
-    )
     options = {"min_size": DEFAULT_MIN_SIZE, **model.postprocess, **postprocess_options}
     if min_size is not None:
         options["min_size"] = min_size
+    check_options(model.encoding, options)  # before the long part
+    probs = predict(
+        model, image, tile_size=tile_size, device=device, channel_axis=channel_axis, progress=progress, cancel=cancel
+    )
     if probs.ndim == 3:
         labels = labels_from_probabilities(probs, encoding=model.encoding, **options)
         return (labels, probs) if return_probabilities else labels

@@ -26,6 +26,8 @@ from scipy import ndimage as ndi
 from skimage.morphology import h_maxima
 from skimage.segmentation import relabel_sequential, watershed
 
+from .errors import InputError
+
 #: Default minimum object size in pixels.
 DEFAULT_MIN_SIZE = 15
 
@@ -51,22 +53,43 @@ def _boundary_labels(probs: np.ndarray, threshold: float) -> np.ndarray:
     return watershed(-interior, markers=seeds, mask=foreground)
 
 
+#: Keyword arguments of :func:`labels_from_probabilities` that a model's ``postprocess`` may set.
+OPTIONS = ("min_size", "threshold", "split", "split_h", "seed_threshold")
+
+
+def check_options(encoding: str, options: dict) -> None:
+    """Raise :class:`~napari_unet_studio.errors.InputError` (a ValueError) naming the first bad
+    post-processing setting in ``options`` (keyword arguments of :func:`labels_from_probabilities`)."""
+    if encoding not in ("boundary", "foreground", "semantic"):
+        raise InputError(f"unknown encoding {encoding!r} (use boundary, foreground or semantic)")
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise InputError(f"unknown post-processing option {unknown[0]!r} (use {', '.join(OPTIONS)})")
+    threshold = options.get("threshold", 0.5)
+    if not 0 <= threshold < 1:
+        raise InputError(f"threshold must lie in [0, 1), got {threshold}")
+    split, seed = options.get("split"), options.get("seed_threshold")
+    if split not in (None, "distance"):
+        raise InputError(f"unknown split method {split!r} (use None or 'distance')")
+    if seed is not None:
+        if encoding != "foreground":
+            raise InputError(f"seed_threshold applies to the foreground encoding, not {encoding!r}")
+        if split is not None:
+            raise InputError("seed_threshold and split cannot be combined")
+        if not threshold <= seed < 1:
+            raise InputError(f"seed_threshold must lie in [threshold, 1), got {seed} (threshold {threshold})")
+
+
 def _foreground_labels(
     probs: np.ndarray, threshold: float, split: str | None, h: float, seed_threshold: float | None, min_size: int
 ) -> np.ndarray:
     foreground = probs[1] > threshold
     if seed_threshold is not None:
-        if split is not None:
-            raise ValueError("seed_threshold and split cannot be combined")
-        if not threshold <= seed_threshold < 1:
-            raise ValueError(f"seed_threshold must lie in [threshold, 1), got {seed_threshold} (threshold {threshold})")
         # Seeds under min_size are noise: dropped before they can split an object.
         seeds = remove_small(ndi.label(probs[1] > seed_threshold)[0], min_size)
         return watershed(-probs[1], markers=seeds, mask=foreground)
     if split is None:
         return ndi.label(foreground)[0]
-    if split != "distance":
-        raise ValueError(f"unknown split method {split!r} (use None or 'distance')")
     distance = ndi.distance_transform_edt(foreground)
     markers, _ = ndi.label(h_maxima(distance, h))
     return watershed(-distance, markers=markers, mask=foreground)
@@ -104,6 +127,7 @@ def labels_from_probabilities(
         regions above it (those under ``min_size`` ignored) and grow over the pixels above
         ``threshold``; foreground that no seed reaches is dropped.
     """
+    check_options(encoding, {"threshold": threshold, "split": split, "seed_threshold": seed_threshold})
     probs = np.asarray(probs, dtype=np.float32)
     if probs.ndim != 3:
         raise ValueError(f"expected (n_classes, Y, X) probabilities, got shape {probs.shape}")
@@ -113,6 +137,4 @@ def labels_from_probabilities(
         labels = _foreground_labels(probs, threshold, split, split_h, seed_threshold, min_size)
     elif encoding == "semantic":
         labels = ndi.label(probs.argmax(axis=0) > 0)[0]
-    else:
-        raise ValueError(f"unknown encoding {encoding!r}")
     return remove_small(labels, min_size)
