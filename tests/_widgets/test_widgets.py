@@ -482,3 +482,38 @@ def test_fine_tuning_a_gray_model_on_rgb_widens_it(make_napari_viewer, qtbot, mo
     run_and_wait(qtbot, segment)
     assert viewer.layers["colour labels"].data.shape == labels.shape
     assert not any("luminance" in m for m in infos)  # the colour model takes the colour image as it is
+
+
+def test_segment_threshold_and_seed_choices_override_the_models(make_napari_viewer, qtbot, monkeypatch, errors):
+    import napari_unet_studio.inference as inference
+
+    seen = []
+    real = inference.segment
+    monkeypatch.setattr(inference, "segment", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    viewer = make_napari_viewer()
+    image = np.zeros((96, 96), np.float32)
+    image[20:50, 30:70] = 1
+    viewer.add_image(image, name="cells")
+    model = small_model()
+    model.postprocess = {"threshold": 0.5, "seed_threshold": 0.9}
+    state_for(viewer).set_model(model, "test model")
+    widget = open_widget(viewer, "Segment")
+    assert widget.threshold.text() == "model's (0.5)" and widget.seeds.currentText() == "model's (0.9)"
+    run_and_wait(qtbot, widget)
+    assert "threshold" not in seen[-1] and "seed_threshold" not in seen[-1]  # the model's own settings
+    widget.threshold.setValue(0.3)
+    widget.seeds.setCurrentText("off")
+    run_and_wait(qtbot, widget)
+    assert seen[-1]["threshold"] == 0.3 and seen[-1]["seed_threshold"] is None
+    expected = real(model, image, threshold=0.3, seed_threshold=None)
+    np.testing.assert_array_equal(viewer.layers["cells labels"].data, expected)
+    # A seed threshold under the threshold is refused before any work, naming the setting.
+    widget.threshold.setValue(0.9)
+    widget.seeds.setCurrentText("0.7")
+    n_calls, n_layers = len(seen), len(viewer.layers)
+    assert widget.run() is None
+    assert errors and "seed_threshold must lie" in str(errors[-1])
+    assert len(seen) == n_calls and len(viewer.layers) == n_layers
+    # A 3-class (boundary) model has no seeds to choose.
+    state_for(viewer).set_model(UNet(depth=2, base_channels=4, n_classes=3).eval(), "boundary model")
+    assert not widget.seeds.isEnabled()

@@ -8,6 +8,7 @@ import numpy as np
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFormLayout,
     QProgressBar,
     QSpinBox,
@@ -20,6 +21,8 @@ from ._settings import persist
 from ._state import state_for
 
 RESULT_KEY = "napari_unet_studio"
+MODELS = "model's"
+SEED_CHOICES = (MODELS, "off", "0.7", "0.8", "0.9", "0.95")
 
 
 def _checksum(data) -> int:
@@ -51,10 +54,24 @@ class SegmentWidget(QWidget):
         self.tile.setSpecialValueText("auto")
         self.prune = QComboBox(parent=self)
         self.prune.addItems(["full", "L1", "L2", "L3", "L4"])
+        self.threshold = QDoubleSpinBox(parent=self)
+        self.threshold.setRange(0.0, 0.95)
+        self.threshold.setSingleStep(0.05)
+        self.threshold.setDecimals(2)
+        self.threshold.setSpecialValueText(MODELS)
+        self.threshold.setToolTip("Foreground probability above which a pixel belongs to an object")
+        self.seeds = QComboBox(parent=self)
+        self.seeds.addItems(SEED_CHOICES)
+        self.seeds.setToolTip(
+            "Objects grow from the regions where the foreground probability exceeds this value, over "
+            "the pixels above the threshold: keeps touching cells apart. 'off': connected components"
+        )
         self.probability = QCheckBox("Also add the foreground probability", parent=self)
         form.addRow("Image", self.image)
         form.addRow("Tile size", self.tile)
         form.addRow("U-Net++ level", self.prune)
+        form.addRow("Threshold", self.threshold)
+        form.addRow("Seed threshold", self.seeds)
         layout.addLayout(form)
         layout.addWidget(self.probability)
         persist("segment", {"tile_size": self.tile, "probability": self.probability})
@@ -80,6 +97,11 @@ class SegmentWidget(QWidget):
 
     def _refresh_model(self) -> None:
         model = self.state.model
+        settings = {} if model is None else model.postprocess
+        self.threshold.setSpecialValueText(f"{MODELS} ({settings.get('threshold', 0.5)})" if model else MODELS)
+        seed = settings.get("seed_threshold")
+        self.seeds.setItemText(0, f"{MODELS} ({seed or 'off'})" if model else MODELS)
+        self.seeds.setEnabled(model is None or model.encoding == "foreground")
         is_pp = model is not None and model.arch == "unetpp"
         self.prune.setEnabled(is_pp)
         if is_pp:
@@ -93,6 +115,7 @@ class SegmentWidget(QWidget):
         from ..errors import UnetStudioError
         from ..inference import ImageLayout, segment
         from ..normalize import channel_conversion
+        from ..postprocess import check_options
 
         layer = next((l for l in layers_of(self.viewer, "Image") if l.name == self.image.currentText()), None)
         if layer is None:
@@ -114,6 +137,12 @@ class SegmentWidget(QWidget):
             from napari.utils.notifications import show_info
 
             show_info(f"{layer.name}: {conversion}")
+        options = self.postprocess_options(model)
+        try:
+            check_options(model.encoding, {**model.postprocess, **options})
+        except UnetStudioError as exc:
+            notify_error(exc)
+            return None
         if model.arch == "unetpp":
             level = self.prune.currentText()
             model.prune_level = None if level == "full" else int(level[1:])
@@ -130,9 +159,20 @@ class SegmentWidget(QWidget):
             progress=self.bridge,
             cancel=self.cancel_flag,
             return_probabilities=True,
+            **options,
             _connect={"returned": lambda result: self._add_results(layer, result), "errored": self._on_error, "finished": self._on_finished},
         )
         return self.worker
+
+    def postprocess_options(self, model) -> dict:
+        """The post-processing settings chosen here that override the model's own."""
+        options = {}
+        if self.threshold.value() > 0:
+            options["threshold"] = round(self.threshold.value(), 4)
+        if self.seeds.isEnabled() and self.seeds.currentIndex() > 0:
+            choice = self.seeds.currentText()
+            options["seed_threshold"] = None if choice == "off" else float(choice)
+        return options
 
     def cancel(self) -> None:
         self.cancel_flag.set()
