@@ -115,6 +115,16 @@ def test_import_state_dict_with_weights_only(tmp_path, rng):
     assert np.array_equal(predict(load_model(bare, config=model.config()), image), expected)
 
 
+def test_bad_postprocess_settings_in_a_model_file_are_refused_at_load(tmp_path):
+    model = tiny("unet", depth=2)
+    model.postprocess = {"threshold": 0.5, "seed_threshold": 0.2}
+    path = save_model(model, tmp_path / "bad.safetensors")
+    with pytest.raises(ModelFileError, match="invalid model config.*seed_threshold must lie"):
+        load_model(path)
+    model.postprocess = {"threshold": 0.5, "seed_threshold": 0.9}
+    assert load_model(save_model(model, tmp_path / "good.safetensors")).postprocess == model.postprocess
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ModelFileError, match="not found"):
         load_model(tmp_path / "nope.safetensors")

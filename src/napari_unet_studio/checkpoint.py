@@ -19,6 +19,7 @@ import torch
 from .errors import ModelFileError
 from .io import atomic_write
 from .models import ARCHITECTURES, build_model
+from .postprocess import check_options
 
 #: Metadata key of the JSON config inside our safetensors files.
 CONFIG_KEY = "napari_unet_studio.config"
@@ -58,6 +59,7 @@ def _model_from(config: dict, state: dict, source: str):
         raise ModelFileError(f"{source}: unknown architecture {config.get('arch')!r}")
     try:
         model = build_model(config)
+        check_options(model.encoding, model.postprocess)
     except (TypeError, ValueError) as exc:
         raise ModelFileError(f"{source}: invalid model config ({exc})") from exc
     try:
