@@ -188,6 +188,11 @@ def test_model_widget_create_save_load(make_napari_viewer, tmp_path):
     path = tmp_path / "m.safetensors"
     assert widget.save(path) and path.is_file()
     assert widget.load(path) and state.model.depth == 2 and str(path) in widget.info.text()
+    assert "post-processing: threshold 0.5, min size 15 px" in widget.info.text()
+    model = small_model()
+    model.postprocess = {"threshold": 0.5, "seed_threshold": 0.9, "min_size": 10}
+    state.set_model(model, "seeded")
+    assert "post-processing: seeds above 0.9 grown over 0.5, min size 10 px" in widget.info.text()
 
 
 def test_preview_augmentation_and_weight_map_update_in_place(make_napari_viewer, qtbot, errors):

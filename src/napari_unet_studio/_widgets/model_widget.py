@@ -36,10 +36,17 @@ def describe(model, name: str, device: str) -> str:
         dev = resolve_device(device).type
     except Exception:  # an unavailable device is reported when it is used
         dev = device
+    from ..postprocess import DEFAULT_MIN_SIZE
+
+    settings = {"threshold": 0.5, "min_size": DEFAULT_MIN_SIZE, **model.postprocess}
+    post = f"threshold {settings['threshold']}"
+    if settings.get("seed_threshold") is not None:
+        post = f"seeds above {settings['seed_threshold']} grown over {settings['threshold']}"
+    post += f", min size {settings['min_size']} px"
     return (
         f"{name}\n{arch}, depth {model.depth}, width {model.base_channels}, {n_params / 1e6:.2f} M parameters\n"
         f"{model.in_channels} input channel(s), {model.n_classes} classes ({model.encoding})\n"
-        f"halo {model.geometry.halo} px, device {dev}\ntraining: {trained}"
+        f"halo {model.geometry.halo} px, device {dev}\npost-processing: {post}\ntraining: {trained}"
     )
 
 
