@@ -135,7 +135,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from .devices import resolve_device
     from .io import collect_images, read_image, write_labels
     from .inference import segment
-    from .postprocess import check_options
+    from .postprocess import options_for
 
     start = time.perf_counter()
     images = collect_images(args.inputs)
@@ -152,7 +152,7 @@ def run_predict(args: argparse.Namespace) -> int:
     options = {} if args.threshold is None else {"threshold": args.threshold}
     if "seed_threshold" in vars(args):
         options["seed_threshold"] = args.seed_threshold
-    check_options(model.encoding, {**model.postprocess, **options})
+    options_for(model, **options)  # refuse bad settings before reading any image
     n_objects = 0
     for path in images:
         image = read_image(path)

@@ -311,12 +311,11 @@ def segment(
     settings (checked before any work; ``seed_threshold=None`` turns seeds off). With
     ``return_probabilities=True`` the result is ``(labels, probabilities)``.
     """
-    from .postprocess import DEFAULT_MIN_SIZE, check_options, labels_from_probabilities
+    from .postprocess import labels_from_probabilities, options_for
 
-    options = {"min_size": DEFAULT_MIN_SIZE, **model.postprocess, **postprocess_options}
     if min_size is not None:
-        options["min_size"] = min_size
-    check_options(model.encoding, options)  # before the long part
+        postprocess_options["min_size"] = min_size
+    options = options_for(model, **postprocess_options)  # checked before the long part
     probs = predict(
         model, image, tile_size=tile_size, device=device, channel_axis=channel_axis, progress=progress, cancel=cancel
     )

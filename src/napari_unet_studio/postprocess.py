@@ -30,6 +30,8 @@ from .errors import InputError
 
 #: Default minimum object size in pixels.
 DEFAULT_MIN_SIZE = 15
+#: Default foreground probability threshold.
+DEFAULT_THRESHOLD = 0.5
 
 
 def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
@@ -65,7 +67,7 @@ def check_options(encoding: str, options: dict) -> None:
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise InputError(f"unknown post-processing option {unknown[0]!r} (use {', '.join(OPTIONS)})")
-    threshold = options.get("threshold", 0.5)
+    threshold = options.get("threshold", DEFAULT_THRESHOLD)
     if not 0 <= threshold < 1:
         raise InputError(f"threshold must lie in [0, 1), got {threshold}")
     split, seed = options.get("split"), options.get("seed_threshold")
@@ -78,6 +80,15 @@ def check_options(encoding: str, options: dict) -> None:
             raise InputError("seed_threshold and split cannot be combined")
         if not threshold <= seed < 1:
             raise InputError(f"seed_threshold must lie in [threshold, 1), got {seed} (threshold {threshold})")
+
+
+def options_for(model, **overrides) -> dict:
+    """The post-processing settings ``model`` is labelled with: the defaults, then the model's
+    own (``model.postprocess``), then ``overrides``; checked (see :func:`check_options`), so a bad
+    setting is refused before any work."""
+    options = {"threshold": DEFAULT_THRESHOLD, "min_size": DEFAULT_MIN_SIZE, **model.postprocess, **overrides}
+    check_options(model.encoding, options)
+    return options
 
 
 def _foreground_labels(
@@ -100,7 +111,7 @@ def labels_from_probabilities(
     *,
     encoding: str = "boundary",
     min_size: int = DEFAULT_MIN_SIZE,
-    threshold: float = 0.5,
+    threshold: float = DEFAULT_THRESHOLD,
     split: str | None = None,
     split_h: float = 2.0,
     seed_threshold: float | None = None,

@@ -36,9 +36,9 @@ def describe(model, name: str, device: str) -> str:
         dev = resolve_device(device).type
     except Exception:  # an unavailable device is reported when it is used
         dev = device
-    from ..postprocess import DEFAULT_MIN_SIZE
+    from ..postprocess import options_for
 
-    settings = {"threshold": 0.5, "min_size": DEFAULT_MIN_SIZE, **model.postprocess}
+    settings = options_for(model)
     post = f"threshold {settings['threshold']}"
     if settings.get("seed_threshold") is not None:
         post = f"seeds above {settings['seed_threshold']} grown over {settings['threshold']}"

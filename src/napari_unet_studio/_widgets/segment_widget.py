@@ -97,10 +97,15 @@ class SegmentWidget(QWidget):
 
     def _refresh_model(self) -> None:
         model = self.state.model
-        settings = {} if model is None else model.postprocess
-        self.threshold.setSpecialValueText(f"{MODELS} ({settings.get('threshold', 0.5)})" if model else MODELS)
-        seed = settings.get("seed_threshold")
-        self.seeds.setItemText(0, f"{MODELS} ({seed or 'off'})" if model else MODELS)
+        if model is None:
+            self.threshold.setSpecialValueText(MODELS)
+            self.seeds.setItemText(0, MODELS)
+        else:
+            from ..postprocess import options_for
+
+            settings = options_for(model)
+            self.threshold.setSpecialValueText(f"{MODELS} ({settings['threshold']})")
+            self.seeds.setItemText(0, f"{MODELS} ({settings.get('seed_threshold') or 'off'})")
         self.seeds.setEnabled(model is None or model.encoding == "foreground")
         is_pp = model is not None and model.arch == "unetpp"
         self.prune.setEnabled(is_pp)
@@ -115,7 +120,7 @@ class SegmentWidget(QWidget):
         from ..errors import UnetStudioError
         from ..inference import ImageLayout, segment
         from ..normalize import channel_conversion
-        from ..postprocess import check_options
+        from ..postprocess import options_for
 
         layer = next((l for l in layers_of(self.viewer, "Image") if l.name == self.image.currentText()), None)
         if layer is None:
@@ -137,9 +142,9 @@ class SegmentWidget(QWidget):
             from napari.utils.notifications import show_info
 
             show_info(f"{layer.name}: {conversion}")
-        options = self.postprocess_options(model)
+        options = self._chosen_options()
         try:
-            check_options(model.encoding, {**model.postprocess, **options})
+            options_for(model, **options)  # refused here, before a worker starts
         except UnetStudioError as exc:
             notify_error(exc)
             return None
@@ -164,7 +169,7 @@ class SegmentWidget(QWidget):
         )
         return self.worker
 
-    def postprocess_options(self, model) -> dict:
+    def _chosen_options(self) -> dict:
         """The post-processing settings chosen here that override the model's own."""
         options = {}
         if self.threshold.value() > 0:
