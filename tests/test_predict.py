@@ -303,3 +303,29 @@ def test_bright_background_images_are_inverted_automatically(rng):
     assert np.median(always.apply(dark, always.statistics(dark))) > 0.5
     with pytest.raises(ValueError):
         Normalization(invert="sometimes")
+
+
+@pytest.mark.parametrize("window", [(slice(0, 40), slice(0, 50)), (slice(13, 101), slice(37, 130)), (slice(90, None), slice(5, 6))])
+@pytest.mark.parametrize("tile", [None, 100])
+def test_window_equals_the_whole_image_cut(window, tile, rng):
+    model = tiny("unet", depth=2)
+    image = rng.random((120, 140)).astype(np.float32) * 1000
+    reference = predict(model, image)
+    out = predict(model, image, window=window, tile_size=tile)
+    assert out.shape == reference[(slice(None), *window)].shape
+    assert np.abs(out - reference[(slice(None), *window)]).max() <= TOL
+
+
+def test_window_shapes_and_bad_windows(rng):
+    from napari_unet_studio import segment
+
+    model = tiny("unet", depth=2)
+    image = rng.random((400, 400)).astype(np.float32)
+    labels = segment(model, image, window=(slice(300, 340), slice(10, 50)))
+    assert labels.shape == (40, 40)
+    with pytest.raises(InputError, match="window"):
+        predict(model, image, window=(slice(10, 10), slice(0, 5)))
+    with pytest.raises(InputError, match="window"):
+        predict(model, image, window=(slice(0, 10, 2), slice(0, 5)))
+    with pytest.raises(InputError, match="window"):
+        predict(model, image, window="rows")

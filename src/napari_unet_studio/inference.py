@@ -150,13 +150,19 @@ def _batch_size(model, device: torch.device, plan: TilePlan, requested: int | No
 class _Run:
     """One prediction pass with a fixed tile plan."""
 
-    def __init__(self, model, layout: ImageLayout, device: torch.device, plan: TilePlan, batch_size: int) -> None:
+    def __init__(
+        self, model, layout: ImageLayout, device: torch.device, plan: TilePlan, batch_size: int,
+        origin: tuple[int, int] = (0, 0), extent: tuple[int, int] | None = None,
+    ) -> None:
         self.model = model
         self.layout = layout
         self.device = device
         self.plan = plan
         self.batch_size = batch_size
         self.statistics = _SliceStatistics(layout, model)
+        # Tiles are planned over the output region ``extent`` at ``origin`` (image coordinates).
+        self.origin = origin
+        self.extent = extent or layout.plane
         self.tasks = [(s, oy, ox) for s in range(layout.n_slices) for oy, ox in plan.tiles]
 
     def prepare(self, tasks) -> np.ndarray:
@@ -164,9 +170,10 @@ class _Run:
         layout, plan, halo = self.layout, self.plan, self.model.geometry.halo
         h, w = layout.plane
         batch = np.empty((len(tasks), self.model.in_channels, *plan.input_shape), np.float32)
+        y0, x0 = self.origin
         for b, (s, oy, ox) in enumerate(tasks):
-            rows = plan.y.read_indices(oy, halo, h)
-            cols = plan.x.read_indices(ox, halo, w)
+            rows = plan.y.read_indices(y0 + oy, halo, h)
+            cols = plan.x.read_indices(x0 + ox, halo, w)
             r0, c0 = int(rows.min()), int(cols.min())
             block = layout.read(s, slice(r0, int(rows.max()) + 1), slice(c0, int(cols.max()) + 1))
             block = block[np.ix_(rows - r0, cols - c0)]
@@ -186,7 +193,7 @@ class _Run:
         return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
     def run(self, out: np.ndarray, progress: Progress | None, cancel: Cancel | None) -> None:
-        h, w = self.layout.plane
+        h, w = self.extent
         batches = [self.tasks[i : i + self.batch_size] for i in range(0, len(self.tasks), self.batch_size)]
         total, done = len(self.tasks), 0
         if progress is not None:
@@ -219,6 +226,7 @@ def predict(
     progress: Progress | None = None,
     cancel: Cancel | None = None,
     batch_size: int | None = None,
+    window: tuple[slice, slice] | None = None,
 ) -> np.ndarray:
     """Per-class probabilities of ``model`` on ``image``, by seamless overlap-tile inference.
 
@@ -245,11 +253,16 @@ def predict(
         Polled before each tile batch; when it returns True, :class:`~.errors.Cancelled` is raised.
     batch_size
         Tiles per forward pass; ``None`` picks it from free memory.
+    window
+        ``(rows, cols)`` slices of the plane: only this region is predicted (and only the
+        pixels its tiles need are read). The result equals the whole image's prediction
+        cut to the window exactly (normalisation statistics still come from the whole slice).
 
     Returns
     -------
     numpy.ndarray
-        float32 probabilities of shape ``(n_classes, *spatial)``.
+        float32 probabilities of shape ``(n_classes, *spatial)`` (the window's shape with
+        ``window``).
     """
     layout = ImageLayout(image, channel_axis)
     adapt_channels(np.zeros((1, layout.n_channels), np.float32), model.in_channels)  # fail fast on channels
@@ -257,17 +270,23 @@ def predict(
     if tile_size is not None and tile_size < 1:
         raise InputError(f"tile size must be positive, got {tile_size}")
     tile_input = auto_tile_size(model, device) if tile_size is None else int(tile_size)
-    out = np.empty((model.n_classes, layout.n_slices, *layout.plane), np.float32)
+    (y0, y1), (x0, x1) = _window_bounds(window, layout.plane)
+    # Tiles must start at multiples of the model's step (image coordinates) to equal the
+    # whole-image result: the window is predicted from an aligned origin, then cut.
+    step = model.geometry.step
+    ay, ax = y0 // step * step, x0 // step * step
+    extent = (y1 - ay, x1 - ax)
+    out = np.empty((model.n_classes, layout.n_slices, *extent), np.float32)
     was_training = model.training
     model.eval().to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     try:
         while True:
-            plan = plan_tiles(layout.plane, model.geometry, tile_input)
+            plan = plan_tiles(extent, model.geometry, tile_input)
             batch = _batch_size(model, device, plan, batch_size)
             try:
-                _Run(model, layout, device, plan, batch).run(out, progress, cancel)
+                _Run(model, layout, device, plan, batch, (ay, ax), extent).run(out, progress, cancel)
                 break
             except (RuntimeError, MemoryError) as exc:
                 if not (isinstance(exc, MemoryError) or is_out_of_memory(exc)):
@@ -285,7 +304,23 @@ def predict(
                     raise UnetStudioError(f"not enough memory on {device.type} even for the smallest tile") from exc
     finally:
         model.train(was_training)
+    out = out[:, :, y0 - ay :, x0 - ax :]
     return out if layout.is_stack else out[:, 0]
+
+
+def _window_bounds(window, plane: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((y0, y1), (x0, x1))`` of a ``(rows, cols)`` window of ``plane``; InputError when it is
+    not a non-empty region with unit steps."""
+    if window is None:
+        return (0, plane[0]), (0, plane[1])
+    try:
+        rows, cols = window
+        bounds = [s.indices(n) for s, n in zip((rows, cols), plane)]
+    except (TypeError, ValueError, AttributeError):
+        raise InputError(f"window must be a pair of slices (rows, cols), got {window!r}") from None
+    if any(step != 1 or stop <= start for start, stop, step in bounds):
+        raise InputError(f"window {window!r} is empty or strided for an image plane of {plane}")
+    return (bounds[0][0], bounds[0][1]), (bounds[1][0], bounds[1][1])
 
 
 def segment(
@@ -299,6 +334,7 @@ def segment(
     cancel: Cancel | None = None,
     min_size: int | None = None,
     return_probabilities: bool = False,
+    window: tuple[slice, slice] | None = None,
     **postprocess_options,
 ):
     """Instance labels (0 = background, 1..N objects) of ``image``, same spatial shape.
@@ -309,7 +345,8 @@ def segment(
     for :func:`predict`; ``min_size`` (pixels) removes smaller objects, other keyword arguments
     (``threshold``, ``seed_threshold``, ``split``, ...) override the model's post-processing
     settings (checked before any work; ``seed_threshold=None`` turns seeds off). With
-    ``return_probabilities=True`` the result is ``(labels, probabilities)``.
+    ``return_probabilities=True`` the result is ``(labels, probabilities)``. With ``window``
+    (``(rows, cols)`` slices) only that region is predicted and labelled.
     """
     from .postprocess import labels_from_probabilities, options_for
 
@@ -317,7 +354,8 @@ def segment(
         postprocess_options["min_size"] = min_size
     options = options_for(model, **postprocess_options)  # checked before the long part
     probs = predict(
-        model, image, tile_size=tile_size, device=device, channel_axis=channel_axis, progress=progress, cancel=cancel
+        model, image, tile_size=tile_size, device=device, channel_axis=channel_axis, progress=progress, cancel=cancel,
+        window=window,
     )
     if probs.ndim == 3:
         labels = labels_from_probabilities(probs, encoding=model.encoding, **options)

@@ -1,5 +1,9 @@
 """Training and fine-tuning: weighted cross-entropy on elastically deformed random crops.
 
+One loop serves everything: :class:`TrainingSession` is a step-wise trainer whose (image,
+labels) pairs can be added or replaced while it runs. :func:`train` (the command line, scripts,
+benchmarks), the Fine-tune dock and its live mode all drive it.
+
 Each (image, labels) pair is prepared once: the image is normalised with the model's
 normalisation, the instance labels are encoded into the model's classes, and the paper's weight
 map is computed. Every step draws random crops of the network's valid input size (centred on
@@ -7,15 +11,22 @@ annotated pixels, so sparse annotation and regions work), deforms image, classes
 with one shared random field (elastic + rotation/flip), varies gray values, and minimises the
 weight-map-weighted softmax cross-entropy over the valid output. Pixels marked "ignore" (a
 reserved label value, or outside the given regions) have weight 0 and contribute nothing.
+
+When the labels the model gave before the user painted are known (``previous``), the pixels the
+user corrected (:mod:`.corrections`) are where crops are centred half of the time, and their
+loss weight is multiplied by ``1 + correction_weight``. Without a validation pair, a few painted
+objects are held out (never trained on) and AP@0.5 on them chooses the best weights, the
+weights before training included, so training longer never ends worse on them.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,6 +35,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 
 from .augment import affine_matrices, displacement_field, gray_value_augment, sampling_grid, warp
+from .corrections import find_corrections
 from .devices import resolve_device
 from .errors import InputError
 from .inference import ImageLayout
@@ -37,6 +49,16 @@ from .weightmap import weight_map
 IGNORE_INDEX = -100
 #: Output size (pixels) the default training crop is sized for.
 DEFAULT_CROP_OUTPUT = 260
+#: Share of crops centred on corrected pixels when there are corrections.
+CORRECTION_SHARE = 0.5
+#: Corrected pixels weigh ``1 + CORRECTION_WEIGHT`` times their weight-map weight.
+CORRECTION_WEIGHT = 2.0
+#: Share of the painted objects held out to choose the best weights when no validation is given.
+HOLDOUT_FRACTION = 0.15
+#: Fewest objects (over all pairs) for an automatic hold-out; at most this many are held out.
+HOLDOUT_MIN_OBJECTS, HOLDOUT_MAX_OBJECTS = 8, 20
+#: Background ring (pixels) around held-out objects that is held out and scored with them.
+HOLDOUT_MARGIN = 4
 
 
 def encode_targets(labels: np.ndarray, encoding: str) -> tuple[np.ndarray, np.ndarray]:
@@ -68,6 +90,19 @@ def _touches_other_object(labels: np.ndarray) -> np.ndarray:
 
 
 @dataclass
+class HoldOut:
+    """Painted objects kept out of training; AP@0.5 on them chooses the best weights."""
+
+    window: tuple[slice, slice]  # the region of the image that is segmented to score them
+    truth: np.ndarray  # (window) instance labels of the held-out objects, 0 elsewhere
+    scored: np.ndarray  # (window) bool: held-out objects and their background ring
+
+    @property
+    def n_objects(self) -> int:
+        return int(len(np.unique(self.truth[self.truth > 0])))
+
+
+@dataclass
 class TrainingPair:
     """One prepared training image: normalised pixels, encoded classes, loss weights."""
 
@@ -75,6 +110,31 @@ class TrainingPair:
     target: np.ndarray  # (H, W) int64 classes, IGNORE_INDEX where not annotated
     weights: np.ndarray  # (H, W) float32 loss weights, 0 where not annotated
     annotated: np.ndarray  # flat indices of annotated pixels (crop centres are drawn from these)
+    corrected: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # flat indices
+    holdout: HoldOut | None = None
+    source: object = None  # the raw image (to score the hold-out as segment() sees it)
+    corrections: object = None  # the :class:`~.corrections.Corrections`, when previous labels were given
+
+
+def _choose_holdout(instances: np.ndarray, ignore: np.ndarray, protected: np.ndarray, k: int, rng) -> HoldOut | None:
+    """Hold out ``k`` objects close to each other (one compact window to segment), away from
+    the ``protected`` (corrected) pixels."""
+    ids = np.unique(instances[instances > 0])
+    if protected.any():
+        near = np.unique(instances[ndi.binary_dilation(protected, iterations=HOLDOUT_MARGIN + 2)])
+        ids = np.setdiff1d(ids, near)
+    if k < 1 or ids.size < k:
+        return None
+    centres = np.array(ndi.center_of_mass(np.ones_like(instances), instances, ids))
+    anchor = centres[rng.integers(ids.size)]
+    chosen = ids[np.argsort(((centres - anchor) ** 2).sum(1))[:k]]
+    held = np.isin(instances, chosen)
+    scored = ndi.binary_dilation(held, iterations=HOLDOUT_MARGIN) & ~ignore
+    rows, cols = np.nonzero(scored)
+    h, w = instances.shape
+    window = (slice(max(rows.min() - 8, 0), min(rows.max() + 9, h)), slice(max(cols.min() - 8, 0), min(cols.max() + 9, w)))
+    truth = np.where(held, instances, 0)[window]
+    return HoldOut(window, truth, scored[window])
 
 
 def prepare_pair(
@@ -83,12 +143,21 @@ def prepare_pair(
     labels,
     *,
     region: np.ndarray | None = None,
+    previous: np.ndarray | None = None,
     ignore_value: int | None = None,
     w0: float = 10.0,
     sigma: float = 5.0,
     channel_axis: int | None = None,
+    correction_weight: float = CORRECTION_WEIGHT,
+    holdout: int = 0,
+    rng: np.random.Generator | None = None,
 ) -> TrainingPair:
-    """Normalise, encode and weight one (image, labels) pair for :func:`train`."""
+    """Normalise, encode and weight one (image, labels) pair for training.
+
+    ``previous``: the labels the model gave before the user painted ``labels``; the corrected
+    pixels get ``1 + correction_weight`` times their weight. ``holdout``: how many objects to
+    keep out of training for choosing the best weights (none when there are too few).
+    """
     layout = ImageLayout(image, channel_axis)
     if layout.is_stack:
         raise InputError(f"training takes 2-D images (or 2-D with channels), got shape {layout.shape}")
@@ -106,25 +175,68 @@ def prepare_pair(
             raise InputError(f"region mask of shape {region.shape} does not match the labels' {labels.shape}")
         ignore |= ~region
     instances = as_instances(np.where(ignore, 0, labels))
+    corrections = None
+    corrected = np.zeros(labels.shape, bool)
+    if previous is not None:
+        previous = np.asarray(previous)
+        if previous.shape != labels.shape:
+            raise InputError(f"previous labels of shape {previous.shape} do not match the labels' {labels.shape}")
+        corrections = find_corrections(previous, np.where(ignore, 0, labels), ignore=ignore)
+        corrected = corrections.mask
     target, separated = encode_targets(instances, model.encoding)
     # Class balance counts annotated pixels only; ignored pixels get weight 0.
     weights = weight_map(np.where(ignore, -1, separated), w0=w0, sigma=sigma, ignore_value=-1)
+    if corrected.any():
+        weights = np.where(corrected, weights * (1.0 + correction_weight), weights)
+    held = None
+    if holdout > 0:
+        held = _choose_holdout(instances, ignore, corrected, holdout, rng or np.random.default_rng(0))
+        if held is not None:
+            ignore = ignore.copy()
+            ignore[held.window] |= held.scored
+    weights[ignore] = 0.0
     target[ignore] = IGNORE_INDEX
     annotated = np.flatnonzero(~ignore)
     if annotated.size == 0:
         raise InputError("no annotated pixels: everything is marked ignore or outside the regions")
-    return TrainingPair(np.ascontiguousarray(np.moveaxis(pixels, -1, 0)), target, weights.astype(np.float32), annotated)
+    return TrainingPair(
+        np.ascontiguousarray(np.moveaxis(pixels, -1, 0)),
+        target,
+        weights.astype(np.float32),
+        annotated,
+        np.flatnonzero(corrected & ~ignore),
+        held,
+        image,
+        corrections,
+    )
 
 
 class CropSampler:
-    """Random training crops: input-sized windows (mirrored at image borders) around annotated pixels."""
+    """Random training crops: input-sized windows (mirrored at image borders) around annotated
+    pixels; with probability ``correction_share`` around corrected pixels instead."""
 
-    def __init__(self, pairs: Sequence[TrainingPair], input_size: int, rng: np.random.Generator) -> None:
+    def __init__(
+        self, pairs: Sequence[TrainingPair], input_size: int, rng: np.random.Generator, correction_share: float = CORRECTION_SHARE
+    ) -> None:
         self.pairs = list(pairs)
         self.size = input_size
         self.rng = rng
         sizes = np.array([p.annotated.size for p in self.pairs], float)
         self.p = sizes / sizes.sum()
+        corrected = np.array([p.corrected.size for p in self.pairs], float)
+        self.p_corrected = corrected / corrected.sum() if corrected.sum() else None
+        self.correction_share = correction_share if self.p_corrected is not None else 0.0
+
+    def centre(self) -> tuple[TrainingPair, int, int]:
+        """A pair and a crop centre in it."""
+        if self.correction_share and self.rng.random() < self.correction_share:
+            pair = self.pairs[self.rng.choice(len(self.pairs), p=self.p_corrected)]
+            pool = pair.corrected
+        else:
+            pair = self.pairs[self.rng.choice(len(self.pairs), p=self.p)]
+            pool = pair.annotated
+        cy, cx = np.unravel_index(pool[self.rng.integers(pool.size)], pair.target.shape)
+        return pair, int(cy), int(cx)
 
     def sample(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(x (B,C,S,S), target (B,S,S), weights (B,S,S))`` centred on annotated pixels."""
@@ -134,9 +246,8 @@ class CropSampler:
         t = np.empty((batch, s, s), np.int64)
         w = np.empty((batch, s, s), np.float32)
         for b in range(batch):
-            pair = self.pairs[self.rng.choice(len(self.pairs), p=self.p)]
+            pair, cy, cx = self.centre()
             h, wd = pair.target.shape
-            cy, cx = np.unravel_index(pair.annotated[self.rng.integers(pair.annotated.size)], (h, wd))
             # Jitter the centre so annotated pixels land anywhere in the output, not only its middle.
             cy += int(self.rng.integers(-s // 4, s // 4 + 1))
             cx += int(self.rng.integers(-s // 4, s // 4 + 1))
@@ -161,8 +272,8 @@ def augment_batch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Elastic + rotation/flip with one field per sample for image, classes and weights; gray values."""
     b, _, h, w = x.shape
-    field = displacement_field(b, (h, w), grid=grid, sigma=sigma, generator=generator, device=x.device)
-    sgrid = sampling_grid(field, affine_matrices(b, generator=generator))
+    field_ = displacement_field(b, (h, w), grid=grid, sigma=sigma, generator=generator, device=x.device)
+    sgrid = sampling_grid(field_, affine_matrices(b, generator=generator))
     x = warp(x, sgrid, "bicubic")
     target = warp(target[:, None].to(x.dtype), sgrid, "nearest")[:, 0].round().long()
     weights = warp(weights[:, None], sgrid, "bilinear")[:, 0]
@@ -210,6 +321,450 @@ def will_widen(model, images: Sequence, channel_axis: int | None = None) -> bool
     return all(ImageLayout(im, channel_axis).n_channels in (3, 4) for im in images)
 
 
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+class TrainingSession:
+    """A step-wise trainer whose (image, labels) pairs can change while it runs.
+
+    The same object serves a fixed run (:func:`train`), the Fine-tune dock and live mode:
+    pairs are set by key (:meth:`set_pair`; setting a key again replaces that pair, as when the
+    user paints more) from any thread and are prepared by the training thread before its next
+    step; :meth:`run` trains for a number of steps or seconds; :meth:`segment` labels a region
+    with the current weights; :meth:`finish` hands back the model with the best weights seen.
+
+    Parameters
+    ----------
+    model
+        The network to train (trained in place; pass a copy to keep the original).
+    holdout
+        With no validation pairs, hold out ~15 % of the painted objects (at least 8 objects in
+        all, at most 20 held out) and keep the weights that segment them best (AP@0.5). The
+        weights before training are scored too, so the result is never worse on them.
+    correction_share, correction_weight
+        Share of crops centred on corrected pixels, and their extra loss weight (pairs given
+        with ``previous`` labels).
+    Other parameters as for :func:`train`.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        seed: int | None = None,
+        batch_size: int = 2,
+        tile_size: int | None = None,
+        lr: float | None = None,
+        weight_decay: float = 1e-5,
+        optimizer: str = "adam",
+        schedule: str = "cosine",
+        fine_tune: bool | None = None,
+        freeze_encoder: bool = False,
+        ignore_value: int | None = None,
+        w0: float = 10.0,
+        sigma: float = 5.0,
+        deep_supervision: bool = True,
+        dice_weight: float = 0.0,
+        augment: bool = True,
+        device=None,
+        channel_axis: int | None = None,
+        holdout: bool = True,
+        correction_share: float = CORRECTION_SHARE,
+        correction_weight: float = CORRECTION_WEIGHT,
+        val_images: Sequence | None = None,
+        val_labels: Sequence | None = None,
+    ) -> None:
+        if optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', not {optimizer!r}")
+        if schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', not {schedule!r}")
+        if batch_size < 1:
+            raise InputError(f"batch size must be positive, got {batch_size}")
+        if lr is not None and not (math.isfinite(lr) and lr > 0):
+            raise InputError(f"learning rate must be a positive number, got {lr}")
+        if not 0 <= correction_share <= 1:
+            raise InputError(f"correction share must be in [0, 1], got {correction_share}")
+        self.model = model
+        self.device = resolve_device(device)
+        self.fine_tune = bool(model.provenance.get("training")) if fine_tune is None else bool(fine_tune)
+        self.lr = lr if lr is not None else (3e-4 if self.fine_tune else 1e-3)
+        self.batch_size = batch_size
+        self.schedule = schedule
+        self.freeze_encoder = freeze_encoder
+        self.ignore_value = ignore_value
+        self.w0, self.sigma = w0, sigma
+        self.dice_weight = dice_weight
+        self.augment = augment
+        self.channel_axis = channel_axis
+        self.holdout = holdout
+        self.correction_share = correction_share
+        self.correction_weight = correction_weight
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        self.generator = torch.Generator().manual_seed(int(self.rng.integers(2**62)))
+        self._torch_state = None
+        if seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self._torch_state = torch.get_rng_state()
+        geometry = Geometry(model.depth)
+        self.tile_size = geometry.valid_input(tile_size) if tile_size else geometry.input_for_output(DEFAULT_CROP_OUTPUT)
+        self.out_size = geometry.output_size(self.tile_size)
+
+        self.validation = None
+        if val_images is not None and len(val_images):
+            if val_labels is None or len(val_labels) != len(val_images):
+                raise InputError("give one validation label image per validation image")
+            self.validation = (list(val_images), [as_instances(np.asarray(v)) for v in val_labels])
+
+        self._prune_level = getattr(model, "prune_level", None)
+        if self._prune_level is not None:
+            model.prune_level = None
+        model.to(self.device)
+        if freeze_encoder:
+            for p in model.encoder.parameters():
+                p.requires_grad_(False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if optimizer == "sgd":
+            self.opt = torch.optim.SGD(params, lr=self.lr, momentum=0.99, weight_decay=weight_decay)
+        else:
+            self.opt = torch.optim.Adam(params, lr=self.lr, weight_decay=weight_decay)
+        self.cuda = self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.cuda)
+        self.deep = deep_supervision and hasattr(model, "forward_deep")
+
+        self.pairs: dict[Hashable, TrainingPair] = {}
+        self._pending: dict[Hashable, dict | None] = {}
+        self._lock = threading.Lock()
+        self._sampler: CropSampler | None = None
+        self.step_count = 0
+        self.seconds = 0.0
+        self.history: list[dict] = []
+        self.ema: float | None = None
+        self.best = {"score": -math.inf, "state": None, "step": 0}
+        self._initial = copy.deepcopy(model.state_dict())
+        self._scored_initial = False
+        self.stopped = "steps"
+        self.message = ""
+
+    # -- pairs -----------------------------------------------------------------------------
+    def set_pair(self, key: Hashable, image, labels, *, region=None, previous=None) -> None:
+        """Add the pair ``key``, or replace it (the user painted more). Thread-safe; the pair is
+        prepared by the training thread before its next step (or by :meth:`prepare`)."""
+        labels = np.array(labels)  # a copy: the user may keep painting the layer
+        with self._lock:
+            self._pending[key] = {"image": image, "labels": labels, "region": region, "previous": previous}
+
+    def remove_pair(self, key: Hashable) -> None:
+        """Stop training on the pair ``key`` (from the next step on). Thread-safe."""
+        with self._lock:
+            self._pending[key] = None
+
+    def prepare(self) -> list[Hashable]:
+        """Prepare the pairs set since the last step; returns their keys. Raises
+        :class:`~.errors.InputError` for a pair that cannot be trained on (it is not added)."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        if not pending:
+            return []
+        for key, item in pending.items():
+            if item is None:
+                self.pairs.pop(key, None)
+                continue
+            # The hold-out is chosen once, from the first labels of each pair: its objects stay
+            # out of training when the pair is replaced.
+            old = self.pairs.get(key)
+            holdout = self._holdout_size(item["labels"]) if old is None else 0
+            pair = prepare_pair(
+                self.model,
+                item["image"],
+                item["labels"],
+                region=item["region"],
+                previous=item["previous"],
+                ignore_value=self.ignore_value,
+                w0=self.w0,
+                sigma=self.sigma,
+                channel_axis=self.channel_axis,
+                correction_weight=self.correction_weight,
+                holdout=holdout,
+                rng=self.rng,
+            )
+            if old is not None and old.holdout is not None:
+                held = old.holdout
+                keep = np.ones(pair.target.shape, bool)
+                keep[held.window] &= ~held.scored
+                pair.target[~keep] = IGNORE_INDEX
+                pair.weights[~keep] = 0
+                pair.annotated = np.flatnonzero(pair.target.ravel() != IGNORE_INDEX)
+                pair.corrected = pair.corrected[keep.ravel()[pair.corrected]]
+                pair.holdout = held
+            self.pairs[key] = pair
+        self._sampler = None
+        return list(pending)
+
+    def _holdout_size(self, labels) -> int:
+        if not self.holdout or self.validation is not None:
+            return 0
+        labels = np.asarray(labels)
+        values = labels[labels > 0] if self.ignore_value is None else labels[(labels > 0) & (labels != self.ignore_value)]
+        n = len(np.unique(values))
+        if labels.dtype == bool or n == 1:
+            n = int(as_instances(labels).max())
+        if n < HOLDOUT_MIN_OBJECTS:
+            return 0
+        return int(min(HOLDOUT_MAX_OBJECTS, max(1, round(HOLDOUT_FRACTION * n))))
+
+    @property
+    def holdout_objects(self) -> int:
+        """Number of painted objects held out to choose the best weights."""
+        return sum(p.holdout.n_objects for p in self.pairs.values() if p.holdout is not None)
+
+    def _ensure_sampler(self) -> CropSampler:
+        if self._sampler is None:
+            if not self.pairs:
+                raise InputError("no training images")
+            if not any((p.target > 0).any() for p in self.pairs.values()):
+                raise InputError("the labels contain no objects")
+            self._sampler = CropSampler(list(self.pairs.values()), self.tile_size, self.rng, self.correction_share)
+        return self._sampler
+
+    # -- steps -----------------------------------------------------------------------------
+    def step(self, lr: float | None = None) -> dict:
+        """One optimiser step; returns its record (``step``, ``loss``, ``lr``)."""
+        self.prepare()
+        sampler = self._ensure_sampler()
+        model, device = self.model, self.device
+        lr = self.lr if lr is None else lr
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        model.train()
+        if self.freeze_encoder:
+            model.encoder.eval()  # frozen means its BatchNorm statistics too
+        x, t, w = (torch.from_numpy(a).to(device) for a in sampler.sample(self.batch_size))
+        if self.augment:
+            x, t, w = augment_batch(x, t, w, generator=self.generator)
+        t, w = _center(t, self.out_size), _center(w, self.out_size)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.cuda):
+            outputs = model.forward_deep(x) if self.deep else [model(x)]
+        loss = sum(weighted_cross_entropy(o, t, w) for o in outputs) / len(outputs)
+        if self.dice_weight:
+            loss = loss + self.dice_weight * sum(soft_dice_loss(o, t) for o in outputs) / len(outputs)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            return {"step": self.step_count, "loss": value, "lr": lr, "diverged": True}
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.step_count += 1
+        self.ema = value if self.ema is None else 0.95 * self.ema + 0.05 * value
+        return {"step": self.step_count, "loss": value, "lr": lr}
+
+    def _diverged(self, record: dict) -> None:
+        """Non-finite loss: go back to the best (or the initial) finite weights."""
+        state = self.best["state"] if self.best["state"] is not None else self._initial
+        step = self.best["step"] if self.best["state"] is not None else 0
+        self.model.load_state_dict(state)
+        self.best = {"score": self.best["score"], "state": state, "step": step}
+        self.stopped = "diverged"
+        self.message = (
+            f"training diverged (loss {record['loss']} at step {record['step'] + 1}; try a lower learning rate); "
+            f"kept the weights of step {step}"
+        )
+
+    def run(
+        self,
+        *,
+        steps: int | None = None,
+        time_budget: float | None = None,
+        progress: Callable[[dict], object] | None = None,
+        cancel: Callable[[], bool] | None = None,
+        val_every: int | None = None,
+        val_seconds: float | None = None,
+    ) -> str:
+        """Train for ``steps`` optimiser steps and/or ``time_budget`` seconds (whichever ends
+        first; with neither, until ``cancel`` returns True). Returns why it stopped:
+        ``"steps"``, ``"time"``, ``"cancelled"`` or ``"diverged"``.
+
+        The best weights are chosen every ``val_every`` steps or ``val_seconds`` seconds
+        (default: a tenth of the run) and at the end: by AP@0.5 on the validation pairs or the
+        held-out objects, else by the smoothed loss. ``progress`` gets each step's record:
+        ``step``, ``steps``, ``loss``, ``lr``, ``elapsed``, ``fraction`` and after a
+        validation ``val_ap50`` (``val_source``: ``"validation"`` or ``"held-out objects"``).
+        """
+        if steps is not None and steps < 0:
+            raise InputError(f"steps must be positive, got {steps}")
+        if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
+            raise InputError(f"the time budget must be a positive number of seconds, got {time_budget}")
+        self.prepare()
+        self._ensure_sampler()
+        if val_every is None and val_seconds is None:
+            if steps is not None:
+                val_every = max(25, steps // 10)
+            else:
+                val_seconds = (time_budget or 100.0) / 8
+        with torch.random.fork_rng(devices=[self.device.index or 0] if self.cuda else []):
+            if self._torch_state is not None:
+                torch.set_rng_state(self._torch_state)
+            try:
+                self.stopped = self._loop(steps, time_budget, progress, cancel, val_every, val_seconds)
+            finally:
+                if self._torch_state is not None:
+                    self._torch_state = torch.get_rng_state()
+        return self.stopped
+
+    def _loop(self, steps, time_budget, progress, cancel, val_every, val_seconds) -> str:
+        if not self._scored_initial and self.scored:
+            self._consider(self.score(), step=self.step_count)
+            self._scored_initial = True
+        start = time.perf_counter()
+        done = 0
+        last_val = start
+        stopped = "steps"
+        record = None
+        checked = False
+        while True:
+            elapsed = time.perf_counter() - start
+            if steps is not None and done >= steps:
+                break
+            if time_budget is not None and elapsed >= time_budget:
+                stopped = "time"
+                break
+            if cancel is not None and cancel():
+                stopped = "cancelled"
+                break
+            fraction = max(done / steps if steps else 0.0, elapsed / time_budget if time_budget else 0.0)
+            lr = _learning_rate(self.lr, fraction if self.schedule == "cosine" else 0.0, self.step_count)
+            record = self.step(lr)
+            if record.get("diverged"):
+                self._diverged(record)
+                return "diverged"
+            done += 1
+            now = time.perf_counter()
+            record.update(
+                steps=steps,
+                elapsed=now - start,
+                fraction=min(1.0, max(done / steps if steps else 0.0, (now - start) / time_budget if time_budget else 0.0)),
+            )
+            checked = bool((val_every and done % val_every == 0) or (val_seconds and now - last_val >= val_seconds))
+            if checked:
+                self._checkpoint(record)
+                last_val = time.perf_counter()
+            self.history.append(record)
+            if progress is not None:
+                progress(record)
+        self.seconds += time.perf_counter() - start
+        # The final weights count too.
+        if record is not None and not checked:
+            self._checkpoint(record)
+            if "val_ap50" in record and progress is not None:
+                progress(record)  # the same step again, now with its validation score
+        return stopped
+
+    @property
+    def scored(self) -> bool:
+        """Whether weights are chosen by AP@0.5 (validation pairs or held-out objects)."""
+        return self.validation is not None or any(p.holdout is not None for p in self.pairs.values())
+
+    def _checkpoint(self, record: dict) -> None:
+        if self.scored:
+            score = self.score()
+            record["val_ap50"] = score
+            record["val_source"] = "validation" if self.validation is not None else "held-out objects"
+        else:
+            score = -(self.ema if self.ema is not None else math.inf)
+        self._consider(score, self.step_count)
+
+    def _consider(self, score: float, step: int) -> None:
+        # Ties go to the later weights: they have seen the corrections longer.
+        if _finite(score) and score >= self.best["score"]:
+            self.best = {"score": score, "state": copy.deepcopy(self.model.state_dict()), "step": step}
+
+    def score(self) -> float:
+        """AP@0.5 of the current weights on the validation pairs, or on the held-out objects."""
+        from .inference import segment
+        from .metrics import average_precision
+
+        if self.validation is not None:
+            images, labels = self.validation
+            return float(np.mean([
+                average_precision(segment(self.model, im, device=self.device, channel_axis=self.channel_axis), lab)[0.5]
+                for im, lab in zip(images, labels)
+            ]))
+        scores, counts = [], []
+        for pair in self.pairs.values():
+            held = pair.holdout
+            if held is None:
+                continue
+            pred = segment(self.model, pair.source, device=self.device, channel_axis=self.channel_axis, window=held.window)
+            # Predicted objects that lie mostly in the held-out area are scored.
+            ids, inside = np.unique(pred[held.scored], return_counts=True)
+            sizes = np.bincount(pred.ravel())
+            keep = ids[(ids > 0) & (inside >= 0.5 * sizes[ids])]
+            pred = np.where(np.isin(pred, keep), pred, 0)
+            scores.append(average_precision(pred, held.truth)[0.5])
+            counts.append(held.n_objects)
+        return float(np.average(scores, weights=counts)) if scores else -math.inf
+
+    # -- results ---------------------------------------------------------------------------
+    def segment(self, image, *, window=None, **options):
+        """Labels of ``image`` (optionally a ``(rows, cols)`` window of it) with the current
+        weights, as :func:`~napari_unet_studio.segment` gives them. Call it from the training
+        thread (between :meth:`run` calls)."""
+        from .inference import segment
+
+        return segment(self.model, image, device=self.device, channel_axis=self.channel_axis, window=window, **options)
+
+    def best_model(self):
+        """A copy of the model with the best weights so far, ready to segment (eval mode)."""
+        model = copy.deepcopy(self.model)
+        if self.best["state"] is not None:
+            model.load_state_dict(self.best["state"])
+        self._restore(model)
+        return model
+
+    def _restore(self, model) -> None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if self._prune_level is not None:
+            model.prune_level = self._prune_level
+        model.eval()
+
+    def finish(self, **extra) -> object:
+        """The model with the best weights seen, in eval mode, with this run in its provenance
+        (``extra`` entries are added to the run's record)."""
+        model = self.model
+        if self.best["state"] is not None:
+            model.load_state_dict(self.best["state"])
+        self._restore(model)
+        runs = list(model.provenance.get("training", []))
+        run = {
+            "images": len(self.pairs),
+            "steps": self.step_count,
+            "best_step": self.best["step"],
+            "seconds": round(self.seconds, 1),
+            "stopped": self.stopped,
+            "batch_size": self.batch_size,
+            "tile_size": self.tile_size,
+            "lr": self.lr,
+            "fine_tune": self.fine_tune,
+            "seed": self.seed,
+        }
+        corrections = [p.corrections for p in self.pairs.values() if p.corrections is not None]
+        if corrections:
+            run["corrections"] = sum(c.count for c in corrections)
+        if self.validation is not None:
+            run["val_ap50"] = self.best["score"]
+        elif self.scored:
+            run["holdout_ap50"] = self.best["score"]
+            run["holdout_objects"] = self.holdout_objects
+        run.update(extra)
+        runs.append(run)
+        model.provenance["training"] = runs
+        return model
+
+
 def train(
     model,
     images: Sequence,
@@ -218,6 +773,7 @@ def train(
     steps: int | None = None,
     time_budget: float | None = None,
     regions: Sequence | None = None,
+    previous: Sequence | None = None,
     seed: int | None = None,
     progress: Callable[[dict], object] | None = None,
     cancel: Callable[[], bool] | None = None,
@@ -234,6 +790,7 @@ def train(
     val_images: Sequence | None = None,
     val_labels: Sequence | None = None,
     val_every: int | None = None,
+    holdout: bool = True,
     w0: float = 10.0,
     sigma: float = 5.0,
     deep_supervision: bool = True,
@@ -244,6 +801,8 @@ def train(
 ):
     """Train (or fine-tune) ``model`` on (image, labels) pairs; returns ``(model, history)``.
 
+    A fixed run of :class:`TrainingSession`.
+
     Parameters
     ----------
     model
@@ -253,10 +812,14 @@ def train(
         instance labels (0 = background; a label image with one non-zero value is a mask whose
         connected components are the objects).
     steps, time_budget
-        Stop after this many optimiser steps and/or seconds (whichever comes first);
-        with neither, 500 steps.
+        Stop after this many optimiser steps and/or seconds of training (whichever comes
+        first); with neither, 500 steps.
     regions
         Optional boolean masks (one per image, or ``None`` entries): train only inside them.
+    previous
+        Optional labels the model gave before the user painted ``labels`` (one per image, or
+        ``None`` entries). The pixels the user corrected are sampled far more often and weigh
+        more in the loss (:mod:`~napari_unet_studio.corrections`).
     seed
         Makes the run reproducible on the CPU.
     progress
@@ -291,6 +854,9 @@ def train(
     val_images, val_labels
         Optional validation pairs; AP@0.5 is measured every ``val_every`` steps and the best
         model by it is returned.
+    holdout
+        Without validation pairs, hold out a few painted objects and keep the weights that
+        segment them best (see :class:`TrainingSession`).
     w0, sigma
         Weight-map parameters.
     deep_supervision
@@ -307,159 +873,49 @@ def train(
     model, history
         The trained model with the best weights seen (``model`` itself, trained in place, or
         its widened copy, see ``widen_for_rgb``), in eval mode; and one record per step.
+        The run's record in ``model.provenance["training"]`` says why it stopped
+        (``"steps"``, ``"time"``, ``"cancelled"``, ``"diverged"``).
     """
     if len(images) != len(labels):
         raise InputError(f"{len(images)} images but {len(labels)} label images")
     if not len(images):
         raise InputError("no training images")
+    for name, seq in (("regions", regions), ("previous", previous)):
+        if seq is not None and len(seq) != len(images):
+            raise InputError(f"{len(images)} images but {len(seq)} {name}")
     if steps is None and time_budget is None:
         steps = 500
-    if regions is None:
-        regions = [None] * len(images)
-    if optimizer not in ("adam", "sgd"):
-        raise ValueError(f"optimizer must be 'adam' or 'sgd', not {optimizer!r}")
-    if schedule not in ("cosine", "constant"):
-        raise ValueError(f"schedule must be 'cosine' or 'constant', not {schedule!r}")
-    device = resolve_device(device)
-    if fine_tune is None:
-        fine_tune = bool(model.provenance.get("training"))
-    lr = lr if lr is not None else (3e-4 if fine_tune else 1e-3)
     widened = widen_for_rgb and will_widen(model, images, channel_axis)
     if widened:
         model = widen_input(model)
-    pairs = [
-        prepare_pair(model, im, lab, region=reg, ignore_value=ignore_value, w0=w0, sigma=sigma, channel_axis=channel_axis)
-        for im, lab, reg in zip(images, labels, regions)
-    ]
-    if not any((p.target > 0).any() for p in pairs):
-        raise InputError("the labels contain no objects")
-    validate = val_images is not None and len(val_images) > 0
-    if validate:
-        val_labels = [as_instances(v) for v in val_labels]
-    geometry = Geometry(model.depth)
-    size = geometry.valid_input(tile_size) if tile_size else geometry.input_for_output(DEFAULT_CROP_OUTPUT)
-    out_size = geometry.output_size(size)
-    rng = np.random.default_rng(seed)
-    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    sampler = CropSampler(pairs, size, rng)
-    if val_every is None:
-        val_every = max(25, (steps or 500) // 10)
-
-    prune_level = getattr(model, "prune_level", None)
-    if prune_level is not None:
-        model.prune_level = None
-    model.to(device)
-    if freeze_encoder:
-        for p in model.encoder.parameters():
-            p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.99, weight_decay=weight_decay)
-    else:
-        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    cuda = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
-    deep = deep_supervision and hasattr(model, "forward_deep")
-
-    history: list[dict] = []
-    best = {"score": -math.inf, "state": None, "step": 0}
-    ema = None
-    start = time.perf_counter()
-    step = 0
-    stopped = "steps"
-    # Seed a private copy of the RNG state, so the caller's random streams are left alone.
-    with torch.random.fork_rng(devices=[device.index or 0] if cuda else []):
-        if seed is not None:
-            torch.manual_seed(seed)
-        while True:
-            elapsed = time.perf_counter() - start
-            if steps is not None and step >= steps:
-                break
-            if time_budget is not None and elapsed >= time_budget:
-                stopped = "time"
-                break
-            if cancel is not None and cancel():
-                stopped = "cancelled"
-                break
-            fraction = max(step / steps if steps else 0.0, elapsed / time_budget if time_budget else 0.0)
-            for group in opt.param_groups:
-                group["lr"] = _learning_rate(lr, fraction if schedule == "cosine" else 0.0, step)
-            model.train()
-            if freeze_encoder:
-                model.encoder.eval()  # frozen means its BatchNorm statistics too
-            x, t, w = (torch.from_numpy(a).to(device) for a in sampler.sample(batch_size))
-            if augment:
-                x, t, w = augment_batch(x, t, w, generator=generator)
-            t, w = _center(t, out_size), _center(w, out_size)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
-                outputs = model.forward_deep(x) if deep else [model(x)]
-            loss = sum(weighted_cross_entropy(o, t, w) for o in outputs) / len(outputs)
-            if dice_weight:
-                loss = loss + dice_weight * sum(soft_dice_loss(o, t) for o in outputs) / len(outputs)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            step += 1
-            value = float(loss.detach())
-            ema = value if ema is None else 0.95 * ema + 0.05 * value
-            record = {
-                "step": step,
-                "steps": steps,
-                "loss": value,
-                "lr": opt.param_groups[0]["lr"],
-                "elapsed": time.perf_counter() - start,
-                "fraction": min(1.0, max(step / steps if steps else 0.0, (time.perf_counter() - start) / time_budget if time_budget else 0.0)),
-            }
-            if step % val_every == 0:
-                score = _validate(model, val_images, val_labels, device) if validate else -ema
-                if validate:
-                    record["val_ap50"] = score
-                if score > best["score"]:
-                    best = {"score": score, "state": copy.deepcopy(model.state_dict()), "step": step}
-            history.append(record)
-            if progress is not None:
-                progress(record)
-        # The final weights count too.
-        if step and step % val_every:
-            score = _validate(model, val_images, val_labels, device) if validate else -(ema if ema is not None else math.inf)
-            if validate:
-                history[-1]["val_ap50"] = score
-                if progress is not None:
-                    progress(history[-1])  # the same step again, now with its validation score
-            if score > best["score"]:
-                best = {"score": score, "state": copy.deepcopy(model.state_dict()), "step": step}
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
-    for p in model.parameters():
-        p.requires_grad_(True)
-    if prune_level is not None:
-        model.prune_level = prune_level
-    model.eval()
-    runs = list(model.provenance.get("training", []))
-    runs.append(
-        {
-            "images": len(pairs),
-            "steps": step,
-            "best_step": best["step"],
-            "seconds": round(time.perf_counter() - start, 1),
-            "stopped": stopped,
-            "batch_size": batch_size,
-            "tile_size": size,
-            "lr": lr,
-            "fine_tune": bool(fine_tune),
-            "seed": seed,
-            **({"input_widened": "1 -> 3 channels"} if widened else {}),
-            **({"val_ap50": best["score"]} if validate else {}),
-        }
+    session = TrainingSession(
+        model,
+        seed=seed,
+        batch_size=batch_size,
+        tile_size=tile_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        optimizer=optimizer,
+        schedule=schedule,
+        fine_tune=fine_tune,
+        freeze_encoder=freeze_encoder,
+        ignore_value=ignore_value,
+        w0=w0,
+        sigma=sigma,
+        deep_supervision=deep_supervision,
+        dice_weight=dice_weight,
+        augment=augment,
+        device=device,
+        channel_axis=channel_axis,
+        holdout=holdout,
+        val_images=val_images,
+        val_labels=val_labels,
     )
-    model.provenance["training"] = runs
-    return model, history
-
-
-def _validate(model, images, labels, device) -> float:
-    from .inference import segment
-    from .metrics import average_precision
-
-    scores = [average_precision(segment(model, im, device=device), lab)[0.5] for im, lab in zip(images, labels)]
-    return float(np.mean(scores))
+    regions = regions if regions is not None else [None] * len(images)
+    previous = previous if previous is not None else [None] * len(images)
+    for i, (im, lab, reg, prev) in enumerate(zip(images, labels, regions, previous)):
+        session.set_pair(i, im, lab, region=reg, previous=prev)
+    session.prepare()
+    session.run(steps=steps, time_budget=time_budget, progress=progress, cancel=cancel, val_every=val_every)
+    model = session.finish(**({"input_widened": "1 -> 3 channels"} if widened else {}))
+    return model, session.history

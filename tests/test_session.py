@@ -1,0 +1,220 @@
+"""The step-wise training session: corrections, hold-out, pairs that change while it runs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage as ndi
+from test_training import small_unet, synthetic_cells
+
+from napari_unet_studio import InputError, UNet, segment, train
+from napari_unet_studio import training as training_module
+from napari_unet_studio.metrics import iou_matrix
+from napari_unet_studio.training import IGNORE_INDEX, CropSampler, TrainingSession, prepare_pair
+
+
+def scene_with_one_dark_object(shape=(384, 384), n=30, seed=0):
+    """Bright discs on a mid-gray background, and one dark disc (the last label): a kind of
+    object a user adds by painting. Returns (image, labels, id of the dark disc)."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.int32)
+    image = np.full(shape, 100.0, np.float32)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    k = 0
+    for _ in range(2000):
+        if k == n:
+            break
+        cy, cx, r = rng.integers(12, shape[0] - 12), rng.integers(12, shape[1] - 12), rng.integers(6, 10)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        if (ndi.binary_dilation(labels > 0, iterations=3) & disc).any():
+            continue
+        k += 1
+        labels[disc] = k
+        image[disc] = 30 if k == n else rng.uniform(180, 220)
+    image = ndi.gaussian_filter(image, 1) + rng.normal(0, 6, shape)
+    return image.astype(np.float32), labels, k
+
+
+def test_corrected_pixels_weigh_more():
+    image, labels = synthetic_cells((96, 96), n=6)
+    previous = labels.copy()
+    previous[previous == 3] = 0  # the model missed object 3; the user painted it
+    model = small_unet()
+    plain = prepare_pair(model, image, labels)
+    corrected = prepare_pair(model, image, labels, previous=previous, correction_weight=2.0)
+    inside = labels == 3
+    np.testing.assert_allclose(corrected.weights[inside], 3 * plain.weights[inside], rtol=1e-6)
+    far = ~ndi.binary_dilation(inside, iterations=6)
+    np.testing.assert_array_equal(corrected.weights[far], plain.weights[far])
+    assert corrected.corrections.added == 1 and corrected.corrected.size >= inside.sum()
+
+
+def test_crops_favour_corrections():
+    image, labels = synthetic_cells((256, 256), n=12)
+    previous = labels.copy()
+    previous[previous == 5] = 0
+    model = small_unet()
+    pair = prepare_pair(model, image, labels, previous=previous)
+    share_of_pixels = pair.corrected.size / pair.annotated.size
+    corrected = set(pair.corrected.tolist())
+
+    def measured(share):
+        sampler = CropSampler([pair], 92, np.random.default_rng(0), correction_share=share)
+        hits = 0
+        for _ in range(4000):
+            _, cy, cx = sampler.centre()
+            hits += (cy * 256 + cx) in corrected
+        return hits / 4000
+
+    assert share_of_pixels < 0.02
+    assert abs(measured(0.5) - (0.5 + 0.5 * share_of_pixels)) < 0.03  # ~25x more often than uniform
+    assert abs(measured(0.0) - share_of_pixels) < 0.01
+
+
+def test_a_painted_object_is_learned_where_plain_fine_tuning_misses_it():
+    """A dark object among bright ones, added by the user: with the corrections known, 60 steps
+    learn it; the same 60 steps of plain training (same seed, same crops budget) do not."""
+    image, labels, dark = scene_with_one_dark_object()
+    previous = np.where(labels == dark, 0, labels)
+    truth = (labels == dark).astype(np.int32)
+    ious = {}
+    for name, prev in (("plain", None), ("corrections", [previous])):
+        torch.manual_seed(0)
+        model = UNet(depth=2, base_channels=8)
+        model, _ = train(model, [image], [labels], previous=prev, steps=60, seed=0, tile_size=92, holdout=False)
+        iou = iou_matrix(segment(model, image), truth)
+        ious[name] = float(iou.max()) if iou.size else 0.0
+    assert ious["corrections"] >= 0.5 > ious["plain"], ious
+
+
+def test_the_session_picks_up_new_strokes_without_restarting():
+    image, labels = synthetic_cells((128, 128), n=10)
+    sparse = np.where(np.isin(labels, [1, 2]), labels, 0)
+    session = TrainingSession(small_unet(), seed=0, tile_size=92, holdout=False)
+    session.set_pair("a", image, sparse)
+    assert session.run(steps=3) == "steps" and session.step_count == 3
+    optimizer, weights = session.opt, session.model.encoder[0][0].weight
+    session.set_pair("a", image, labels)  # the user painted the other cells
+    assert session.run(steps=2) == "steps"
+    assert session.step_count == 5 and session.opt is optimizer and session.model.encoder[0][0].weight is weights
+    assert (session.pairs["a"].target > 0).sum() > 2 * (sparse > 0).sum()
+    assert len(session.pairs) == 1
+    window = (slice(20, 70), slice(30, 110))
+    assert session.segment(image, window=window).shape == (50, 80)
+    session.remove_pair("a")
+    with pytest.raises(InputError, match="no training images"):
+        session.run(steps=1)
+
+
+def test_pairs_can_be_set_from_another_thread_while_it_runs():
+    import threading
+
+    image, labels = synthetic_cells((128, 128), n=10)
+    session = TrainingSession(small_unet(), seed=0, tile_size=92, holdout=False)
+    session.set_pair(0, image, labels)
+    seen = []
+
+    def progress(record):
+        if record["step"] == 2:
+            thread = threading.Thread(target=session.set_pair, args=(1, image[::-1].copy(), labels[::-1].copy()))
+            thread.start()
+            thread.join()
+        seen.append(len(session.pairs))
+
+    session.run(steps=5, progress=progress)
+    assert seen[:2] == [1, 1] and seen[-1] == 2
+
+
+def test_objects_are_held_out_and_scored_when_there_is_no_validation():
+    image, labels = synthetic_cells((192, 192), n=20, radius=(5, 8))
+    session = TrainingSession(small_unet(), seed=0, tile_size=92)
+    session.set_pair(0, image, labels)
+    session.prepare()
+    pair = session.pairs[0]
+    assert pair.holdout is not None and session.holdout_objects == 3  # 15 % of 20
+    held_ids = np.unique(pair.holdout.truth[pair.holdout.truth > 0])
+    inside = np.isin(labels, held_ids)
+    assert (pair.target[inside] == IGNORE_INDEX).all() and (pair.weights[inside] == 0).all()
+    records = []
+    session.run(steps=4, val_every=2, progress=records.append)
+    assert [r["step"] for r in records if "val_ap50" in r] == [2, 4]
+    assert all(r["val_source"] == "held-out objects" for r in records if "val_ap50" in r)
+    model = session.finish()
+    run = model.provenance["training"][-1]
+    assert run["holdout_objects"] == 3 and 0 <= run["holdout_ap50"] <= 1
+
+
+def test_too_few_objects_hold_nothing_out():
+    image, labels = synthetic_cells((128, 128), n=5)
+    session = TrainingSession(small_unet(), seed=0, tile_size=92)
+    session.set_pair(0, image, labels)
+    session.prepare()
+    assert session.pairs[0].holdout is None and not session.scored
+
+
+def test_the_hold_out_chooses_the_best_weights_including_the_starting_ones(monkeypatch):
+    image, labels = synthetic_cells((192, 192), n=20, radius=(5, 8))
+    model = small_unet()
+    session = TrainingSession(model, seed=0, tile_size=92)
+    session.set_pair(0, image, labels)
+    states = []
+    scores = iter([0.5, 0.2, 0.8, 0.8, 0.1])  # before training, then after steps 2, 4, 6, 8
+
+    def fake_score():
+        states.append({k: v.clone() for k, v in session.model.state_dict().items()})
+        return next(scores)
+
+    monkeypatch.setattr(session, "score", fake_score)
+    session.run(steps=8, val_every=2)
+    model = session.finish()
+    assert session.best["step"] == 6  # ties go to the later weights
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, states[3][k])
+
+    # A run that only makes things worse keeps the weights it started from.
+    model = small_unet()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    session = TrainingSession(model, seed=0, tile_size=92)
+    session.set_pair(0, image, labels)
+    scores2 = iter([0.9, 0.3, 0.2])
+    monkeypatch.setattr(session, "score", lambda: next(scores2))
+    session.run(steps=4, val_every=2)
+    for k, v in session.finish().state_dict().items():
+        torch.testing.assert_close(v, start[k])
+
+
+def test_a_diverging_run_stops_and_keeps_finite_weights(monkeypatch):
+    image, labels = synthetic_cells((128, 128), n=6)
+    real = training_module.weighted_cross_entropy
+    calls = []
+
+    def loss(*args):
+        calls.append(1)
+        value = real(*args)
+        return value * math.nan if len(calls) > 3 else value
+
+    monkeypatch.setattr(training_module, "weighted_cross_entropy", loss)
+    model, history = train(small_unet(), [image], [labels], steps=10, seed=0, tile_size=92, val_every=2, holdout=False)
+    run = model.provenance["training"][-1]
+    assert run["stopped"] == "diverged" and run["steps"] == 3 and run["best_step"] == 2
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+
+
+def test_session_argument_errors():
+    with pytest.raises(InputError, match="learning rate"):
+        TrainingSession(small_unet(), lr=-1)
+    with pytest.raises(InputError, match="learning rate"):
+        TrainingSession(small_unet(), lr=math.nan)
+    with pytest.raises(InputError, match="batch size"):
+        TrainingSession(small_unet(), batch_size=0)
+    session = TrainingSession(small_unet())
+    image, labels = synthetic_cells((96, 96), n=4)
+    session.set_pair(0, image, labels)
+    for budget in (math.nan, math.inf, -1, 0):
+        with pytest.raises(InputError, match="time budget"):
+            session.run(time_budget=budget)
+    with pytest.raises(InputError, match="previous"):
+        train(small_unet(), [image], [labels], previous=[labels, labels], steps=1)
+    with pytest.raises(InputError, match="previous labels"):
+        train(small_unet(), [image], [labels], previous=[labels[:10]], steps=1)
