@@ -156,10 +156,10 @@ def test_threshold_options_reach_segment(tmp_path, images, model_file, capsys, m
     assert code == 0, err
     assert "threshold" not in seen[-1] and "seed_threshold" not in seen[-1]  # the model's own settings
     code, _, err = run(["predict", images / "a.png", "-o", tmp_path / "o", "-m", model_file, "-q",
-                        "--threshold", "0.3", "--seed-threshold", "0.8"], capsys)
+                        "--threshold", "0.3", "--seed-threshold", "0.8", "--overwrite"], capsys)
     assert code == 0, err
     assert seen[-1]["threshold"] == 0.3 and seen[-1]["seed_threshold"] == 0.8
-    code, _, err = run(["predict", images / "a.png", "-o", tmp_path / "o", "-m", model_file, "-q", "--seed-threshold", "none"], capsys)
+    code, _, err = run(["predict", images / "a.png", "-o", tmp_path / "o", "-m", model_file, "-q", "--seed-threshold", "none", "--overwrite"], capsys)
     assert code == 0, err
     assert seen[-1]["seed_threshold"] is None
 

@@ -11,7 +11,7 @@ import pytest
 import napari_unet_studio
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ["models", "tiling", "inference", "postprocess", "checkpoint", "normalize", "devices", "io", "cli", "errors", "_sample_data", "weightmap", "augment", "training", "metrics"]
+CORE = ["models", "tiling", "inference", "postprocess", "checkpoint", "normalize", "devices", "io", "cli", "errors", "_sample_data", "weightmap", "augment", "training", "metrics", "corrections"]
 GUI_MODULES = ("qtpy", "superqt", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari", "magicgui", "vispy")
 
 

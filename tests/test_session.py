@@ -142,7 +142,7 @@ def test_objects_are_held_out_and_scored_when_there_is_no_validation():
     assert all(r["val_source"] == "held-out objects" for r in records if "val_ap50" in r)
     model = session.finish()
     run = model.provenance["training"][-1]
-    assert run["holdout_objects"] == 3 and 0 <= run["holdout_ap50"] <= 1
+    assert run["holdout_objects"] == 3 and 0 <= run["choice_ap50"] <= 1 and run["chosen_by"] == "held-out objects"
 
 
 def test_too_few_objects_hold_nothing_out():
@@ -159,7 +159,7 @@ def test_the_hold_out_chooses_the_best_weights_including_the_starting_ones(monke
     session = TrainingSession(model, seed=0, tile_size=92)
     session.set_pair(0, image, labels)
     states = []
-    scores = iter([0.5, 0.2, 0.8, 0.8, 0.1])  # before training, then after steps 2, 4, 6, 8
+    scores = iter([0.2, 0.8, 0.8, 0.1])  # after steps 2, 4, 6, 8 (3 held-out objects: the start is not scored)
 
     def fake_score():
         states.append({k: v.clone() for k, v in session.model.state_dict().items()})
@@ -170,13 +170,17 @@ def test_the_hold_out_chooses_the_best_weights_including_the_starting_ones(monke
     model = session.finish()
     assert session.best["step"] == 6  # ties go to the later weights
     for k, v in model.state_dict().items():
-        torch.testing.assert_close(v, states[3][k])
+        torch.testing.assert_close(v, states[2][k])
 
-    # A run that only makes things worse keeps the weights it started from.
+    # A run that only makes things worse keeps the weights it started from, once enough
+    # objects are held out to trust the comparison.
+    image, labels = synthetic_cells((320, 320), n=70, radius=(5, 8))
     model = small_unet()
     start = {k: v.clone() for k, v in model.state_dict().items()}
     session = TrainingSession(model, seed=0, tile_size=92)
     session.set_pair(0, image, labels)
+    session.prepare()
+    assert session.holdout_objects >= training_module.HOLDOUT_TRUSTED
     scores2 = iter([0.9, 0.3, 0.2])
     monkeypatch.setattr(session, "score", lambda: next(scores2))
     session.run(steps=4, val_every=2)
@@ -218,3 +222,18 @@ def test_session_argument_errors():
         train(small_unet(), [image], [labels], previous=[labels, labels], steps=1)
     with pytest.raises(InputError, match="previous labels"):
         train(small_unet(), [image], [labels], previous=[labels[:10]], steps=1)
+
+
+def test_corrections_are_checked_when_choosing_the_weights():
+    image, labels = synthetic_cells((192, 192), n=20, radius=(5, 8))
+    previous = np.where(labels == 4, 0, labels)  # the model missed object 4; the user painted it
+    session = TrainingSession(small_unet(), seed=0, tile_size=92)
+    session.set_pair(0, image, labels, previous=previous)
+    session.prepare()
+    pair = session.pairs[0]
+    assert len(pair.checks) == 1 and 4 in pair.checks[0].truth
+    assert 4 not in pair.holdout.truth  # a corrected object is never held out
+    assert session.chosen_by == "held-out objects and corrections"
+    records = []
+    session.run(steps=2, val_every=2, progress=records.append)
+    assert records[-1]["val_source"] == "held-out objects and corrections" and 0 <= records[-1]["val_ap50"] <= 1

@@ -23,6 +23,8 @@ _API = {
     "weight_map": "weightmap",
     "elastic_deform": "augment",
     "train": "training",
+    "TrainingSession": "training",
+    "find_corrections": "corrections",
     "Normalization": "normalize",
     "UnetStudioError": "errors",
     "InputError": "errors",
@@ -52,5 +54,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models import Geometry, UNet, UNetPlusPlus
     from .inference import predict, segment
     from .normalize import Normalization
-    from .training import train
+    from .corrections import find_corrections
+    from .training import TrainingSession, train
     from .weightmap import weight_map

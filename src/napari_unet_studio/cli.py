@@ -8,6 +8,7 @@ so they are either complete or absent.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -44,9 +45,36 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**63), got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (``unet-studio: error: ...``), exit 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"unet-studio: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``unet-studio`` and its subcommands."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="unet-studio", description="U-Net / U-Net++ segmentation of microscopy images, headless."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -69,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed-threshold", type=_probability_or_none, default=argparse.SUPPRESS, metavar="P|none",
         help="objects grow from regions above this probability; 'none': connected components (default: the model's)",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace label images that already exist in the output folder")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(run=run_predict)
 
@@ -77,27 +106,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="train or fine-tune a model on images and labels",
         description="Train (or fine-tune) a model on PNG/TIFF images and instance labels paired by base name. "
         "A label image with a single non-zero value is a mask whose connected components are the objects. "
-        "Ctrl-C stops early and still writes the best model so far.",
+        "Ctrl-C (or SIGTERM, SIGHUP) stops early and still writes the best model so far. "
+        "With --previous (the labels a model gave before they were corrected), the corrected pixels are "
+        "learned first. Without validation data a few labelled objects are held out to choose the best weights.",
     )
     t.add_argument("--images", required=True, metavar="DIR", help="folder of training images")
     t.add_argument("--labels", required=True, metavar="DIR", help="folder of label images with the same base names")
-    t.add_argument("--out", required=True, metavar="FILE", help="where to write the model (.safetensors)")
+    t.add_argument("--previous", default=None, metavar="DIR",
+                   help="labels the model gave before they were corrected, paired by base name (corrections are emphasised)")
+    t.add_argument("--out", required=True, metavar="FILE", help="where to write the model (.safetensors); checked before training")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     t.add_argument("--init", default="none", metavar="default|PATH|none", help="start from the default model, a model file, or random weights (default: none)")
     t.add_argument("--arch", default="unet", choices=("unet", "unetpp"), help="architecture for --init none (default: unet)")
     t.add_argument("--encoding", default="foreground", choices=("foreground", "boundary"), help="output classes for --init none: the paper's foreground/background (default) or background/interior/boundary")
     t.add_argument("--channels", type=_positive_int, default=1, metavar="C", help="input channels for --init none (default: 1)")
     t.add_argument("--base-channels", type=_positive_int, default=16, metavar="N", help="width for --init none (default: 16)")
     t.add_argument("--depth", type=_positive_int, default=4, metavar="N", help="poolings for --init none (default: 4)")
-    t.add_argument("--steps", type=_positive_int, default=None, metavar="N", help="optimiser steps")
-    t.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="wall-clock limit")
+    t.add_argument("--steps", type=_positive_int, default=None, metavar="N", help="optimiser steps (default: 500 unless --time-budget)")
+    t.add_argument("--time-budget", type=_positive_float, default=None, metavar="SECONDS", help="training time limit")
     t.add_argument("--batch-size", type=_positive_int, default=2, metavar="N", help="crops per step (default: 2)")
     t.add_argument("--tile-size", type=_positive_int, default=None, metavar="N", help="input crop edge (default: 444, output 260 px)")
-    t.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-3, 3e-4 when fine-tuning)")
+    t.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default: 1e-3, 3e-4 when fine-tuning)")
     t.add_argument("--val-images", default=None, metavar="DIR", help="validation images (AP@0.5 picks the best model)")
     t.add_argument("--val-labels", default=None, metavar="DIR", help="validation labels")
     t.add_argument("--val-every", type=_positive_int, default=None, metavar="N", help="steps between validations")
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="compute device (default: auto)")
-    t.add_argument("--seed", type=int, default=None, help="random seed (reproducible on the CPU)")
+    t.add_argument("--seed", type=_seed, default=None, help="random seed (reproducible on the CPU)")
     t.add_argument("--note", default=None, metavar="TEXT", help="free text stored in the model's provenance (e.g. the data set)")
     t.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     t.set_defaults(run=run_train)
@@ -139,14 +173,8 @@ def run_predict(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     images = collect_images(args.inputs)
-    stems: dict[str, Path] = {}
-    for path in images:
-        if path.stem in stems:
-            raise InputError(f"two inputs share the base name {path.stem!r}: {stems[path.stem]} and {path}")
-        stems[path.stem] = path
-    out_dir = Path(args.output)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--output must be a folder, but {out_dir} is a file")
+    _by_stem(images)  # one label image per base name
+    out_dir = _output_folder(args.output, images, args.overwrite)
     device = resolve_device(args.device)
     model = load_model(args.model)
     options = {} if args.threshold is None else {"threshold": args.threshold}
@@ -173,6 +201,27 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _output_folder(output: str, inputs: list[Path], overwrite: bool) -> Path:
+    """The checked output folder of ``predict``: never one that holds an input, and no existing
+    label image is replaced without ``overwrite``. Raises InputError before any work."""
+    if not output.strip():
+        raise InputError("--output is empty: name a folder for the label images")
+    out_dir = Path(output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--output must be a folder, but {out_dir} is a file")
+    resolved = out_dir.resolve()
+    for path in inputs:
+        if path.resolve().parent == resolved:
+            raise InputError(
+                f"--output {out_dir} holds the input {path.name}: its label image would replace it; choose another folder"
+            )
+    existing = [p.name for p in inputs if (out_dir / p.name).exists()]
+    if existing and not overwrite:
+        shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise InputError(f"{out_dir} already holds {shown}; pass --overwrite to replace them")
+    return out_dir
+
+
 def _paired(images_dir: str, labels_dir: str, what: str) -> list[tuple[Path, Path]]:
     """(image, labels) files paired by base name; every unpaired file is named."""
     from .io import collect_images
@@ -180,13 +229,22 @@ def _paired(images_dir: str, labels_dir: str, what: str) -> list[tuple[Path, Pat
     for d in (images_dir, labels_dir):
         if not Path(d).is_dir():
             raise InputError(f"{what}: {d} is not a folder")
-    images = {p.stem: p for p in collect_images([images_dir])}
-    labels = {p.stem: p for p in collect_images([labels_dir])}
+    images, labels = _by_stem(collect_images([images_dir])), _by_stem(collect_images([labels_dir]))
     unpaired = sorted(set(images) ^ set(labels))
     if unpaired:
         shown = ", ".join(unpaired[:5]) + (f" and {len(unpaired) - 5} more" if len(unpaired) > 5 else "")
         raise InputError(f"{what}: no partner for {shown} (images and labels are paired by base name)")
     return [(images[k], labels[k]) for k in sorted(images)]
+
+
+def _by_stem(paths: list[Path]) -> dict[str, Path]:
+    """Files by base name; two files with one base name (``a.png`` and ``a.tif``) are refused."""
+    found: dict[str, Path] = {}
+    for path in paths:
+        if path.stem in found:
+            raise InputError(f"{found[path.stem]} and {path} share the base name {path.stem!r}: keep one of them")
+        found[path.stem] = path
+    return found
 
 
 def _read_pairs(pairs, what: str):
@@ -210,24 +268,83 @@ def _read_pairs(pairs, what: str):
     return images, labels
 
 
+def check_model_path(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that cannot be written, before any training: wrong suffix, a folder,
+    a missing parent, an existing file (without ``overwrite``), or a read-only location."""
+    import os
+    import tempfile
+
+    if out.suffix != ".safetensors":
+        raise InputError(f"--out must end in .safetensors: {out}")
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; name the model file, e.g. {out / 'model.safetensors'}")
+    parent = out.parent
+    if not parent.exists():
+        raise InputError(f"--out: the folder {parent} does not exist")
+    if not parent.is_dir():
+        raise InputError(f"--out: {parent} is a file, not a folder")
+    if out.exists() and not overwrite:
+        raise InputError(f"--out {out} already exists; pass --overwrite to replace it")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".unet-studio-probe.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"--out: cannot write in {parent} ({exc.strerror or exc})") from None
+
+
+def check_free_space(out: Path, model) -> None:
+    """Refuse to start training when the model file would not fit on the disk of ``out``."""
+    import shutil
+
+    need = sum(t.numel() * t.element_size() for t in model.state_dict().values()) + (1 << 20)
+    free = shutil.disk_usage(out.parent).free
+    if free < 2 * need:
+        raise InputError(f"--out: only {free / 2**20:.1f} MiB free in {out.parent}; the model needs {need / 2**20:.1f} MiB")
+
+
+def save_with_fallback(model, out: Path) -> tuple[Path, str | None]:
+    """Save ``model`` to ``out``; if that fails, to a fallback file (beside ``out``, else in the
+    temporary folder). Returns the path written and the reason ``out`` failed (or None)."""
+    import os
+    import tempfile
+
+    from .checkpoint import save_model
+
+    try:
+        return save_model(model, out), None
+    except OSError as exc:
+        reason = f"{exc.strerror or exc}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for folder in (out.parent, Path(tempfile.gettempdir())):
+        fallback = folder / f"{out.stem}.unsaved-{stamp}-{os.getpid()}.safetensors"
+        try:
+            return save_model(model, fallback), reason
+        except OSError:
+            continue
+    raise InputError(f"could not write the model to {out} ({reason}) nor to a fallback file: nothing was saved")
+
+
 def run_train(args: argparse.Namespace) -> int:
-    """``unet-studio train``: train or fine-tune, write the best model even when interrupted."""
+    """``unet-studio train``: train or fine-tune, write the best model even when interrupted
+    (Ctrl-C, SIGTERM, SIGHUP); nothing is written when no step was made."""
     import signal
 
-    from .checkpoint import load_model, save_model
+    from .checkpoint import load_model
     from .devices import resolve_device
     from .models import ENCODINGS, build_model
     from .training import train
 
     out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise InputError(f"--out must end in .safetensors: {out}")
+    check_model_path(out, args.overwrite)
     if (args.val_images is None) != (args.val_labels is None):
         raise InputError("--val-images and --val-labels go together")
-    if args.time_budget is not None and args.time_budget <= 0:
-        raise InputError("--time-budget must be positive")
     device = resolve_device(args.device)
-    images, labels = _read_pairs(_paired(args.images, args.labels, "training data"), "training data")
+    pairs = _paired(args.images, args.labels, "training data")
+    images, labels = _read_pairs(pairs, "training data")
+    previous = None
+    if args.previous is not None:
+        previous = _read_previous(pairs, args.previous, labels)
     val_images = val_labels = None
     if args.val_images:
         val_images, val_labels = _read_pairs(_paired(args.val_images, args.val_labels, "validation data"), "validation data")
@@ -244,19 +361,27 @@ def run_train(args: argparse.Namespace) -> int:
         )
     else:
         model = load_model(args.init)
-    interrupted = []
-    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    check_free_space(out, model)
+    steps = args.steps if args.steps or args.time_budget else 500
+    # main() records stop signals here; called directly, this function installs its own.
+    interrupted: list[int] = getattr(args, "stop_requests", None)
+    previous_handlers = {}
+    if interrupted is None:
+        interrupted = []
+        for name in STOP_SIGNALS:
+            if hasattr(signal, name):
+                sig = getattr(signal, name)
+                previous_handlers[sig] = signal.signal(sig, lambda signum, _frame: interrupted.append(signum))
     from tqdm import tqdm
 
-    total = args.steps if args.steps else None
-    if total:
-        bar = tqdm(total=total, unit="step", disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
+    if steps:
+        bar = tqdm(total=steps, unit="step", disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
     else:  # a time budget: the bar counts seconds
         bar = tqdm(total=round(args.time_budget), disable=args.quiet, file=sys.stderr, dynamic_ncols=True,
                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}{postfix}]")
 
     def progress(record: dict) -> None:
-        bar.n = record["step"] if total else min(int(record["elapsed"]), bar.total or 0)
+        bar.n = record["step"] if steps else min(int(record["elapsed"]), bar.total or 0)
         postfix = {"step": record["step"], "loss": f"{record['loss']:.4f}"}
         if "val_ap50" in record:
             postfix["val AP50"] = f"{record['val_ap50']:.3f}"
@@ -269,7 +394,8 @@ def run_train(args: argparse.Namespace) -> int:
             model,
             images,
             labels,
-            steps=args.steps,
+            previous=previous,
+            steps=steps,
             time_budget=args.time_budget,
             seed=args.seed,
             progress=progress,
@@ -284,19 +410,61 @@ def run_train(args: argparse.Namespace) -> int:
         )
     finally:
         bar.close()
-        signal.signal(signal.SIGINT, previous)
-    if args.note:
-        model.provenance["training"][-1]["note"] = args.note
-    save_model(model, out)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
     run = model.provenance["training"][-1]
-    val = f", best val AP@0.5 {run['val_ap50']:.3f} at step {run['best_step']}" if "val_ap50" in run else ""
+    how = run["stopped"]
+    if run["steps"] == 0 or (run["stopped"] == "diverged" and run["best_step"] == 0):
+        why = "the loss was not finite from the start (try a lower --lr)" if run["stopped"] == "diverged" else how
+        print(f"unet-studio: no training step was made ({why}); nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED if interrupted else EXIT_USAGE
+    if args.note:
+        run["note"] = args.note
+    written, failure = save_with_fallback(model, out)
+    if failure:
+        print(f"unet-studio: error: could not write {out} ({failure}); the model was saved to {written}", file=sys.stderr)
+    if run["stopped"] == "diverged":
+        print(f"unet-studio: warning: the loss stopped being finite at step {run['steps'] + 1} (try a lower --lr); "
+              f"kept the weights of step {run['best_step']}", file=sys.stderr)
+    val = ""
+    if "val_ap50" in run:
+        val = f", best val AP@0.5 {run['val_ap50']:.3f} at step {run['best_step']}"
+    elif "choice_ap50" in run:
+        val = f", best AP@0.5 on the {run['chosen_by']} {run['choice_ap50']:.3f} at step {run['best_step']}"
+    if "corrections" in run:
+        val += f"; {run['corrections']} corrections emphasised"
     if "input_widened" in run:
         val += "; first convolution widened to RGB"
     print(
         f"trained {run['steps']} steps on {len(images)} images in {time.perf_counter() - start:.0f} s "
-        f"({run['stopped']}{val}) -> {out}"
+        f"({how}{val}) -> {written}"
     )
-    return EXIT_INTERRUPTED if interrupted else 0
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_USAGE if failure else 0
+
+
+def _read_previous(pairs, folder: str, labels) -> list:
+    """The labels a model gave (``--previous``), one per training image, paired by base name."""
+    import numpy as np
+
+    from .io import collect_images, read_image
+
+    if not Path(folder).is_dir():
+        raise InputError(f"--previous: {folder} is not a folder")
+    found = _by_stem(collect_images([folder]))
+    previous = []
+    for (image_path, _), lab in zip(pairs, labels):
+        path = found.get(image_path.stem)
+        if path is None:
+            raise InputError(f"--previous: no labels named {image_path.stem} in {folder}")
+        prev = read_image(path)
+        if prev.ndim != 2 or not (np.issubdtype(prev.dtype, np.integer) or prev.dtype == bool):
+            raise InputError(f"{path}: a label image must be 2-D integers, got {prev.dtype} of shape {prev.shape}")
+        if prev.shape != lab.shape:
+            raise InputError(f"--previous: {path} is {prev.shape} but the labels are {lab.shape}")
+        previous.append(prev)
+    return previous
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -321,10 +489,37 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Signals that stop training early and still save (Ctrl-C, a job scheduler, a closed terminal).
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``unet-studio``; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.run is run_train:
+        # From here on a stop signal is recorded, not raised: it cannot break an import, and
+        # training polls it (no step made yet: nothing is written).
+        import signal
+
+        args.stop_requests = []
+        previous = {}
+        for name in STOP_SIGNALS:
+            if hasattr(signal, name):
+                sig = getattr(signal, name)
+                previous[sig] = signal.signal(sig, lambda signum, _frame: args.stop_requests.append(signum))
+        try:
+            return _run(args)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
+        if getattr(args, "stop_requests", None):
+            print("unet-studio: interrupted before training started; nothing was written", file=sys.stderr)
+            return EXIT_INTERRUPTED
         return args.run(args)
     except UnetStudioError as exc:
         print(f"unet-studio: error: {exc}", file=sys.stderr)

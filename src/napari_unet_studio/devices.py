@@ -66,3 +66,85 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     msg = str(exc)
     return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def _cpu_times() -> tuple[float, float] | None:
+    """(busy, total) CPU time of the whole machine so far, in clock ticks (Linux; else None)."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [float(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+def _own_cpu_ticks() -> float | None:
+    """CPU time of this process (all threads) so far, in clock ticks (Linux; else None)."""
+    try:
+        with open("/proc/self/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return float(fields[11]) + float(fields[12])  # utime + stime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class ThreadFitter:
+    """Fits torch's CPU threads to the cores other programs leave free.
+
+    On a 2-core machine torch's default of one thread per core collapses when anything else
+    runs: its threads wait for each other whenever one of them is descheduled (measured in
+    ``benchmarks/busy.py``: fine-tuning at 0.28 of its quiet speed with one competing thread,
+    0.46 with one torch thread; quiet, one thread is only 0.54). So every ``interval`` seconds
+    :meth:`update` measures how many cores other processes kept busy (the machine's CPU time
+    minus this process's) and sets ``cores - round(busy)`` threads (at least 1). Where the
+    operating system does not say (not Linux), it does nothing. Call it from the thread that
+    computes: OpenMP thread counts are per calling thread.
+    """
+
+    #: (time, threads) of the latest fit in this process: a new fitter (the next predict call)
+    #: starts from it when it is recent, instead of from torch's default.
+    _recent: tuple[float, int] | None = None
+
+    def __init__(self, interval: float = 1.0, cores: int | None = None) -> None:
+        import time
+
+        self.interval = interval
+        self.cores = cores or os.cpu_count() or 1
+        self.max_threads = torch.get_num_threads()
+        self._clock = time.perf_counter
+        self._last = (self._clock(), _cpu_times(), _own_cpu_ticks())
+        self.threads = self.max_threads
+        self.other_busy = 0.0
+        recent = ThreadFitter._recent
+        if recent is not None and self._clock() - recent[0] < 10 * interval and recent[1] < self.max_threads:
+            self.threads = recent[1]
+            torch.set_num_threads(self.threads)
+
+    def update(self) -> int:
+        """Re-fit the thread count when ``interval`` has passed; returns the current count."""
+        now = self._clock()
+        if now - self._last[0] < self.interval:
+            return self.threads
+        machine, own = _cpu_times(), _own_cpu_ticks()
+        _, machine0, own0 = self._last
+        self._last = (now, machine, own)
+        if machine is None or machine0 is None or own is None or own0 is None:
+            return self.threads
+        total = machine[1] - machine0[1]
+        if total <= 0:
+            return self.threads
+        other = max(0.0, (machine[0] - machine0[0]) - (own - own0)) / total * self.cores
+        self.other_busy = other
+        threads = max(1, min(self.max_threads, self.cores - int(other + 0.5)))
+        ThreadFitter._recent = (now, threads)
+        if threads != self.threads:
+            torch.set_num_threads(threads)
+            self.threads = threads
+        return threads
+
+    def restore(self) -> None:
+        """Give the calling thread back its thread count from before."""
+        if self.threads != self.max_threads:
+            torch.set_num_threads(self.max_threads)
+            self.threads = self.max_threads

@@ -16,7 +16,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from .devices import available_memory, is_out_of_memory, resolve_device
+from .devices import ThreadFitter, available_memory, is_out_of_memory, resolve_device
 from .errors import Cancelled, InputError, UnetStudioError
 from .normalize import adapt_channels, subsample_step
 from .tiling import TilePlan, plan_tiles
@@ -90,8 +90,11 @@ class ImageLayout:
             # Position of the channel axis among the axes that survive indexing.
             pos = self.channel_axis - (1 if self.is_stack and self.spatial_axes[0] < self.channel_axis else 0)
             block = np.moveaxis(block, pos, -1)
-        if self.float_input and not np.isfinite(block).all():
-            raise InputError("the image contains NaN or infinite pixel values")
+        if self.float_input:
+            if not np.isfinite(block).all():
+                raise InputError("the image contains NaN or infinite pixel values")
+            if block.dtype.itemsize > 4 and block.size and np.abs(block).max() > np.finfo(np.float32).max:
+                raise InputError("the image holds values beyond the float32 range (|x| > 3.4e38); rescale it first")
         return block
 
 
@@ -193,27 +196,38 @@ class _Run:
         return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
     def run(self, out: np.ndarray, progress: Progress | None, cancel: Cancel | None) -> None:
-        h, w = self.extent
         batches = [self.tasks[i : i + self.batch_size] for i in range(0, len(self.tasks), self.batch_size)]
-        total, done = len(self.tasks), 0
         if progress is not None:
-            progress(0, total)
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(self.prepare, batches[0])
-            for i, tasks in enumerate(batches):
-                if cancel is not None and cancel():
-                    pending.cancel()
-                    raise Cancelled("prediction cancelled")
-                batch = pending.result()
-                if i + 1 < len(batches):
-                    pending = pool.submit(self.prepare, batches[i + 1])
-                probs = self.forward(batch)
-                for b, (s, oy, ox) in enumerate(tasks):
-                    th, tw = min(self.plan.y.tile_output, h - oy), min(self.plan.x.tile_output, w - ox)
-                    out[:, s, oy : oy + th, ox : ox + tw] = probs[b, :, :th, :tw]
-                done += len(tasks)
-                if progress is not None:
-                    progress(done, total)
+            progress(0, len(self.tasks))
+        # On the CPU, torch's threads follow the cores other programs leave free.
+        fitter = ThreadFitter() if self.device.type == "cpu" else None
+        try:
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                self._run_batches(batches, pool, fitter, out, progress, cancel)
+        finally:
+            if fitter is not None:
+                fitter.restore()
+
+    def _run_batches(self, batches, pool, fitter, out, progress, cancel) -> None:
+        h, w = self.extent
+        total, done = len(self.tasks), 0
+        pending = pool.submit(self.prepare, batches[0])
+        for i, tasks in enumerate(batches):
+            if fitter is not None:
+                fitter.update()
+            if cancel is not None and cancel():
+                pending.cancel()
+                raise Cancelled("prediction cancelled")
+            batch = pending.result()
+            if i + 1 < len(batches):
+                pending = pool.submit(self.prepare, batches[i + 1])
+            probs = self.forward(batch)
+            for b, (s, oy, ox) in enumerate(tasks):
+                th, tw = min(self.plan.y.tile_output, h - oy), min(self.plan.x.tile_output, w - ox)
+                out[:, s, oy : oy + th, ox : ox + tw] = probs[b, :, :th, :tw]
+            done += len(tasks)
+            if progress is not None:
+                progress(done, total)
 
 
 def predict(

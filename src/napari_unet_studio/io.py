@@ -43,10 +43,54 @@ def collect_images(inputs) -> list[Path]:
     return found
 
 
+def declared_size(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype an image file declares, read from its header only."""
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            series, page = tif.series[0], tif.pages.first
+            # A page that claims more pixels than the series metadata is believed: it is what
+            # the reader would try to allocate.
+            if int(np.prod(page.shape, dtype=np.float64)) > int(np.prod(series.shape, dtype=np.float64)):
+                return tuple(int(n) for n in page.shape), np.dtype(page.dtype)
+            return tuple(int(n) for n in series.shape), np.dtype(series.dtype)
+    import imageio.v3 as iio
+
+    props = iio.improps(path)
+    return tuple(int(n) for n in props.shape), np.dtype(props.dtype)
+
+
+#: Bytes per pixel that segmenting a whole image takes besides the pixels themselves
+#: (float32 probabilities of two classes and int32 labels, with room for a copy).
+PROCESSING_BYTES_PER_PIXEL = 16
+
+
+def check_image_size(path: Path) -> None:
+    """Refuse, before reading, an image whose declared size could not be read and segmented
+    whole in the free memory."""
+    import torch
+
+    from .devices import available_memory
+
+    shape, dtype = declared_size(path)
+    pixels = float(np.prod(shape, dtype=np.float64))
+    need = pixels * (dtype.itemsize + PROCESSING_BYTES_PER_PIXEL)
+    free = available_memory(torch.device("cpu"))
+    if need > free:
+        raise InputError(
+            f"{path} declares {' x '.join(map(str, shape))} pixels of {dtype}: reading and segmenting it whole "
+            f"needs about {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free; open it as a zarr or "
+            "dask array and call napari_unet_studio.segment on that, which reads it tile by tile"
+        )
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read a PNG or TIFF image into a numpy array."""
+    """Read a PNG or TIFF image into a numpy array; a file whose declared size does not fit
+    in free memory is refused before reading (:class:`~.errors.InputError`)."""
     path = Path(path)
     try:
+        check_image_size(path)
         if path.suffix.lower() in TIFF_SUFFIXES:
             import tifffile
 
@@ -54,6 +98,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         import imageio.v3 as iio
 
         return np.asarray(iio.imread(path))
+    except InputError:
+        raise
     except FileNotFoundError as exc:
         raise InputError(f"no such file: {path}") from exc
     except Exception as exc:

@@ -7,6 +7,8 @@ pairs with IoU >= t), and ``AP = TP / (TP + FP + FN)``.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy import ndimage as ndi
 from scipy.optimize import linear_sum_assignment
@@ -88,26 +90,60 @@ def rand_error(pred: np.ndarray, true: np.ndarray) -> float:
     return float(adapted_rand_error(np.asarray(true), np.asarray(pred))[0])
 
 
+def check_labels(labels, what: str = "labels") -> np.ndarray:
+    """``labels`` as an array if it is a 2-D (or 3-D stack of) non-negative integer label
+    image; otherwise :class:`~napari_unet_studio.errors.InputError` naming what is wrong."""
+    from .errors import InputError
+
+    labels = np.asarray(labels)
+    if labels.ndim not in (2, 3):
+        raise InputError(f"{what} must be a 2-D label image (or a 3-D stack), got shape {labels.shape}")
+    if labels.ndim == 3 and labels.shape[-1] in (3, 4):
+        raise InputError(f"{what} of shape {labels.shape} look like an RGB(A) image, not labels")
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise InputError(f"{what} must hold integers, got {labels.dtype}")
+    if labels.dtype.kind == "i" and labels.size and labels.min() < 0:
+        raise InputError(f"{what} hold negative values (min {labels.min()}); labels are 0 (background) or positive ids")
+    return labels
+
+
+def _mean(values) -> float | None:
+    """Mean of the defined values; ``None`` when none is defined (e.g. IoU with no objects)."""
+    values = np.asarray(values, float)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else None
+
+
 def evaluate(preds, trues) -> dict:
     """All metrics over a set of images, averaged per image. Binary masks count as their
-    connected components (:func:`as_instances`)."""
+    connected components (:func:`as_instances`). Both empty counts as AP 1; a metric that is
+    undefined on every image (mean matched IoU when nothing matches) is ``None``.
+    Raises :class:`~napari_unet_studio.errors.InputError` for label images that are not
+    non-negative integers of matching shapes."""
+    from .errors import InputError
+
     preds, trues = list(preds), list(trues)
     if len(preds) != len(trues):
-        raise ValueError("as many predictions as ground truths are needed")
+        raise InputError("as many predictions as ground truths are needed")
+    if not preds:
+        raise InputError("nothing to evaluate")
     ap50, ap_coco, miou, pe, re = [], [], [], [], []
-    for p, t in zip(preds, trues):
+    for i, (p, t) in enumerate(zip(preds, trues)):
+        p, t = check_labels(p, "predicted labels"), check_labels(t, "true labels")
+        if p.shape != t.shape:
+            raise InputError(f"predicted labels {p.shape} and true labels {t.shape} differ in shape (pair {i + 1})")
         p, t = as_instances(p), as_instances(t)
         ap = average_precision(p, t, COCO_THRESHOLDS)
         ap50.append(ap[0.5])
         ap_coco.append(float(np.mean(list(ap.values()))))
         miou.append(mean_matched_iou(p, t))
         pe.append(pixel_error(p, t))
-        re.append(rand_error(p, t))
+        re.append(rand_error(p, t) if t.any() else (0.0 if not p.any() else math.nan))  # undefined: no counted pixels
     return {
         "images": len(preds),
-        "ap50": float(np.mean(ap50)),
-        "ap50_95": float(np.mean(ap_coco)),
-        "mean_matched_iou": float(np.nanmean(miou)) if not np.all(np.isnan(miou)) else float("nan"),
-        "pixel_error": float(np.mean(pe)),
-        "rand_error": float(np.mean(re)),
+        "ap50": _mean(ap50),
+        "ap50_95": _mean(ap_coco),
+        "mean_matched_iou": _mean(miou),
+        "pixel_error": _mean(pe),
+        "rand_error": _mean(re),
     }

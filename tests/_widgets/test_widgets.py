@@ -259,7 +259,8 @@ def test_fine_tune_lowers_the_loss_and_replaces_the_active_model(make_napari_vie
     assert run["steps"] == 60 and run["stopped"] == "steps"
     losses = [r["loss"] for r in records]
     assert len(losses) >= 5 and np.mean(losses[-3:]) < np.mean(losses[:3])
-    assert widget.status.text().startswith("step 60,")  # the last record always reaches the dock
+    assert records[-1]["step"] == 60  # the last record always reaches the dock
+    assert widget.status.text().startswith("60 steps (all steps done), best weights at step")
 
 
 def test_fine_tune_cancel_keeps_the_best_so_far(make_napari_viewer, qtbot):
@@ -393,7 +394,7 @@ def test_fine_tune_reports_validation_ap(make_napari_viewer, qtbot, errors):
     run_and_wait(qtbot, widget, timeout=120_000)
     scores = [r["val_ap50"] for r in records if "val_ap50" in r]
     assert scores and all(0.0 <= s <= 1.0 for s in scores)
-    assert widget.plot.scores and "val AP@0.5" in widget.status.text()
+    assert widget.plot.scores and "validation AP@0.5" in widget.status.text()
     assert state_for(viewer).name == "test model (fine-tuned)"
 
 

@@ -28,6 +28,7 @@ class RunCancelRow(QWidget):
         self.cancel_button = QPushButton("Cancel", parent=self)
         row.addWidget(self.run_button)
         row.addWidget(self.cancel_button)
+        self.cancel_button.setToolTip("Stop within about a second; nothing half-done is kept")
         self.set_busy(False)
 
     def set_busy(self, busy: bool) -> None:
@@ -49,6 +50,61 @@ class CancelFlag:
 
     def __call__(self) -> bool:
         return self._event.is_set()
+
+
+class JobSlot:
+    """The background job of one dock: its worker and cancel flag.
+
+    When the dock is destroyed (its viewer closed) while the job runs, :meth:`shut_down`
+    cancels it, disconnects the worker's signals (so nothing reaches the deleted widgets) and
+    waits briefly for it; no error reaches the user.
+    """
+
+    #: Seconds to wait for a cancelled job when its dock closes.
+    WAIT = 3.0
+
+    def __init__(self, widget) -> None:
+        self.cancel_flag = CancelFlag()
+        self.worker = None
+        widget.destroyed.connect(lambda *_: self.shut_down())  # not a bound method of the dying widget
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None and getattr(self.worker, "is_running", False)
+
+    def track(self, worker):
+        """Follow ``worker`` (already created and started); returns it."""
+        self.worker = worker
+        worker.finished.connect(self._forget)
+        return worker
+
+    def _forget(self) -> None:
+        self.worker = None
+
+    def shut_down(self) -> None:
+        """Cancel the running job, cut its signals and wait up to :attr:`WAIT` seconds."""
+        worker, self.worker = self.worker, None
+        self.cancel_flag.set()
+        if worker is None:
+            return
+        for name in ("returned", "errored", "finished", "yielded", "started"):
+            signal = getattr(worker, name, None)
+            if signal is not None:
+                try:
+                    signal.disconnect()
+                except (TypeError, RuntimeError):
+                    pass
+        if hasattr(worker, "quit"):
+            worker.quit()
+        from qtpy.QtCore import QThreadPool
+
+        QThreadPool.globalInstance().waitForDone(int(self.WAIT * 1000))
+
+
+def set_tooltips(widget, tips: dict[str, str]) -> None:
+    """Give ``widget``'s controls (attribute name -> text) their tooltips."""
+    for name, text in tips.items():
+        getattr(widget, name).setToolTip(text)
 
 
 def notify_error(exc: BaseException) -> None:

@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import CancelFlag, RunCancelRow, layers_of, notify_error, set_choices
+from ._common import JobSlot, RunCancelRow, layers_of, notify_error, set_choices, set_tooltips
 from ._settings import persist
 from ._state import state_for
 
@@ -93,6 +93,24 @@ class LossPlot(QWidget):
         painter.end()
 
 
+def describe_run(run: dict) -> str:
+    """A training run's provenance record in plain words."""
+    best = run["best_step"]
+    if run["stopped"] == "cancelled":
+        text = f"cancelled at step {run['steps']}, kept the best weights (step {best})"
+    elif run["stopped"] == "diverged":
+        text = f"stopped at step {run['steps']}: the loss was no longer finite (try a lower learning rate); kept step {best}"
+    else:
+        text = f"{run['steps']} steps ({'time budget' if run['stopped'] == 'time' else 'all steps'} done), best weights at step {best}"
+    if "val_ap50" in run:
+        text += f", validation AP@0.5 {run['val_ap50']:.3f}"
+    elif "choice_ap50" in run:
+        text += f", AP@0.5 {run['choice_ap50']:.3f} on the {run['chosen_by']}"
+    if run.get("corrections"):
+        text += f"; {run['corrections']} corrections emphasised"
+    return text
+
+
 class FineTuneWidget(QWidget):
     """Fine-tune the active model on pairs of Image and (painted) Labels layers."""
 
@@ -102,8 +120,11 @@ class FineTuneWidget(QWidget):
         self.state = state_for(napari_viewer)
         self.worker = None
         self.pairs: list[tuple[str, str, str]] = []
-        self.cancel_flag = CancelFlag()
-        self.bridge = RecordBridge(self)
+        self.job = JobSlot(self)  # closing the viewer cancels a running fine-tune cleanly
+        self.cancel_flag = self.job.cancel_flag
+        self.bridge = RecordBridge()  # no parent: the worker may still hold it after the dock is gone
+        self.live_session = None
+        self._live_layers: list = []
         layout = QVBoxLayout(self)
         form = QFormLayout()
         self.image = QComboBox(parent=self)
@@ -159,6 +180,13 @@ class FineTuneWidget(QWidget):
         self.buttons = RunCancelRow("Fine-tune", parent=self)
         self.run_button, self.cancel_button = self.buttons.run_button, self.buttons.cancel_button
         layout.addWidget(self.buttons)
+        self.live = QCheckBox("Live: keep training while I paint", parent=self)
+        self.live.setToolTip(
+            "Train continuously on the pairs above. Strokes are picked up within seconds, and every few seconds "
+            "the current weights segment the part of the image you are looking at into a preview layer. "
+            "Turning it off makes the best weights the active model."
+        )
+        layout.addWidget(self.live)
         self.progress = QProgressBar(parent=self)
         self.status = QLabel(parent=self)
         self.plot = LossPlot(parent=self)
@@ -167,9 +195,28 @@ class FineTuneWidget(QWidget):
         layout.addWidget(self.plot)
         layout.addStretch()
 
+        set_tooltips(self, {
+            "image": "The image the labels were painted on",
+            "labels": "Painted labels: 0 is background, each object its own id. A Segment result you painted over "
+                      "counts its changes as corrections, which are learned first",
+            "regions": "Optional Shapes layer: train only inside its shapes (paint a few regions fully)",
+            "add_button": "Add the chosen image and labels to the training pairs",
+            "remove_button": "Remove the selected pair",
+            "pair_list": "The (image, labels) pairs fine-tuning trains on",
+            "val_image": "Optional held-out image: AP@0.5 on it picks the best weights. Without it, a few painted "
+                         "objects are held out automatically",
+            "val_labels": "Ground-truth labels of the validation image",
+            "steps": "Optimiser steps; 0 uses the time budget instead",
+            "budget": "Seconds of training (when Steps is 0)",
+            "lr": "Peak learning rate; default 3e-4 when fine-tuning, 1e-3 from scratch",
+            "ignore": "A label value meaning 'not annotated' (ignored by the loss); 'none' when every pixel is annotated",
+            "deep": "U-Net++ only: train every output head, so the model can be pruned for speed",
+            "freeze": "Keep the contracting path fixed: faster, and safer with very few labels",
+        })
         self.add_button.clicked.connect(self.add_pair)
         self.remove_button.clicked.connect(self._remove_pair)
         self.run_button.clicked.connect(self.run)
+        self.live.toggled.connect(self._toggle_live)
         self.cancel_button.clicked.connect(self.cancel)
         self.bridge.recorded.connect(self._on_record)
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
@@ -221,14 +268,18 @@ class FineTuneWidget(QWidget):
         return image, lab
 
     def _collect(self):
-        """Images, labels and region masks of the chosen pairs (as numpy), or raise InputError."""
+        """Images, labels, region masks and the labels Segment gave (None where the labels layer
+        is not a Segment result) of the chosen pairs, or raise InputError."""
         from ..errors import InputError
 
         if not self.pairs:
             raise InputError("add at least one (Image, Labels) pair to fine-tune on")
-        images, labels, regions = [], [], []
+        from .segment_widget import segmented_labels
+
+        images, labels, regions, previous = [], [], [], []
         for image_name, labels_name, regions_name in self.pairs:
             image, lab = self._pair(image_name, labels_name)
+            previous.append(segmented_labels(self._layer(labels_name)))
             mask = None
             if regions_name != NONE:
                 shapes = self._layer(regions_name)
@@ -238,7 +289,7 @@ class FineTuneWidget(QWidget):
             images.append(image)
             labels.append(lab)
             regions.append(mask)
-        return images, labels, regions
+        return images, labels, regions, previous
 
     def _collect_validation(self):
         """The validation (image, labels) as one-element lists, ``(None, None)`` when not chosen,
@@ -278,7 +329,7 @@ class FineTuneWidget(QWidget):
         from ..training import train
 
         try:
-            images, labels, regions = self._collect()
+            images, labels, regions, previous = self._collect()
             val_images, val_labels = self._collect_validation()
             model = copy.deepcopy(self.state.model_or_default())
             self._check_channels(images, val_images or [], model)
@@ -290,6 +341,7 @@ class FineTuneWidget(QWidget):
             steps=steps,
             time_budget=None if steps else float(self.budget.value()),
             regions=regions,
+            previous=previous,
             progress=self.bridge,
             cancel=self.cancel_flag,
             lr=self.lr.value() or None,
@@ -312,14 +364,144 @@ class FineTuneWidget(QWidget):
             train, model, images, labels, **kwargs,
             _connect={"returned": self._on_done, "errored": notify_error, "finished": self._on_finished},
         )
-        return self.worker
+        return self.job.track(self.worker)
 
     def cancel(self) -> None:
+        """Stop the running fine-tune (or live mode), keeping the best weights so far."""
         self.cancel_flag.set()
         self.status.setText("cancelling: keeping the best model so far…")
 
+    # -- live mode ------------------------------------------------------------------------
+    def _toggle_live(self, on: bool) -> None:
+        if on:
+            if self.start_live() is None:
+                self.live.blockSignals(True)
+                self.live.setChecked(False)
+                self.live.blockSignals(False)
+        elif self.live_session is not None:
+            self.cancel()
+
+    def start_live(self):
+        """Start live mode: train continuously on the pairs, pick up strokes, preview the view.
+        Returns the worker (or None when nothing started)."""
+        from napari.qt.threading import create_worker
+
+        from ..errors import InputError, UnetStudioError
+        from ..models import widen_input
+        from ..training import TrainingSession, will_widen
+        from .segment_widget import segmented_labels
+
+        if self.job.running:
+            notify_error(InputError("wait for the running fine-tune to end, or cancel it"))
+            return None
+        try:
+            images, labels, regions, previous = self._collect()
+            model = copy.deepcopy(self.state.model_or_default())
+            self._check_channels(images, [], model)
+            if will_widen(model, images):
+                model = widen_input(model)
+            session = TrainingSession(
+                model, schedule="constant", lr=self.lr.value() or None, device=self.state.device,
+                ignore_value=None if self.ignore.value() < 0 else self.ignore.value(),
+                deep_supervision=self.deep.isChecked(), freeze_encoder=self.freeze.isChecked(),
+            )
+            for key, (image, lab, region, prev) in enumerate(zip(images, labels, regions, previous)):
+                session.set_pair(key, image, lab, region=region, previous=prev)
+        except UnetStudioError as exc:
+            notify_error(exc)
+            return None
+        self.live_session = session
+        self._name = self.state.name
+        # Strokes on the pairs' Labels layers replace that pair in the session.
+        self._live_layers = []
+        for key, (image_name, labels_name, regions_name) in enumerate(self.pairs):
+            layer = self._layer(labels_name)
+
+            def changed(*_, key=key, image=images[key], layer=layer, region=regions[key]):
+                if self.live_session is session:
+                    session.set_pair(key, image, layer.data, region=region, previous=segmented_labels(layer))
+
+            layer.events.paint.connect(changed)
+            layer.events.set_data.connect(changed)
+            self._live_layers.append((layer, changed))
+        self._live_image = self._layer(self.pairs[0][0])
+        self._live_view = None
+        self._update_live_view()
+        self.viewer.camera.events.center.connect(self._update_live_view)
+        self.viewer.camera.events.zoom.connect(self._update_live_view)
+        self.cancel_flag.clear()
+        self.plot.reset()
+        self.progress.setRange(0, 0)  # busy: no end
+        self.status.setText("live: preparing the painted labels…")
+        self.buttons.set_busy(True)
+        self.run_button.setEnabled(False)
+        self.worker = create_worker(
+            session.live, self._current_view, cancel=self.cancel_flag, progress=self.bridge,
+            _connect={"yielded": self._on_preview, "returned": self._on_live_done, "errored": notify_error,
+                      "finished": self._on_live_finished},
+        )
+        return self.job.track(self.worker)
+
+    def _update_live_view(self, *_) -> None:
+        """Remember (main thread) which part of the live image is in view, for the worker."""
+        layer = self._live_image
+        if layer is None:
+            return
+        h, w = layer.data.shape[:2]
+        corners = np.asarray(layer.corner_pixels)[:, -2:]
+        y0, x0 = (int(max(c, 0)) for c in corners[0])
+        y1, x1 = (int(min(c + 1, n)) for c, n in zip(corners[1], (h, w)))
+        if y1 <= y0 or x1 <= x0:
+            y0, x0, y1, x1 = 0, 0, h, w
+        self._live_view = (layer.data, (slice(y0, y1), slice(x0, x1)))
+
+    def _current_view(self):
+        return self._live_view  # read by the worker; replaced (never mutated) by the main thread
+
+    def _on_preview(self, preview: dict) -> None:
+        """Show the current weights' labels of the viewed region in the preview layer."""
+        image = self._live_image
+        name = f"{image.name} live preview"
+        layer = next((l for l in layers_of(self.viewer, "Labels") if l.name == name), None)
+        if layer is None or layer.data.shape != image.data.shape[:2]:
+            layer = self.viewer.add_labels(np.zeros(image.data.shape[:2], np.int32), name=name, opacity=0.5,
+                                           scale=image.scale[-2:], translate=image.translate[-2:])
+        rows, cols = preview["window"]
+        layer.data[rows, cols] = preview["labels"]
+        layer.refresh()
+        self.status.setText(f"live: step {preview['step']}, preview of the region in view updated")
+
+    def _on_live_done(self, model) -> None:
+        from napari.utils.notifications import show_info
+
+        run = model.provenance["training"][-1]
+        self.state.set_model(model, f"{self._name} (live)")
+        show_info(f"Live fine-tune off: {describe_run(run)}; the best weights are now the active model")
+        self.status.setText(describe_run(run))
+
+    def _on_live_finished(self) -> None:
+        for layer, changed in self._live_layers:
+            layer.events.paint.disconnect(changed)
+            layer.events.set_data.disconnect(changed)
+        self._live_layers = []
+        self.viewer.camera.events.center.disconnect(self._update_live_view)
+        self.viewer.camera.events.zoom.disconnect(self._update_live_view)
+        self.live_session = None
+        self.progress.setRange(0, 1000)
+        self.progress.setValue(0)
+        self.buttons.set_busy(False)
+        self.live.blockSignals(True)
+        self.live.setChecked(False)
+        self.live.blockSignals(False)
+
     def _on_record(self, record: dict) -> None:
         self.plot.add(record)
+        if self.live_session is not None:
+            text = f"live: step {record['step']}, loss {record['loss']:.4f}"
+            if "val_ap50" in record:
+                text += f", AP@0.5 {record['val_ap50']:.3f} ({record.get('val_source', 'validation')})"
+            self.status.setText(text)
+            return
         fraction = record.get("fraction", 0.0)
         self.progress.setValue(int(1000 * fraction))
         eta = record["elapsed"] * (1 - fraction) / fraction if fraction > 0 else float("nan")
@@ -332,9 +514,13 @@ class FineTuneWidget(QWidget):
         model, history = result
         run = model.provenance["training"][-1]
         self.state.set_model(model, f"{self._name} (fine-tuned)")
-        from napari.utils.notifications import show_info
+        from napari.utils.notifications import show_info, show_warning
 
-        show_info(f"Fine-tuned {run['steps']} steps ({run['stopped']}); the result is now the active model")
+        show = show_warning if run["stopped"] == "diverged" else show_info
+        show(f"Fine-tune: {describe_run(run)}; the result is now the active model")
+        self.status.setText(describe_run(run))
+        if run["stopped"] != "steps" and run["stopped"] != "time":
+            self.progress.setValue(0)  # no ETA left to show
 
     def _on_finished(self) -> None:
         self.buttons.set_busy(False)

@@ -15,11 +15,19 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import notify_error
+from ._common import notify_error, set_tooltips
 from ._settings import persist
 from ._state import state_for
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def available_devices() -> list[str]:
+    """The device choices present on this machine ("auto" and "cpu" always)."""
+    import torch
+
+    from ..devices import mps_available
+
+    return ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (["mps"] if mps_available() else [])
 
 
 def describe(model, name: str, device: str) -> str:
@@ -95,10 +103,18 @@ class ModelWidget(QWidget):
         persist("new-model", {"arch": self.arch, "channels": self.channels, "classes": self.encoding,
                               "depth": self.depth, "base_width": self.width})
 
+        version_row = QHBoxLayout()
+        version_row.addWidget(QLabel("Version", parent=self))
+        self.version = QComboBox(parent=self)
+        self.version.setToolTip("Every loaded, created or fine-tuned model is a version; choose one to make it active again")
+        version_row.addWidget(self.version, 1)
+        layout.addLayout(version_row)
+
         device_row = QHBoxLayout()
         device_row.addWidget(QLabel("Device", parent=self))
         self.device = QComboBox(parent=self)
-        self.device.addItems(DEVICES)
+        self.device.addItems(available_devices())
+        self.device.setToolTip("Where models compute: auto picks CUDA, then Apple's MPS, then the CPU; only devices present are listed")
         self.device.setCurrentText(self.state.device)
         device_row.addWidget(self.device)
         layout.addLayout(device_row)
@@ -109,15 +125,38 @@ class ModelWidget(QWidget):
         self.save_button.clicked.connect(self._choose_save)
         self.new_button.clicked.connect(self.create_new)
         self.device.currentTextChanged.connect(self.state.set_device)
+        self.version.activated.connect(self._choose_version)
+        set_tooltips(self, {
+            "default_button": "The shipped nuclei model (fluorescence, U-Net, 2 classes)",
+            "file_button": "A model saved by U-Net Studio (.safetensors), or a PyTorch state dict (.pt/.pth, tensors only)",
+            "save_button": "Save the active model, its settings and its training history to one .safetensors file",
+            "arch": "U-Net (Ronneberger 2015) or U-Net++ (Zhou 2018, prunable for speed)",
+            "channels": "1 for grayscale images, 3 for RGB",
+            "encoding": "foreground: the paper's 2 classes with trained gaps; boundary: background/interior/boundary",
+            "depth": "Number of poolings (the paper: 4); deeper sees more context",
+            "width": "Channels of the first level (the paper: 64; 16 keeps CPU training fast)",
+            "new_button": "Make a new untrained model the active one",
+        })
         self.state.connect(self._refresh)
         self.destroyed.connect(lambda *_: self.state.disconnect(self._refresh))
         self._refresh()
 
     def _refresh(self) -> None:
         self.info.setText(describe(self.state.model, self.state.name, self.state.device))
+        self.version.blockSignals(True)
+        self.version.clear()
+        for i, (name, _model) in enumerate(self.state.versions, start=1):
+            self.version.addItem(f"{i}. {name}")
+        active = next((i for i, (_, m) in enumerate(self.state.versions) if m is self.state.model), -1)
+        self.version.setCurrentIndex(active)
+        self.version.blockSignals(False)
         self.save_button.setEnabled(self.state.model is not None)
         if self.device.currentText() != self.state.device:
             self.device.setCurrentText(self.state.device)
+
+    def _choose_version(self, index: int) -> None:
+        if 0 <= index < len(self.state.versions):
+            self.state.revert(index)
 
     def load(self, path) -> bool:
         """Make the model at ``path`` (or "default") active; errors become notifications."""

@@ -12,7 +12,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QPushButton, QVBoxLayout, QWidget
 from superqt import QLabeledDoubleSlider, QLabeledSlider
 
-from ._common import layers_of, notify_error, set_choices
+from ._common import layers_of, notify_error, set_choices, set_tooltips
 from ._settings import persist
 
 PREVIEW_KEY = "napari_unet_studio_preview"
@@ -74,6 +74,17 @@ class PreviewWidget(QWidget):
         self.weights_button.clicked.connect(self.show_weights)
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(self._refresh_layers)
+        set_tooltips(self, {
+            "image": "The image to deform",
+            "labels": "Its labels (deformed with the same field; the weight map is made of them)",
+            "grid": "Control points per side of the elastic deformation's coarse grid",
+            "sigma": "Standard deviation (pixels) of the control points' random displacements",
+            "w0": "Weight-map amplitude of the separation term between touching objects (the paper: 10)",
+            "w_sigma": "Weight-map width (pixels) of the separation term (the paper: about 5)",
+            "preview_button": "Show what one training crop looks like after augmentation",
+            "reseed_button": "Another random deformation",
+            "weights_button": "Show the loss weight map of the labels",
+        })
         self._refresh_layers()
 
     def _slider(self, kind, low, high, value):

@@ -10,13 +10,14 @@ from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
+    QLabel,
     QProgressBar,
     QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
-from ._common import CancelFlag, RunCancelRow, ProgressBridge, layers_of, notify_error, set_choices
+from ._common import JobSlot, ProgressBridge, RunCancelRow, layers_of, notify_error, set_choices, set_tooltips
 from ._settings import persist
 from ._state import state_for
 
@@ -35,6 +36,16 @@ def _is_untouched_result(layer) -> bool:
     return bool(meta) and meta.get("checksum") == _checksum(layer.data)
 
 
+def segmented_labels(layer):
+    """The labels the model gave in ``layer`` (a Segment result), before any painting; None
+    for a layer Segment did not write."""
+    meta = layer.metadata.get(RESULT_KEY) or {}
+    labels = meta.get("labels")
+    if labels is None or getattr(labels, "shape", None) != tuple(layer.data.shape):
+        return None
+    return labels
+
+
 class SegmentWidget(QWidget):
     """Pick an Image layer and segment it with the active model (default model if none)."""
 
@@ -43,9 +54,13 @@ class SegmentWidget(QWidget):
         self.viewer = napari_viewer
         self.state = state_for(napari_viewer)
         self.worker = None
-        self.cancel_flag = CancelFlag()
-        self.bridge = ProgressBridge(self)
+        self.job = JobSlot(self)  # closing the viewer cancels a running segmentation cleanly
+        self.cancel_flag = self.job.cancel_flag
+        self.bridge = ProgressBridge()  # no parent: the worker may still hold it after the dock is gone
         layout = QVBoxLayout(self)
+        self.model_label = QLabel(parent=self)
+        self.model_label.setToolTip("The active model (choose another in the Model dock)")
+        layout.addWidget(self.model_label)
         form = QFormLayout()
         self.image = QComboBox(parent=self)
         self.tile = QSpinBox(parent=self)
@@ -87,6 +102,14 @@ class SegmentWidget(QWidget):
         self.bridge.progressed.connect(self._on_progress)
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(self._refresh_layers)
+        set_tooltips(self, {
+            "image": "The Image layer to segment; results are new layers (painted labels are never overwritten)",
+            "tile": "Input tile edge in pixels; 'auto' fits the free memory. The result does not depend on it",
+            "prune": "U-Net++ only: a shallower level is faster, the full network most accurate",
+            "threshold": "Foreground probability of an object pixel; the model's own by default",
+            "seeds": "Objects grow from regions above this probability (separates touching objects); the model's own by default",
+            "probability": "Also add the foreground probability as an image layer",
+        })
         self.state.connect(self._refresh_model)
         self.destroyed.connect(lambda *_: self.state.disconnect(self._refresh_model))
         self._refresh_layers()
@@ -109,9 +132,9 @@ class SegmentWidget(QWidget):
         self.seeds.setEnabled(model is None or model.encoding == "foreground")
         is_pp = model is not None and model.arch == "unetpp"
         self.prune.setEnabled(is_pp)
-        if is_pp:
-            self.prune.clear()
-            self.prune.addItems(["full"] + [f"L{i}" for i in range(1, model.depth + 1)])
+        if is_pp:  # keeps the user's level when it still exists (a device change keeps the model)
+            set_choices(self.prune, ["full"] + [f"L{i}" for i in range(1, model.depth + 1)])
+        self.model_label.setText(f"Model: {self.state.name or 'the default model (loaded on first use)'}")
 
     def run(self):
         """Start segmenting the chosen layer; returns the worker (or None when nothing started)."""
@@ -150,10 +173,16 @@ class SegmentWidget(QWidget):
             return None
         if model.arch == "unetpp":
             level = self.prune.currentText()
-            model.prune_level = None if level == "full" else int(level[1:])
+            level = None if level == "full" else int(level[1:])
+            if level != model.prune_level:  # a pruned copy: the shared model stays as the other docks know it
+                import copy
+
+                model = copy.deepcopy(model)
+                model.prune_level = level
         self.cancel_flag.clear()
         self.progress.setValue(0)
         self.buttons.set_busy(True)
+        model_name = self.state.name
         self.worker = create_worker(
             segment,
             model,
@@ -165,9 +194,9 @@ class SegmentWidget(QWidget):
             cancel=self.cancel_flag,
             return_probabilities=True,
             **options,
-            _connect={"returned": lambda result: self._add_results(layer, result), "errored": self._on_error, "finished": self._on_finished},
+            _connect={"returned": lambda result: self._add_results(layer, result, model_name), "errored": self._on_error, "finished": self._on_finished},
         )
-        return self.worker
+        return self.job.track(self.worker)
 
     def _chosen_options(self) -> dict:
         """The post-processing settings chosen here that override the model's own."""
@@ -199,10 +228,12 @@ class SegmentWidget(QWidget):
     def _on_finished(self) -> None:
         self.buttons.set_busy(False)
 
-    def _add_results(self, image_layer, result) -> None:
-        """Add (or update our own untouched) result layers; never overwrite painted labels."""
+    def _add_results(self, image_layer, result, model_name: str = "") -> None:
+        """Add (or update our own untouched) result layers; never overwrite painted labels.
+
+        The labels as the model gave them stay in the layer's metadata (``"labels"``): what the
+        user paints over them later are the corrections fine-tuning emphasises."""
         labels, probs = result
-        model = self.state.model
         spatial = dict(scale=image_layer.scale, translate=image_layer.translate)
         name = f"{image_layer.name} labels"
         existing = next((l for l in layers_of(self.viewer, "Labels") if l.name == name), None)
@@ -211,7 +242,9 @@ class SegmentWidget(QWidget):
             target = existing
         else:
             target = self.viewer.add_labels(labels, name=name, **spatial)
-        target.metadata[RESULT_KEY] = {"checksum": _checksum(labels), "source": image_layer.name}
+        target.metadata[RESULT_KEY] = {
+            "checksum": _checksum(labels), "source": image_layer.name, "model": model_name, "labels": labels.copy(),
+        }
         if self.probability.isChecked():
             foreground = 1.0 - probs[0]
             pname = f"{image_layer.name} foreground probability"
@@ -224,4 +257,4 @@ class SegmentWidget(QWidget):
                 player.metadata[RESULT_KEY] = {"source": image_layer.name}
         from napari.utils.notifications import show_info
 
-        show_info(f"{image_layer.name}: {int(labels.max())} objects ({model.arch if model else ''})")
+        show_info(f"{image_layer.name}: {int(labels.max())} objects, segmented with {model_name or 'the model'}")

@@ -1,0 +1,147 @@
+"""Live mode, corrections reaching fine-tuning, and docks that shut down cleanly."""
+
+import numpy as np
+import pytest
+import torch
+from qtpy.QtCore import QThreadPool
+from test_training import synthetic_cells
+
+from napari_unet_studio import UNet
+from napari_unet_studio._widgets._state import state_for
+from napari_unet_studio._widgets.segment_widget import RESULT_KEY, segmented_labels
+
+PLUGIN = "napari-unet-studio"
+pytestmark = pytest.mark.usefixtures("isolated_settings")
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    shown = []
+    import napari.utils.notifications as notifications
+
+    monkeypatch.setattr(notifications, "show_error", shown.append)
+    return shown
+
+
+def small_model():
+    torch.manual_seed(0)
+    return UNet(depth=2, base_channels=4).eval()
+
+
+def open_widget(viewer, name):
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    return widget
+
+
+def test_painted_corrections_reach_fine_tuning(make_napari_viewer, qtbot, monkeypatch):
+    viewer = make_napari_viewer()
+    image, _ = synthetic_cells((96, 96), n=6)
+    viewer.add_image(image, name="cells")
+    state_for(viewer).set_model(small_model(), "test model")
+    segment = open_widget(viewer, "Segment")
+    segment.image.setCurrentText("cells")
+    segment.run()
+    qtbot.waitUntil(lambda: segment.run_button.isEnabled(), timeout=60_000)
+    layer = viewer.layers["cells labels"]
+    given = layer.data.copy()
+    np.testing.assert_array_equal(segmented_labels(layer), given)
+    assert layer.metadata[RESULT_KEY]["model"] == "test model"
+    layer.data[10:20, 10:20] = 99  # the user paints an object
+    layer.refresh()
+    np.testing.assert_array_equal(segmented_labels(layer), given)  # what the model gave is kept
+
+    import napari_unet_studio.training as training
+
+    seen = {}
+    monkeypatch.setattr(training, "train", lambda model, images, labels, **kw: seen.update(kw) or (_ for _ in ()).throw(
+        training.InputError("stop here")))
+    fine = open_widget(viewer, "Fine-tune")
+    fine.image.setCurrentText("cells")
+    fine.labels.setCurrentText("cells labels")
+    fine.add_pair()
+    fine.steps.setValue(1)
+    fine.run()
+    qtbot.waitUntil(lambda: fine.run_button.isEnabled(), timeout=30_000)
+    np.testing.assert_array_equal(seen["previous"][0], given)
+
+
+def test_live_mode_picks_up_strokes_and_previews_the_view(make_napari_viewer, qtbot, errors):
+    viewer = make_napari_viewer()
+    image, labels = synthetic_cells((128, 128), n=10)
+    viewer.add_image(image, name="cells")
+    sparse = np.where(np.isin(labels, [1, 2, 3]), labels, 0)
+    painted = viewer.add_labels(sparse.astype(np.int32), name="painted")
+    state = state_for(viewer)
+    state.set_model(small_model(), "test model")
+    widget = open_widget(viewer, "Fine-tune")
+    widget.image.setCurrentText("cells")
+    widget.labels.setCurrentText("painted")
+    widget.add_pair()
+    widget.live.setChecked(True)
+    session = widget.live_session
+    assert session is not None and not widget.run_button.isEnabled()
+    qtbot.waitUntil(lambda: "cells live preview" in viewer.layers, timeout=60_000)
+    preview = viewer.layers["cells live preview"]
+    steps_then = session.step_count
+    painted.data = labels.astype(np.int32)  # the user paints the other cells
+    qtbot.waitUntil(lambda: 0 in session.pairs and (session.pairs[0].target > 0).sum() > 2 * (sparse > 0).sum(), timeout=30_000)
+    qtbot.waitUntil(lambda: session.step_count > steps_then + 2, timeout=30_000)
+    assert viewer.layers["cells live preview"] is preview  # updated in place
+    widget.live.setChecked(False)
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=60_000)
+    assert state.name == "test model (live)"
+    run = state.model.provenance["training"][-1]
+    assert run["live"] and run["steps"] >= steps_then + 2
+    assert widget.live_session is None and not widget.live.isChecked()
+    assert not errors
+
+
+def test_closing_the_viewer_while_segmenting_cancels_cleanly(make_napari_viewer, qtbot, errors):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((1500, 1500), np.float32), name="big")
+    state_for(viewer).set_model(small_model(), "test model")
+    widget = open_widget(viewer, "Segment")
+    widget.image.setCurrentText("big")
+    widget.tile.setValue(100)  # many small tiles: a long run
+    worker = widget.run()
+    qtbot.waitUntil(lambda: widget.progress.value() > 0, timeout=30_000)
+    viewer.close()
+    qtbot.waitUntil(lambda: QThreadPool.globalInstance().activeThreadCount() == 0, timeout=10_000)
+    assert not errors
+    assert worker is not None
+
+
+def test_closing_the_viewer_while_fine_tuning_cancels_cleanly(make_napari_viewer, qtbot, errors):
+    viewer = make_napari_viewer()
+    image, labels = synthetic_cells((128, 128), n=10)
+    viewer.add_image(image, name="cells")
+    viewer.add_labels(labels.astype(np.int32), name="painted")
+    state_for(viewer).set_model(small_model(), "test model")
+    widget = open_widget(viewer, "Fine-tune")
+    widget.image.setCurrentText("cells")
+    widget.labels.setCurrentText("painted")
+    widget.add_pair()
+    widget.steps.setValue(100_000)
+    records = []
+    widget.bridge.recorded.connect(records.append)
+    widget.run()
+    qtbot.waitUntil(lambda: len(records) > 0, timeout=60_000)
+    viewer.close()
+    qtbot.waitUntil(lambda: QThreadPool.globalInstance().activeThreadCount() == 0, timeout=10_000)
+    assert not errors
+
+
+def test_fifty_start_and_cancel_cycles_leave_nothing_running(make_napari_viewer, qtbot, errors):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((300, 300), np.float32), name="img")
+    state_for(viewer).set_model(small_model(), "test model")
+    widget = open_widget(viewer, "Segment")
+    widget.image.setCurrentText("img")
+    widget.tile.setValue(100)
+    for _ in range(50):
+        assert widget.run() is not None
+        widget.cancel()
+        qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=30_000)
+    qtbot.waitUntil(lambda: QThreadPool.globalInstance().activeThreadCount() == 0, timeout=10_000)
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+    assert not errors
