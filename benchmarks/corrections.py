@@ -143,7 +143,8 @@ def main():
     parser.add_argument("--eval", type=int, default=10, help="held-out images")
     parser.add_argument("--sparse", action="store_true", help="also the sparse painting")
     parser.add_argument("--replay", action="store_true", help="also corrections + replay of the shipped nuclei sample")
-    parser.add_argument("--methods", default="plain,corrections", help="which of plain, corrections, replay")
+    parser.add_argument("--methods", default="plain,corrections",
+                        help="which of plain, corrections, replay, keep-norm (corrections with BatchNorm statistics kept)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "corrections.json"))
     args = parser.parse_args()
@@ -173,6 +174,8 @@ def main():
                     extra = {"previous": preds, "holdout": True} if method != "plain" else {"holdout": False}
                     if method == "replay":
                         extra["replay"] = [load_sample("nuclei")]
+                    if method == "keep-norm":
+                        extra["keep_norm_statistics"] = True
                     start = time.perf_counter()
                     model, history = train(model, images, labels, time_budget=budget, seed=args.seed, ignore_value=ignore, **extra)
                     seconds = time.perf_counter() - start

@@ -237,3 +237,19 @@ def test_corrections_are_checked_when_choosing_the_weights():
     records = []
     session.run(steps=2, val_every=2, progress=records.append)
     assert records[-1]["val_source"] == "held-out objects and corrections" and 0 <= records[-1]["val_ap50"] <= 1
+
+
+def test_when_the_starting_weights_win_a_widened_model_is_not_handed_back(monkeypatch):
+    image, labels = synthetic_cells((320, 320), n=70, radius=(5, 8))
+    rgb = np.repeat(image[..., None], 3, axis=-1)
+    model = small_unet()
+    model.provenance["training"] = [{"steps": 1}]  # a trained model: fine-tuning
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = iter([0.9, 0.1, 0.2])
+    monkeypatch.setattr(TrainingSession, "score", lambda self: next(scores))
+    tuned, _ = train(model, [rgb], [labels], steps=4, val_every=2, seed=0, tile_size=92)
+    assert tuned.in_channels == 1 and tuned is not model
+    for k, v in tuned.state_dict().items():
+        torch.testing.assert_close(v, start[k])
+    assert tuned.provenance["training"][-1]["best_step"] == 0 and "input_widened" not in tuned.provenance["training"][-1]
+    assert model.provenance["training"] == [{"steps": 1}]

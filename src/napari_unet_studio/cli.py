@@ -431,6 +431,8 @@ def run_train(args: argparse.Namespace) -> int:
         val = f", best val AP@0.5 {run['val_ap50']:.3f} at step {run['best_step']}"
     elif "choice_ap50" in run:
         val = f", best AP@0.5 on the {run['chosen_by']} {run['choice_ap50']:.3f} at step {run['best_step']}"
+        if run["best_step"] == 0:
+            val += ": no step improved on the starting weights, which were kept"
     if "corrections" in run:
         val += f"; {run['corrections']} corrections emphasised"
     if "input_widened" in run:

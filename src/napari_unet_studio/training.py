@@ -398,6 +398,9 @@ class TrainingSession:
         Optional ``(image, labels)`` pairs of what the model already knows (e.g. a sample of
         its training data), from which ``replay_share`` of the crops are drawn, against
         forgetting; never held out, never counted as corrections.
+    keep_norm_statistics
+        Keep BatchNorm's running statistics fixed (its scale and shift still learn), so a few
+        painted images do not re-estimate what the model learnt from many.
     fit_threads
         On the CPU, fit torch's threads to the cores other programs leave free while training
         (:class:`~napari_unet_studio.devices.ThreadFitter`).
@@ -433,6 +436,7 @@ class TrainingSession:
         fit_threads: bool = True,
         replay: Sequence | None = None,
         replay_share: float = REPLAY_SHARE,
+        keep_norm_statistics: bool = False,
     ) -> None:
         if optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', not {optimizer!r}")
@@ -461,6 +465,7 @@ class TrainingSession:
         self.correction_weight = correction_weight
         self.seed = seed
         self.fit_threads = fit_threads
+        self.keep_norm_statistics = keep_norm_statistics
         self._fitter = None
         self.rng = np.random.default_rng(seed)
         self.generator = torch.Generator().manual_seed(int(self.rng.integers(2**62)))
@@ -609,6 +614,10 @@ class TrainingSession:
         model.train()
         if self.freeze_encoder:
             model.encoder.eval()  # frozen means its BatchNorm statistics too
+        if self.keep_norm_statistics:
+            for module in model.modules():
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    module.eval()
         x, t, w = (torch.from_numpy(a).to(device) for a in sampler.sample(self.batch_size))
         if self.augment:
             x, t, w = augment_batch(x, t, w, generator=self.generator)
@@ -930,6 +939,7 @@ def train(
     val_every: int | None = None,
     holdout: bool = True,
     replay: Sequence | None = None,
+    keep_norm_statistics: bool = False,
     w0: float = 10.0,
     sigma: float = 5.0,
     deep_supervision: bool = True,
@@ -999,6 +1009,8 @@ def train(
     replay
         Optional ``(image, labels)`` pairs of what the model already knows, mixed into a fifth
         of the crops against forgetting (see :class:`TrainingSession`).
+    keep_norm_statistics
+        Keep BatchNorm's running statistics fixed while training (see :class:`TrainingSession`).
     w0, sigma
         Weight-map parameters.
     deep_supervision
@@ -1028,6 +1040,7 @@ def train(
     if steps is None and time_budget is None:
         steps = 500
     widened = widen_for_rgb and will_widen(model, images, channel_axis)
+    original = model
     if widened:
         model = widen_input(model)
     session = TrainingSession(
@@ -1051,6 +1064,7 @@ def train(
         channel_axis=channel_axis,
         holdout=holdout,
         replay=replay,
+        keep_norm_statistics=keep_norm_statistics,
         val_images=val_images,
         val_labels=val_labels,
     )
@@ -1061,4 +1075,11 @@ def train(
     session.prepare()
     session.run(steps=steps, time_budget=time_budget, progress=progress, cancel=cancel, val_every=val_every)
     model = session.finish(**({"input_widened": "1 -> 3 channels"} if widened else {}))
+    if widened and session.best["step"] == 0 and session.best["state"] is not None:
+        # The starting weights won: hand back the model as it was (segmenting colour images by
+        # their luminance), not its widened copy, which normalises each channel apart.
+        run = dict(model.provenance["training"][-1])
+        run.pop("input_widened")
+        model = copy.deepcopy(original).eval()  # the caller's model stays untouched
+        model.provenance["training"] = list(model.provenance.get("training", [])) + [run]
     return model, session.history

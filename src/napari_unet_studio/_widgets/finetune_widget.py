@@ -100,6 +100,9 @@ def describe_run(run: dict) -> str:
         text = f"cancelled at step {run['steps']}, kept the best weights (step {best})"
     elif run["stopped"] == "diverged":
         text = f"stopped at step {run['steps']}: the loss was no longer finite (try a lower learning rate); kept step {best}"
+    elif best == 0 and run["steps"]:
+        text = (f"{run['steps']} steps, none better than the starting weights on the "
+                f"{run.get('chosen_by', 'validation')}: kept the starting weights (paint more, or train longer)")
     else:
         text = f"{run['steps']} steps ({'time budget' if run['stopped'] == 'time' else 'all steps'} done), best weights at step {best}"
     if "val_ap50" in run:
