@@ -18,7 +18,7 @@ import pytest
 import tifffile
 import torch
 from conftest import tiny
-from test_training import synthetic_cells
+from test_cli_train import dataset  # noqa: F401 (a fixture)
 
 from napari_unet_studio import ModelFileError, UnetStudioError, load_model, save_model
 from napari_unet_studio.checkpoint import CHECKSUM_KEY, CONFIG_KEY, validate_config
@@ -36,17 +36,6 @@ def snapshot(root):
 def model_file(tmp_path):
     return save_model(tiny("unet", depth=2, base_channels=2), tmp_path / "model.safetensors")
 
-
-@pytest.fixture
-def dataset(tmp_path):
-    images, labels = tmp_path / "images", tmp_path / "labels"
-    images.mkdir()
-    labels.mkdir()
-    for i in range(2):
-        image, lab = synthetic_cells(shape=(96, 96), n=8, seed=i)
-        iio.imwrite(images / f"cell{i}.png", image)
-        iio.imwrite(labels / f"cell{i}.png", lab.astype(np.uint16))
-    return images, labels
 
 
 def huge_tiff(path):

@@ -253,3 +253,20 @@ def test_when_the_starting_weights_win_a_widened_model_is_not_handed_back(monkey
         torch.testing.assert_close(v, start[k])
     assert tuned.provenance["training"][-1]["best_step"] == 0 and "input_widened" not in tuned.provenance["training"][-1]
     assert model.provenance["training"] == [{"steps": 1}]
+
+
+def test_the_best_weights_are_rescored_when_the_pairs_change(monkeypatch):
+    """Scores taken on other regions are not comparable: after new strokes, the kept weights
+    are scored again before a newer checkpoint is compared with them."""
+    image, labels = synthetic_cells((192, 192), n=20, radius=(5, 8))
+    session = TrainingSession(small_unet(), seed=0, tile_size=92)
+    session.set_pair(0, image, labels)
+    values = iter([0.9, 0.4, 0.6])  # step 2; the old best rescored after the stroke; step 4
+    monkeypatch.setattr(session, "score", lambda: next(values))
+    session.run(steps=2, val_every=2)
+    assert session.best["step"] == 2 and session.best["score"] == 0.9
+    painted = labels.copy()
+    painted[painted == 7] = 0
+    session.set_pair(0, image, painted, previous=labels)
+    session.run(steps=2, val_every=2)
+    assert session.best["step"] == 4 and session.best["score"] == 0.6

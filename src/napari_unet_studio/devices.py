@@ -99,27 +99,34 @@ class ThreadFitter:
     :meth:`update` measures how many cores other processes kept busy (the machine's CPU time
     minus this process's) and sets ``cores - round(busy)`` threads (at least 1). Where the
     operating system does not say (not Linux), it does nothing. Call it from the thread that
-    computes: OpenMP thread counts are per calling thread.
+    computes: OpenMP thread counts are per calling thread. ``reserve`` keeps that many cores
+    free for other work in this process (a GUI drawing), which the measurement counts as ours.
     """
 
     #: (time, threads) of the latest fit in this process: a new fitter (the next predict call)
     #: starts from it when it is recent, instead of from torch's default.
     _recent: tuple[float, int] | None = None
 
-    def __init__(self, interval: float = 1.0, cores: int | None = None) -> None:
+    def __init__(self, interval: float = 1.0, cores: int | None = None, reserve: int = 0) -> None:
         import time
 
         self.interval = interval
         self.cores = cores or os.cpu_count() or 1
         self.max_threads = torch.get_num_threads()
+        # Cores kept free for work in this process that the measurement cannot tell from ours
+        # (a GUI drawing while it trains).
+        self.cap = max(1, self.max_threads - max(0, int(reserve)))
         self._clock = time.perf_counter
         self._last = (self._clock(), _cpu_times(), _own_cpu_ticks())
         self.threads = self.max_threads
         self.other_busy = 0.0
         recent = ThreadFitter._recent
-        if recent is not None and self._clock() - recent[0] < 10 * interval and recent[1] < self.max_threads:
-            self.threads = recent[1]
-            torch.set_num_threads(self.threads)
+        start = self.cap
+        if recent is not None and self._clock() - recent[0] < 10 * interval:
+            start = min(start, recent[1])
+        if start != self.threads:
+            self.threads = start
+            torch.set_num_threads(start)
 
     def update(self) -> int:
         """Re-fit the thread count when ``interval`` has passed; returns the current count."""
@@ -136,7 +143,7 @@ class ThreadFitter:
             return self.threads
         other = max(0.0, (machine[0] - machine0[0]) - (own - own0)) / total * self.cores
         self.other_busy = other
-        threads = max(1, min(self.max_threads, self.cores - int(other + 0.5)))
+        threads = max(1, min(self.cap, self.cores - int(other + 0.5)))
         ThreadFitter._recent = (now, threads)
         if threads != self.threads:
             torch.set_num_threads(threads)

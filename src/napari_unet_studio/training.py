@@ -403,7 +403,8 @@ class TrainingSession:
         painted images do not re-estimate what the model learnt from many.
     fit_threads
         On the CPU, fit torch's threads to the cores other programs leave free while training
-        (:class:`~napari_unet_studio.devices.ThreadFitter`).
+        (:class:`~napari_unet_studio.devices.ThreadFitter`); ``reserve_cores`` keeps that many
+        free for other work in this process (napari drawing, in live mode).
     Other parameters as for :func:`train`.
     """
 
@@ -437,6 +438,7 @@ class TrainingSession:
         replay: Sequence | None = None,
         replay_share: float = REPLAY_SHARE,
         keep_norm_statistics: bool = False,
+        reserve_cores: int = 0,
     ) -> None:
         if optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', not {optimizer!r}")
@@ -466,6 +468,7 @@ class TrainingSession:
         self.seed = seed
         self.fit_threads = fit_threads
         self.keep_norm_statistics = keep_norm_statistics
+        self.reserve_cores = reserve_cores
         self._fitter = None
         self.rng = np.random.default_rng(seed)
         self.generator = torch.Generator().manual_seed(int(self.rng.integers(2**62)))
@@ -515,6 +518,7 @@ class TrainingSession:
         self.best = {"score": -math.inf, "state": None, "step": 0}
         self._initial = copy.deepcopy(model.state_dict())
         self._scored_initial = False
+        self._best_is_stale = False
         self._last_val = time.perf_counter()
         self.stopped = "steps"
         self.message = ""
@@ -573,6 +577,7 @@ class TrainingSession:
                 pair.holdout = held
             self.pairs[key] = pair
         self._sampler = None
+        self._best_is_stale = self.best["state"] is not None  # scored on other regions than the next checkpoint
         return list(pending)
 
     def _holdout_size(self, labels) -> int:
@@ -687,7 +692,7 @@ class TrainingSession:
         with torch.random.fork_rng(devices=[self.device.index or 0] if self.cuda else []):
             if self._torch_state is not None:
                 torch.set_rng_state(self._torch_state)
-            fitter = ThreadFitter() if self.device.type == "cpu" and self.fit_threads else None
+            fitter = ThreadFitter(reserve=self.reserve_cores) if self.device.type == "cpu" and self.fit_threads else None
             self._fitter = fitter
             try:
                 self.stopped = self._loop(steps, time_budget, progress, cancel, val_every, val_seconds, final_check)
@@ -795,7 +800,19 @@ class TrainingSession:
                                       ("corrections", sum(len(p.checks) for p in self.pairs.values()))) if n]
         return " and ".join(parts) if parts else "training loss"
 
+    def _rescore_best(self) -> None:
+        """Score the best weights again on the current regions (pairs changed since)."""
+        current = copy.deepcopy(self.model.state_dict())
+        self.model.load_state_dict(self.best["state"])
+        self._fine = 0.0
+        score = self.score()
+        self.best["score"], self.best["key"] = score, (score, self._fine)
+        self.model.load_state_dict(current)
+        self._best_is_stale = False
+
     def _checkpoint(self, record: dict) -> None:
+        if self._best_is_stale and self.scored:
+            self._rescore_best()
         self._fine = 0.0
         if self.scored:
             score = self.score()

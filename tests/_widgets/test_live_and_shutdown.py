@@ -1,36 +1,16 @@
 """Live mode, corrections reaching fine-tuning, and docks that shut down cleanly."""
 
 import numpy as np
-import pytest
 import torch
+import pytest
 from qtpy.QtCore import QThreadPool
 from test_training import synthetic_cells
+from test_widgets import errors, open_widget, small_model  # noqa: F401 (errors is a fixture)
 
-from napari_unet_studio import UNet
 from napari_unet_studio._widgets._state import state_for
 from napari_unet_studio._widgets.segment_widget import RESULT_KEY, segmented_labels
 
-PLUGIN = "napari-unet-studio"
 pytestmark = pytest.mark.usefixtures("isolated_settings")
-
-
-@pytest.fixture
-def errors(monkeypatch):
-    shown = []
-    import napari.utils.notifications as notifications
-
-    monkeypatch.setattr(notifications, "show_error", shown.append)
-    return shown
-
-
-def small_model():
-    torch.manual_seed(0)
-    return UNet(depth=2, base_channels=4).eval()
-
-
-def open_widget(viewer, name):
-    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
-    return widget
 
 
 def test_painted_corrections_reach_fine_tuning(make_napari_viewer, qtbot, monkeypatch):
@@ -145,3 +125,24 @@ def test_fifty_start_and_cancel_cycles_leave_nothing_running(make_napari_viewer,
     qtbot.waitUntil(lambda: QThreadPool.globalInstance().activeThreadCount() == 0, timeout=10_000)
     assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
     assert not errors
+
+
+def test_deep_supervision_shows_only_for_unetpp_and_versions_can_be_restored(make_napari_viewer):
+    from napari_unet_studio import UNetPlusPlus
+
+    viewer = make_napari_viewer()
+    state = state_for(viewer)
+    fine = open_widget(viewer, "Fine-tune")
+    model_dock = open_widget(viewer, "Model")
+    first = small_model()
+    state.set_model(first, "unet")
+    assert not fine.deep.isVisibleTo(fine)
+    state.set_model(UNetPlusPlus(depth=2, base_channels=2), "unet++")
+    assert fine.deep.isVisibleTo(fine)
+    assert [model_dock.version.itemText(i) for i in range(model_dock.version.count())] == ["1. unet", "2. unet++"]
+    model_dock.version.activated.emit(0)
+    assert state.model is first and state.name == "unet" and model_dock.version.currentIndex() == 0
+    assert not fine.deep.isVisibleTo(fine)
+    assert set(model_dock.device.itemText(i) for i in range(model_dock.device.count())) >= {"auto", "cpu"}
+    if not torch.cuda.is_available():
+        assert "cuda" not in [model_dock.device.itemText(i) for i in range(model_dock.device.count())]

@@ -89,14 +89,16 @@ class LossPlot(QWidget):
                 pts = [QPointF((s - steps.min()) / max(np.ptp(steps), 1) * (w - 10) + 5, h - 5 - v * (h - 10)) for s, v in self.scores]
                 painter.drawPolyline(QPolygonF(pts))
         painter.setPen(Qt.GlobalColor.white)
-        painter.drawText(5, 14, "loss (cyan), validation AP@0.5 (yellow)")
+        painter.drawText(5, 14, "loss (cyan), AP@0.5 choosing the weights (yellow)")
         painter.end()
 
 
 def describe_run(run: dict) -> str:
     """A training run's provenance record in plain words."""
     best = run["best_step"]
-    if run["stopped"] == "cancelled":
+    if run.get("live") and run["stopped"] == "cancelled":
+        text = f"live training stopped at step {run['steps']}, kept the best weights (step {best})"
+    elif run["stopped"] == "cancelled":
         text = f"cancelled at step {run['steps']}, kept the best weights (step {best})"
     elif run["stopped"] == "diverged":
         text = f"stopped at step {run['steps']}: the loss was no longer finite (try a lower learning rate); kept step {best}"
@@ -225,6 +227,14 @@ class FineTuneWidget(QWidget):
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(self._refresh_layers)
         self._refresh_layers()
+        self.state.connect(self._refresh_model)
+        self.destroyed.connect(lambda *_: self.state.disconnect(self._refresh_model))
+        self._refresh_model()
+
+    def _refresh_model(self) -> None:
+        """Options that only some models have are shown only for them."""
+        model = self.state.model
+        self.deep.setVisible(model is not None and model.arch == "unetpp")
 
     def _refresh_layers(self, *_) -> None:
         for combo, kind, optional in (
@@ -407,6 +417,7 @@ class FineTuneWidget(QWidget):
                 model, schedule="constant", lr=self.lr.value() or None, device=self.state.device,
                 ignore_value=None if self.ignore.value() < 0 else self.ignore.value(),
                 deep_supervision=self.deep.isChecked(), freeze_encoder=self.freeze.isChecked(),
+                reserve_cores=0,  # measured: napari (0.2 core while painting) leaves room for two threads
             )
             for key, (image, lab, region, prev) in enumerate(zip(images, labels, regions, previous)):
                 session.set_pair(key, image, lab, region=region, previous=prev)
@@ -434,7 +445,10 @@ class FineTuneWidget(QWidget):
         self.viewer.camera.events.zoom.connect(self._update_live_view)
         self.cancel_flag.clear()
         self.plot.reset()
-        self.progress.setRange(0, 0)  # busy: no end
+        # Live mode has no end to show. (An indeterminate, animated bar is avoided: it repaints
+        # the window ~30 times a second, and with software OpenGL each repaint redraws the canvas,
+        # which took 3x the CPU of training itself under Xvfb.)
+        self.progress.setValue(0)
         self.status.setText("live: preparing the painted labels…")
         self.buttons.set_busy(True)
         self.run_button.setEnabled(False)

@@ -36,6 +36,20 @@ def _is_untouched_result(layer) -> bool:
     return bool(meta) and meta.get("checksum") == _checksum(layer.data)
 
 
+def _segment_job(model, data, **kwargs):
+    """Worker body: segment ``data`` (loading the default model first when ``model`` is None);
+    returns ``(labels, probabilities, the model loaded or None)``."""
+    from ..inference import segment
+
+    loaded = None
+    if model is None:
+        from ..checkpoint import load_model
+
+        model = loaded = load_model("default")
+    labels, probs = segment(model, data, return_probabilities=True, **kwargs)
+    return labels, probs, loaded
+
+
 def segmented_labels(layer):
     """The labels the model gave in ``layer`` (a Segment result), before any painting; None
     for a layer Segment did not write."""
@@ -141,7 +155,7 @@ class SegmentWidget(QWidget):
         from napari.qt.threading import create_worker
 
         from ..errors import UnetStudioError
-        from ..inference import ImageLayout, segment
+        from ..inference import ImageLayout
         from ..normalize import channel_conversion
         from ..postprocess import options_for
 
@@ -149,29 +163,28 @@ class SegmentWidget(QWidget):
         if layer is None:
             notify_error(UnetStudioError("select an Image layer to segment"))
             return None
-        try:
-            model = self.state.model_or_default()
-        except UnetStudioError as exc:
-            notify_error(exc)
-            return None
+        # With no active model the default is loaded in the worker: loading torch and a model
+        # took 1.3 s of frozen GUI on the first Segment. Its checks then run there too.
+        model = self.state.model
         data = layer.data[0] if layer.multiscale else layer.data
         channel_axis = -1 if layer.rgb else None
-        try:
-            conversion = channel_conversion(ImageLayout(data, channel_axis).n_channels, model.in_channels)
-        except UnetStudioError as exc:
-            notify_error(UnetStudioError(f"{layer.name}: {exc}"))
-            return None
-        if conversion:
-            from napari.utils.notifications import show_info
-
-            show_info(f"{layer.name}: {conversion}")
         options = self._chosen_options()
-        try:
-            options_for(model, **options)  # refused here, before a worker starts
-        except UnetStudioError as exc:
-            notify_error(exc)
-            return None
-        if model.arch == "unetpp":
+        if model is not None:
+            try:
+                conversion = channel_conversion(ImageLayout(data, channel_axis).n_channels, model.in_channels)
+            except UnetStudioError as exc:
+                notify_error(UnetStudioError(f"{layer.name}: {exc}"))
+                return None
+            if conversion:
+                from napari.utils.notifications import show_info
+
+                show_info(f"{layer.name}: {conversion}")
+            try:
+                options_for(model, **options)  # refused here, before a worker starts
+            except UnetStudioError as exc:
+                notify_error(exc)
+                return None
+        if model is not None and model.arch == "unetpp":
             level = self.prune.currentText()
             level = None if level == "full" else int(level[1:])
             if level != model.prune_level:  # a pruned copy: the shared model stays as the other docks know it
@@ -182,9 +195,9 @@ class SegmentWidget(QWidget):
         self.cancel_flag.clear()
         self.progress.setValue(0)
         self.buttons.set_busy(True)
-        model_name = self.state.name
+        model_name = self.state.name if model is not None else "default model"
         self.worker = create_worker(
-            segment,
+            _segment_job,
             model,
             data,
             tile_size=self.tile.value() or None,
@@ -192,7 +205,6 @@ class SegmentWidget(QWidget):
             channel_axis=channel_axis,
             progress=self.bridge,
             cancel=self.cancel_flag,
-            return_probabilities=True,
             **options,
             _connect={"returned": lambda result: self._add_results(layer, result, model_name), "errored": self._on_error, "finished": self._on_finished},
         )
@@ -233,7 +245,9 @@ class SegmentWidget(QWidget):
 
         The labels as the model gave them stay in the layer's metadata (``"labels"``): what the
         user paints over them later are the corrections fine-tuning emphasises."""
-        labels, probs = result
+        labels, probs, loaded = result
+        if loaded is not None and self.state.model is None:
+            self.state.set_model(loaded, model_name)
         spatial = dict(scale=image_layer.scale, translate=image_layer.translate)
         name = f"{image_layer.name} labels"
         existing = next((l for l in layers_of(self.viewer, "Labels") if l.name == name), None)
