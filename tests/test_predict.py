@@ -329,3 +329,18 @@ def test_window_shapes_and_bad_windows(rng):
         predict(model, image, window=(slice(0, 10, 2), slice(0, 5)))
     with pytest.raises(InputError, match="window"):
         predict(model, image, window="rows")
+
+
+def test_cancel_after_the_last_tile_skips_the_post_processing(rng, monkeypatch):
+    import napari_unet_studio.postprocess as postprocess
+    from napari_unet_studio import segment
+
+    model = tiny("unet", depth=2)
+    done = []
+    monkeypatch.setattr(postprocess, "labels_from_probabilities", lambda *a, **k: done.append(1))
+    tiles = []
+    with pytest.raises(Cancelled):
+        # cancel becomes True once every tile is predicted
+        segment(model, rng.random((64, 64)).astype(np.float32), progress=lambda d, n: tiles.append((d, n)),
+                cancel=lambda: bool(tiles) and tiles[-1][0] == tiles[-1][1])
+    assert tiles[-1][0] == tiles[-1][1] and not done

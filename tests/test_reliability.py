@@ -403,3 +403,19 @@ def test_evaluating_two_empty_images_is_valid_json(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "a.tif"), str(tmp_path / "a.tif")]) == 0
     parsed = json.loads(capsys.readouterr().out)
     assert parsed["ap50"] == 1.0 and parsed["mean_matched_iou"] is None
+
+
+def test_a_full_disk_while_saving_is_an_oserror_and_leaves_no_file(tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own error type; it must reach the CLI as OSError
+    (which falls back to another file), and leave no partial file."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError) as info:
+        save_model(tiny("unet", depth=2, base_channels=2), tmp_path / "m.safetensors")
+    assert info.value.errno == 28 and "No space left" in str(info.value)
+    assert list(tmp_path.iterdir()) == []

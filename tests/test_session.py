@@ -212,12 +212,21 @@ def test_session_argument_errors():
         TrainingSession(small_unet(), lr=math.nan)
     with pytest.raises(InputError, match="batch size"):
         TrainingSession(small_unet(), batch_size=0)
+    with pytest.raises(InputError, match="seed"):
+        TrainingSession(small_unet(), seed=-1)
+    with pytest.raises(InputError, match="tile size"):
+        TrainingSession(small_unet(), tile_size=-5)
     session = TrainingSession(small_unet())
     image, labels = synthetic_cells((96, 96), n=4)
     session.set_pair(0, image, labels)
     for budget in (math.nan, math.inf, -1, 0):
         with pytest.raises(InputError, match="time budget"):
             session.run(time_budget=budget)
+    for steps in (-1, 2.5, "10"):
+        with pytest.raises(InputError, match="steps"):
+            session.run(steps=steps)
+    with pytest.raises(InputError, match="val_every"):
+        session.run(steps=1, val_every=0)
     with pytest.raises(InputError, match="previous"):
         train(small_unet(), [image], [labels], previous=[labels, labels], steps=1)
     with pytest.raises(InputError, match="previous labels"):

@@ -76,7 +76,22 @@ def save_model(model, path: str | os.PathLike) -> Path:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     _check_finite(state, "refused to save the model")
     metadata = {CONFIG_KEY: config, CHECKSUM_KEY: checksum(config, state)}
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+    def write(tmp) -> None:
+        try:
+            save_file(state, tmp, metadata=metadata)
+        except OSError:
+            raise
+        except Exception as exc:  # safetensors reports I/O failures (a full disk) as its own error
+            import re
+
+            found = re.search(r"os error (\d+)", str(exc))
+            if found:
+                code = int(found.group(1))
+                raise OSError(code, os.strerror(code), str(path)) from exc
+            raise OSError(f"cannot write {path}: {exc}") from exc
+
+    atomic_write(path, write)
     return path
 
 

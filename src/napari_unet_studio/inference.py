@@ -372,6 +372,8 @@ def segment(
         window=window,
     )
     if probs.ndim == 3:
+        if cancel is not None and cancel():  # post-processing a large image takes seconds
+            raise Cancelled("segmentation cancelled")
         labels = labels_from_probabilities(probs, encoding=model.encoding, **options)
         return (labels, probs) if return_probabilities else labels
     labels = np.zeros(probs.shape[1:], np.int32)

@@ -444,8 +444,12 @@ class TrainingSession:
             raise ValueError(f"optimizer must be 'adam' or 'sgd', not {optimizer!r}")
         if schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', not {schedule!r}")
-        if batch_size < 1:
-            raise InputError(f"batch size must be positive, got {batch_size}")
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise InputError(f"batch size must be a positive whole number, got {batch_size!r}")
+        if seed is not None and (not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise InputError(f"seed must be a non-negative whole number, got {seed!r}")
+        if tile_size is not None and (not isinstance(tile_size, (int, np.integer)) or tile_size < 1):
+            raise InputError(f"tile size must be a positive whole number, got {tile_size!r}")
         if lr is not None and not (math.isfinite(lr) and lr > 0):
             raise InputError(f"learning rate must be a positive number, got {lr}")
         if not 0 <= correction_share <= 1:
@@ -678,8 +682,12 @@ class TrainingSession:
         With ``final_check=False`` the weights at the end are not scored (runs that continue
         one another, as in :meth:`live`, keep the ``val_seconds`` rhythm across calls).
         """
-        if steps is not None and steps < 0:
-            raise InputError(f"steps must be positive, got {steps}")
+        if steps is not None and (not isinstance(steps, (int, np.integer)) or steps < 0):
+            raise InputError(f"steps must be a whole number >= 0, got {steps!r}")
+        if val_every is not None and (not isinstance(val_every, (int, np.integer)) or val_every < 1):
+            raise InputError(f"val_every must be a positive whole number, got {val_every!r}")
+        if val_seconds is not None and not (math.isfinite(val_seconds) and val_seconds > 0):
+            raise InputError(f"val_seconds must be a positive number of seconds, got {val_seconds!r}")
         if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
             raise InputError(f"the time budget must be a positive number of seconds, got {time_budget}")
         self.prepare()
