@@ -352,8 +352,7 @@ def test_format_1_files_without_checksum_still_load(tmp_path):
 
 
 # -- property-based ------------------------------------------------------------------------
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402 (a testing dependency)
 from hypothesis import strategies as st  # noqa: E402
 
 _values = st.one_of(st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.floats(allow_nan=True), st.text(max_size=5),
