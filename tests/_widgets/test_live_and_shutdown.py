@@ -146,3 +146,29 @@ def test_deep_supervision_shows_only_for_unetpp_and_versions_can_be_restored(mak
     assert set(model_dock.device.itemText(i) for i in range(model_dock.device.count())) >= {"auto", "cpu"}
     if not torch.cuda.is_available():
         assert "cuda" not in [model_dock.device.itemText(i) for i in range(model_dock.device.count())]
+
+
+def test_fine_tune_with_no_active_model_loads_the_default_in_a_worker(make_napari_viewer, qtbot, monkeypatch, errors):
+    import threading
+
+    import napari_unet_studio.checkpoint as checkpoint
+
+    threads = []
+    real = checkpoint.load_model
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: (threads.append(threading.current_thread()), real(*a, **k))[1])
+    viewer = make_napari_viewer()
+    image, labels = synthetic_cells((96, 96), n=6)
+    viewer.add_image(image, name="cells")
+    viewer.add_labels(labels.astype(np.int32), name="painted")
+    state = state_for(viewer)
+    assert state.model is None
+    widget = open_widget(viewer, "Fine-tune")
+    widget.image.setCurrentText("cells")
+    widget.labels.setCurrentText("painted")
+    widget.add_pair()
+    widget.steps.setValue(1)
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: state.name == "default model (fine-tuned)", timeout=120_000)
+    assert threads and all(t is not threading.main_thread() for t in threads)
+    assert [name for name, _ in state.versions] == ["default model", "default model (fine-tuned)"]
+    assert not errors

@@ -41,17 +41,6 @@ class ModelState:
         self.model, self.name = model, name
         self.notify()
 
-    def model_or_default(self):
-        """The active model; the shipped default model is loaded (and made active) when there is none.
-
-        Raises :class:`~napari_unet_studio.errors.ModelFileError` when the default is missing.
-        """
-        if self.model is None:
-            from ..checkpoint import load_model
-
-            self.set_model(load_model("default"), "default model")
-        return self.model
-
     def set_device(self, device: str) -> None:
         self.device = device
         self.notify()

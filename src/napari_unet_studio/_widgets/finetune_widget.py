@@ -344,7 +344,13 @@ class FineTuneWidget(QWidget):
         try:
             images, labels, regions, previous = self._collect()
             val_images, val_labels = self._collect_validation()
-            model = copy.deepcopy(self.state.model_or_default())
+        except UnetStudioError as exc:
+            notify_error(exc)
+            return None
+        if self.state.model is None:  # the choices are fine: load the default, then start
+            return self._load_default_then(self.run)
+        try:
+            model = copy.deepcopy(self.state.model)
             self._check_channels(images, val_images or [], model)
         except UnetStudioError as exc:
             notify_error(exc)
@@ -379,6 +385,30 @@ class FineTuneWidget(QWidget):
         )
         return self.job.track(self.worker)
 
+    def _load_default_then(self, then):
+        """Load the shipped default model in a worker (loading is long work), make it active,
+        then call ``then`` on the GUI thread. Returns the loading worker."""
+        from napari.qt.threading import create_worker
+
+        from ..checkpoint import load_model
+
+        def loaded(model) -> None:
+            if self.state.model is None:
+                self.state.set_model(model, "default model")
+            self.buttons.set_busy(False)
+            self.job.worker = None  # done: what follows is a job of its own
+            then()
+
+        def failed(exc) -> None:
+            self.buttons.set_busy(False)
+            self.status.setText("")
+            notify_error(exc)
+
+        self.buttons.set_busy(True)
+        self.status.setText("loading the default model…")
+        self.worker = create_worker(load_model, "default", _connect={"returned": loaded, "errored": failed})
+        return self.job.track(self.worker)
+
     def cancel(self) -> None:
         """Stop the running fine-tune (or live mode), keeping the best weights so far."""
         self.cancel_flag.set()
@@ -409,7 +439,13 @@ class FineTuneWidget(QWidget):
             return None
         try:
             images, labels, regions, previous = self._collect()
-            model = copy.deepcopy(self.state.model_or_default())
+        except UnetStudioError as exc:
+            notify_error(exc)
+            return None
+        if self.state.model is None:
+            return self._load_default_then(self.start_live)
+        try:
+            model = copy.deepcopy(self.state.model)
             self._check_channels(images, [], model)
             if will_widen(model, images):
                 model = widen_input(model)
