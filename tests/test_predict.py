@@ -344,3 +344,19 @@ def test_cancel_after_the_last_tile_skips_the_post_processing(rng, monkeypatch):
         segment(model, rng.random((64, 64)).astype(np.float32), progress=lambda d, n: tiles.append((d, n)),
                 cancel=lambda: bool(tiles) and tiles[-1][0] == tiles[-1][1])
     assert tiles[-1][0] == tiles[-1][1] and not done
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(min_size=-1), "min_size"), (dict(min_size=2.5), "min_size"),
+])
+def test_bad_segment_arguments_are_refused(kwargs, message, rng):
+    from napari_unet_studio import segment
+
+    with pytest.raises(InputError, match=message):
+        segment(tiny("unet", depth=2), rng.random((40, 40)).astype(np.float32), **kwargs)
+
+
+@pytest.mark.parametrize("batch", [0, -3, 2.5])
+def test_bad_batch_sizes_are_refused(batch, rng):
+    with pytest.raises(InputError, match="batch size"):
+        predict(tiny("unet", depth=2), rng.random((40, 40)).astype(np.float32), batch_size=batch)

@@ -283,6 +283,8 @@ def predict(
     device = resolve_device(device)
     if tile_size is not None and tile_size < 1:
         raise InputError(f"tile size must be positive, got {tile_size}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+        raise InputError(f"batch size must be a positive whole number, got {batch_size!r}")
     tile_input = auto_tile_size(model, device) if tile_size is None else int(tile_size)
     (y0, y1), (x0, x1) = _window_bounds(window, layout.plane)
     # Tiles must start at multiples of the model's step (image coordinates) to equal the

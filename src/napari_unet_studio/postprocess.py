@@ -67,6 +67,9 @@ def check_options(encoding: str, options: dict) -> None:
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise InputError(f"unknown post-processing option {unknown[0]!r} (use {', '.join(OPTIONS)})")
+    min_size = options.get("min_size", DEFAULT_MIN_SIZE)
+    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
+        raise InputError(f"min_size must be a whole number of pixels >= 0, got {min_size!r}")
     threshold = options.get("threshold", DEFAULT_THRESHOLD)
     if not 0 <= threshold < 1:
         raise InputError(f"threshold must lie in [0, 1), got {threshold}")
