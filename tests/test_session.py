@@ -163,9 +163,9 @@ def test_the_hold_out_chooses_the_best_weights_including_the_starting_ones(monke
 
     def fake_score():
         states.append({k: v.clone() for k, v in session.model.state_dict().items()})
-        return next(scores)
+        return next(scores), 0.0  # equal AP@0.5:0.95: ties decided by the order
 
-    monkeypatch.setattr(session, "score", fake_score)
+    monkeypatch.setattr(session, "scores", fake_score)
     session.run(steps=8, val_every=2)
     model = session.finish()
     assert session.best["step"] == 6  # ties go to the later weights
@@ -182,7 +182,7 @@ def test_the_hold_out_chooses_the_best_weights_including_the_starting_ones(monke
     session.prepare()
     assert session.holdout_objects >= training_module.HOLDOUT_TRUSTED
     scores2 = iter([0.9, 0.3, 0.2])
-    monkeypatch.setattr(session, "score", lambda: next(scores2))
+    monkeypatch.setattr(session, "scores", lambda: (next(scores2), 0.0))
     session.run(steps=4, val_every=2)
     for k, v in session.finish().state_dict().items():
         torch.testing.assert_close(v, start[k])
@@ -255,7 +255,7 @@ def test_when_the_starting_weights_win_a_widened_model_is_not_handed_back(monkey
     model.provenance["training"] = [{"steps": 1}]  # a trained model: fine-tuning
     start = {k: v.clone() for k, v in model.state_dict().items()}
     scores = iter([0.9, 0.1, 0.2])
-    monkeypatch.setattr(TrainingSession, "score", lambda self: next(scores))
+    monkeypatch.setattr(TrainingSession, "scores", lambda self: (next(scores), 0.0))
     tuned, _ = train(model, [rgb], [labels], steps=4, val_every=2, seed=0, tile_size=92)
     assert tuned.in_channels == 1 and tuned is not model
     for k, v in tuned.state_dict().items():
@@ -271,7 +271,7 @@ def test_the_best_weights_are_rescored_when_the_pairs_change(monkeypatch):
     session = TrainingSession(small_unet(), seed=0, tile_size=92)
     session.set_pair(0, image, labels)
     values = iter([0.9, 0.4, 0.6])  # step 2; the old best rescored after the stroke; step 4
-    monkeypatch.setattr(session, "score", lambda: next(values))
+    monkeypatch.setattr(session, "scores", lambda: (next(values), 0.0))
     session.run(steps=2, val_every=2)
     assert session.best["step"] == 2 and session.best["score"] == 0.9
     painted = labels.copy()
@@ -279,3 +279,13 @@ def test_the_best_weights_are_rescored_when_the_pairs_change(monkeypatch):
     session.set_pair(0, image, painted, previous=labels)
     session.run(steps=2, val_every=2)
     assert session.best["step"] == 4 and session.best["score"] == 0.6
+
+
+def test_equal_ap50_is_decided_by_the_outlines(monkeypatch):
+    image, labels = synthetic_cells((192, 192), n=20, radius=(5, 8))
+    session = TrainingSession(small_unet(), seed=0, tile_size=92)
+    session.set_pair(0, image, labels)
+    values = iter([(0.8, 0.5), (0.8, 0.4), (0.7, 0.9)])  # after steps 2, 4, 6
+    monkeypatch.setattr(session, "scores", lambda: next(values))
+    session.run(steps=6, val_every=2)
+    assert session.best["step"] == 2 and session.best["key"] == (0.8, 0.5)

@@ -21,48 +21,29 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability, got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {value}")
-    return value
+def _checked(convert, what: str, ok, expected: str):
+    """An argparse type: ``convert`` the text to ``what``, then require ``ok(value)``."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    return parse
+
+
+_probability = _checked(float, "a probability", lambda v: 0 <= v < 1, "a probability in [0, 1)")
+_positive_int = _checked(int, "a whole number", lambda v: v >= 1, "a positive number")
+_positive_float = _checked(float, "a number", lambda v: math.isfinite(v) and v > 0, "a positive finite number")
+_seed = _checked(int, "a whole number", lambda v: 0 <= v < 2**63, "a seed in [0, 2**63)")
 
 
 def _probability_or_none(text: str) -> float | None:
     return None if text.lower() == "none" else _probability(text)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**63), got {value}")
-    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -327,9 +308,7 @@ def save_with_fallback(model, out: Path) -> tuple[Path, str | None]:
 
 def run_train(args: argparse.Namespace) -> int:
     """``unet-studio train``: train or fine-tune, write the best model even when interrupted
-    (Ctrl-C, SIGTERM, SIGHUP); nothing is written when no step was made."""
-    import signal
-
+    (Ctrl-C, SIGTERM, SIGHUP, recorded by :func:`main`); nothing is written when no step was made."""
     from .checkpoint import load_model
     from .devices import resolve_device
     from .models import ENCODINGS, build_model
@@ -363,15 +342,7 @@ def run_train(args: argparse.Namespace) -> int:
         model = load_model(args.init)
     check_free_space(out, model)
     steps = args.steps if args.steps or args.time_budget else 500
-    # main() records stop signals here; called directly, this function installs its own.
-    interrupted: list[int] = getattr(args, "stop_requests", None)
-    previous_handlers = {}
-    if interrupted is None:
-        interrupted = []
-        for name in STOP_SIGNALS:
-            if hasattr(signal, name):
-                sig = getattr(signal, name)
-                previous_handlers[sig] = signal.signal(sig, lambda signum, _frame: interrupted.append(signum))
+    interrupted: list[int] = args.stop_requests  # stop signals, recorded by main()
     from tqdm import tqdm
 
     if steps:
@@ -410,8 +381,6 @@ def run_train(args: argparse.Namespace) -> int:
         )
     finally:
         bar.close()
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
     run = model.provenance["training"][-1]
     how = run["stopped"]
     if run["steps"] == 0 or (run["stopped"] == "diverged" and run["best_step"] == 0):

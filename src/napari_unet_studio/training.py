@@ -473,7 +473,6 @@ class TrainingSession:
         self.fit_threads = fit_threads
         self.keep_norm_statistics = keep_norm_statistics
         self.reserve_cores = reserve_cores
-        self._fitter = None
         self.rng = np.random.default_rng(seed)
         self.generator = torch.Generator().manual_seed(int(self.rng.integers(2**62)))
         self._torch_state = None
@@ -525,7 +524,6 @@ class TrainingSession:
         self._best_is_stale = False
         self._last_val = time.perf_counter()
         self.stopped = "steps"
-        self.message = ""
 
     # -- pairs -----------------------------------------------------------------------------
     def set_pair(self, key: Hashable, image, labels, *, region=None, previous=None) -> None:
@@ -647,17 +645,13 @@ class TrainingSession:
         self.ema = value if self.ema is None else 0.95 * self.ema + 0.05 * value
         return {"step": self.step_count, "loss": value, "lr": lr}
 
-    def _diverged(self, record: dict) -> None:
+    def _diverged(self) -> None:
         """Non-finite loss: go back to the best (or the initial) finite weights."""
         state = self.best["state"] if self.best["state"] is not None else self._initial
         step = self.best["step"] if self.best["state"] is not None else 0
         self.model.load_state_dict(state)
         self.best = dict(self.best, state=state, step=step)
         self.stopped = "diverged"
-        self.message = (
-            f"training diverged (loss {record['loss']} at step {record['step'] + 1}; try a lower learning rate); "
-            f"kept the weights of step {step}"
-        )
 
     def run(
         self,
@@ -701,13 +695,11 @@ class TrainingSession:
             if self._torch_state is not None:
                 torch.set_rng_state(self._torch_state)
             fitter = ThreadFitter(reserve=self.reserve_cores) if self.device.type == "cpu" and self.fit_threads else None
-            self._fitter = fitter
             try:
-                self.stopped = self._loop(steps, time_budget, progress, cancel, val_every, val_seconds, final_check)
+                self.stopped = self._loop(steps, time_budget, progress, cancel, val_every, val_seconds, final_check, fitter)
             finally:
                 if fitter is not None:
                     fitter.restore()
-                self._fitter = None
                 if self._torch_state is not None:
                     self._torch_state = torch.get_rng_state()
         return self.stopped
@@ -742,10 +734,9 @@ class TrainingSession:
             self._checkpoint(self.history[-1])
         return self.finish(live=True)
 
-    def _loop(self, steps, time_budget, progress, cancel, val_every, val_seconds, final_check=True) -> str:
+    def _loop(self, steps, time_budget, progress, cancel, val_every, val_seconds, final_check, fitter) -> str:
         if not self._scored_initial and self.scored and (self.validation is not None or self.holdout_objects >= HOLDOUT_TRUSTED):
-            self._fine = 0.0
-            self._consider(self.score(), step=self.step_count)
+            self._consider(self.scores(), step=self.step_count)
             self._scored_initial = True
         start = time.perf_counter()
         done = 0
@@ -763,14 +754,15 @@ class TrainingSession:
             if cancel is not None and cancel():
                 stopped = "cancelled"
                 break
-            if self._fitter is not None:
-                self._fitter.update()
+            if fitter is not None:
+                fitter.update()
             fraction = max(done / steps if steps else 0.0, elapsed / time_budget if time_budget else 0.0)
             lr = _learning_rate(self.lr, fraction if self.schedule == "cosine" else 0.0, self.step_count)
             record = self.step(lr)
             if record.get("diverged"):
-                self._diverged(record)
-                return "diverged"
+                self._diverged()
+                stopped = "diverged"
+                break
             done += 1
             now = time.perf_counter()
             record.update(
@@ -786,8 +778,8 @@ class TrainingSession:
             if progress is not None:
                 progress(record)
         self.seconds += time.perf_counter() - start
-        # The final weights count too.
-        if final_check and record is not None and not checked:
+        # The final weights count too (diverged ones were replaced by the best already).
+        if final_check and record is not None and not checked and stopped != "diverged":
             self._checkpoint(record)
             if "val_ap50" in record and progress is not None:
                 progress(record)  # the same step again, now with its validation score
@@ -812,58 +804,53 @@ class TrainingSession:
         """Score the best weights again on the current regions (pairs changed since)."""
         current = copy.deepcopy(self.model.state_dict())
         self.model.load_state_dict(self.best["state"])
-        self._fine = 0.0
-        score = self.score()
-        self.best["score"], self.best["key"] = score, (score, self._fine)
+        key = self.scores()
+        self.best["score"], self.best["key"] = key[0], key
         self.model.load_state_dict(current)
         self._best_is_stale = False
 
     def _checkpoint(self, record: dict) -> None:
         if self._best_is_stale and self.scored:
             self._rescore_best()
-        self._fine = 0.0
         if self.scored:
-            score = self.score()
-            record["val_ap50"] = score
+            key = self.scores()
+            record["val_ap50"] = key[0]
             record["val_source"] = self.chosen_by
         else:
-            score = -(self.ema if self.ema is not None else math.inf)
-        self._consider(score, self.step_count)
+            key = (-(self.ema if self.ema is not None else math.inf), 0.0)
+        self._consider(key, self.step_count)
 
-    def _consider(self, score: float, step: int) -> None:
+    def _consider(self, key: tuple[float, float], step: int) -> None:
         # Equal AP@0.5 is decided by AP@0.5:0.95 (better outlines); full ties go to the later
         # weights: they have seen the corrections longer.
-        key = (score, getattr(self, "_fine", 0.0))
-        if _finite(score) and key >= self.best.get("key", (-math.inf, -math.inf)):
-            self.best = {"score": score, "key": key, "state": copy.deepcopy(self.model.state_dict()), "step": step}
+        if _finite(key[0]) and key >= self.best.get("key", (-math.inf, -math.inf)):
+            self.best = {"score": key[0], "key": key, "state": copy.deepcopy(self.model.state_dict()), "step": step}
 
     def score(self) -> float:
-        """AP@0.5 of the current weights on the validation pairs; without them, the mean of
-        AP@0.5 on the held-out objects and AP@0.5 on the objects around the corrections (each
+        """AP@0.5 of the current weights on what chooses the weights (see :meth:`scores`)."""
+        return self.scores()[0]
+
+    def scores(self) -> tuple[float, float]:
+        """``(AP@0.5, AP@0.5:0.95)`` of the current weights on the validation pairs; without
+        them, the mean over the held-out objects and the objects around the corrections (each
         averaged over regions, weighted by their objects): what was right stays right, and
-        what was painted is learned. AP@0.5:0.95 of the same segmentations breaks ties."""
-        from .inference import segment
+        what was painted is learned. The second number breaks ties of the first."""
         from .metrics import COCO_THRESHOLDS, average_precision
 
-        def scores(preds, truths, weights=None):
+        def mean_aps(preds, truths, weights=None):
             aps = [average_precision(p, t, COCO_THRESHOLDS) for p, t in zip(preds, truths)]
             return (float(np.average([a[0.5] for a in aps], weights=weights)),
                     float(np.average([np.mean(list(a.values())) for a in aps], weights=weights)))
 
         if self.validation is not None:
             images, labels = self.validation
-            preds = [segment(self.model, im, device=self.device, channel_axis=self.channel_axis) for im in images]
-            score, self._fine = scores(preds, labels)
-            return score
+            return mean_aps([self.segment(im) for im in images], labels)
         parts = []
-        for kind in ("holdout", "checks"):
+        for regions_of in (lambda pair: [pair.holdout] if pair.holdout is not None else [], lambda pair: pair.checks):
             preds, truths, weights = [], [], []
             for pair in self.pairs.values():
-                regions = [pair.holdout] if kind == "holdout" and pair.holdout is not None else []
-                regions = regions if kind == "holdout" else pair.checks
-                for region in regions:
-                    pred = segment(self.model, pair.source, device=self.device, channel_axis=self.channel_axis,
-                                   window=region.window)
+                for region in regions_of(pair):
+                    pred = self.segment(pair.source, window=region.window)
                     # Predicted objects that lie mostly in the scored area are scored.
                     ids, inside = np.unique(pred[region.scored], return_counts=True)
                     sizes = np.bincount(pred.ravel())
@@ -872,11 +859,10 @@ class TrainingSession:
                     truths.append(region.truth)
                     weights.append(max(region.n_objects, 1))
             if preds:
-                parts.append(scores(preds, truths, weights))
+                parts.append(mean_aps(preds, truths, weights))
         if not parts:
-            return -math.inf
-        self._fine = float(np.mean([p[1] for p in parts]))
-        return float(np.mean([p[0] for p in parts]))
+            return (-math.inf, -math.inf)
+        return (float(np.mean([p[0] for p in parts])), float(np.mean([p[1] for p in parts])))
 
     # -- results ---------------------------------------------------------------------------
     def segment(self, image, *, window=None, **options):
@@ -946,36 +932,17 @@ def train(
     time_budget: float | None = None,
     regions: Sequence | None = None,
     previous: Sequence | None = None,
-    seed: int | None = None,
     progress: Callable[[dict], object] | None = None,
     cancel: Callable[[], bool] | None = None,
-    batch_size: int = 2,
-    tile_size: int | None = None,
-    lr: float | None = None,
-    weight_decay: float = 1e-5,
-    optimizer: str = "adam",
-    schedule: str = "cosine",
-    widen_for_rgb: bool = True,
-    fine_tune: bool | None = None,
-    freeze_encoder: bool = False,
-    ignore_value: int | None = None,
-    val_images: Sequence | None = None,
-    val_labels: Sequence | None = None,
     val_every: int | None = None,
-    holdout: bool = True,
-    replay: Sequence | None = None,
-    keep_norm_statistics: bool = False,
-    w0: float = 10.0,
-    sigma: float = 5.0,
-    deep_supervision: bool = True,
-    dice_weight: float = 0.0,
-    augment: bool = True,
-    device=None,
+    widen_for_rgb: bool = True,
     channel_axis: int | None = None,
+    **options,
 ):
     """Train (or fine-tune) ``model`` on (image, labels) pairs; returns ``(model, history)``.
 
-    A fixed run of :class:`TrainingSession`.
+    A fixed run of :class:`TrainingSession`; keyword arguments not named in the signature
+    (``seed``, ``lr``, ``batch_size``, ``holdout``, ...) are the session's, described here.
 
     Parameters
     ----------
@@ -1068,31 +1035,7 @@ def train(
     original = model
     if widened:
         model = widen_input(model)
-    session = TrainingSession(
-        model,
-        seed=seed,
-        batch_size=batch_size,
-        tile_size=tile_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        optimizer=optimizer,
-        schedule=schedule,
-        fine_tune=fine_tune,
-        freeze_encoder=freeze_encoder,
-        ignore_value=ignore_value,
-        w0=w0,
-        sigma=sigma,
-        deep_supervision=deep_supervision,
-        dice_weight=dice_weight,
-        augment=augment,
-        device=device,
-        channel_axis=channel_axis,
-        holdout=holdout,
-        replay=replay,
-        keep_norm_statistics=keep_norm_statistics,
-        val_images=val_images,
-        val_labels=val_labels,
-    )
+    session = TrainingSession(model, channel_axis=channel_axis, **options)
     regions = regions if regions is not None else [None] * len(images)
     previous = previous if previous is not None else [None] * len(images)
     for i, (im, lab, reg, prev) in enumerate(zip(images, labels, regions, previous)):

@@ -83,12 +83,11 @@ def test_closing_the_viewer_while_segmenting_cancels_cleanly(make_napari_viewer,
     widget = open_widget(viewer, "Segment")
     widget.image.setCurrentText("big")
     widget.tile.setValue(100)  # many small tiles: a long run
-    worker = widget.run()
+    assert widget.run() is not None
     qtbot.waitUntil(lambda: widget.progress.value() > 0, timeout=30_000)
     viewer.close()
     qtbot.waitUntil(lambda: QThreadPool.globalInstance().activeThreadCount() == 0, timeout=10_000)
     assert not errors
-    assert worker is not None
 
 
 def test_closing_the_viewer_while_fine_tuning_cancels_cleanly(make_napari_viewer, qtbot, errors):
@@ -172,3 +171,12 @@ def test_fine_tune_with_no_active_model_loads_the_default_in_a_worker(make_napar
     assert threads and all(t is not threading.main_thread() for t in threads)
     assert [name for name, _ in state.versions] == ["default model", "default model (fine-tuned)"]
     assert not errors
+
+
+def test_the_device_list_does_not_import_torch(monkeypatch):
+    import sys
+
+    from napari_unet_studio._widgets.model_widget import available_devices
+
+    monkeypatch.delitem(sys.modules, "torch")
+    assert available_devices() == ["auto", "cpu"] and "torch" not in sys.modules

@@ -15,14 +15,19 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import notify_error, set_tooltips
+from ._common import notify_error, set_choices, set_tooltips
 from ._settings import persist
 from ._state import state_for
 
 
 
 def available_devices() -> list[str]:
-    """The device choices present on this machine ("auto" and "cpu" always)."""
+    """The device choices present on this machine ("auto" and "cpu" always). Until torch is
+    loaded (by the first model) only those two: opening the dock must not import torch."""
+    import sys
+
+    if "torch" not in sys.modules:
+        return ["auto", "cpu"]
     import torch
 
     from ..devices import mps_available
@@ -113,7 +118,7 @@ class ModelWidget(QWidget):
         device_row = QHBoxLayout()
         device_row.addWidget(QLabel("Device", parent=self))
         self.device = QComboBox(parent=self)
-        self.device.addItems(available_devices())
+        set_choices(self.device, available_devices())
         self.device.setToolTip("Where models compute: auto picks CUDA, then Apple's MPS, then the CPU; only devices present are listed")
         self.device.setCurrentText(self.state.device)
         device_row.addWidget(self.device)
@@ -143,6 +148,9 @@ class ModelWidget(QWidget):
 
     def _refresh(self) -> None:
         self.info.setText(describe(self.state.model, self.state.name, self.state.device))
+        self.device.blockSignals(True)
+        set_choices(self.device, available_devices())  # more once torch is loaded
+        self.device.blockSignals(False)
         self.version.blockSignals(True)
         self.version.clear()
         for i, (name, _model) in enumerate(self.state.versions, start=1):
