@@ -130,6 +130,33 @@ def still_corrected(new: np.ndarray, true: np.ndarray, e: dict, old_pred: np.nda
     return True
 
 
+def method_options(method: str, preds) -> dict:
+    """``train`` options of a method: ``plain``, or ``corrections`` and modifiers joined by ``+``
+    (``replay``, ``keep-norm``, ``frozen``, ``tune-pp``: post-processing re-chosen with the weights, ``distill``: unedited pixels train
+    on the starting model's probabilities rather than its labels, ``lr=X``); ``replay`` and ``keep-norm`` alone mean
+    corrections with that modifier."""
+    parts = method.split("+")
+    if parts[0] == "plain":
+        return {"holdout": False}
+    extra = {"previous": preds, "holdout": True}
+    for part in parts:
+        if part == "replay":
+            extra["replay"] = [load_sample("nuclei")]
+        elif part == "keep-norm":
+            extra["keep_norm_statistics"] = True
+        elif part == "frozen":
+            extra["freeze_encoder"] = True
+        elif part == "distill":
+            extra["distill"] = True
+        elif part == "tune-pp":
+            extra["tune_postprocess"] = True
+        elif part.startswith("lr="):
+            extra["lr"] = float(part[3:])
+        elif part != "corrections":
+            raise SystemExit(f"unknown method part {part!r}")
+    return extra
+
+
 def ap50(model, images, labels) -> float:
     return float(np.mean([average_precision(segment(model, im), lab)[0.5] for im, lab in zip(images, labels)]))
 
@@ -144,7 +171,8 @@ def main():
     parser.add_argument("--sparse", action="store_true", help="also the sparse painting")
     parser.add_argument("--replay", action="store_true", help="also corrections + replay of the shipped nuclei sample")
     parser.add_argument("--methods", default="plain,corrections",
-                        help="which of plain, corrections, replay, keep-norm (corrections with BatchNorm statistics kept)")
+                        help="plain, or corrections with modifiers joined by '+': replay, keep-norm (BatchNorm statistics "
+                             "kept), frozen (encoder frozen), tune-pp (post-processing re-chosen), distill, lr=X; e.g. corrections+frozen+keep-norm")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "corrections.json"))
     args = parser.parse_args()
@@ -171,11 +199,7 @@ def main():
                 for method in methods:
                     torch.manual_seed(args.seed)
                     model = load_model("default")
-                    extra = {"previous": preds, "holdout": True} if method != "plain" else {"holdout": False}
-                    if method == "replay":
-                        extra["replay"] = [load_sample("nuclei")]
-                    if method == "keep-norm":
-                        extra["keep_norm_statistics"] = True
+                    extra = method_options(method, preds)
                     start = time.perf_counter()
                     model, history = train(model, images, labels, time_budget=budget, seed=args.seed, ignore_value=ignore, **extra)
                     seconds = time.perf_counter() - start
@@ -185,9 +209,9 @@ def main():
                     row = {"kind": kind, "budget_s": budget, "painting": painting, "method": method, "steps": run["steps"],
                            "best_step": run["best_step"], "seconds": round(seconds, 1), "corrections": n_corrected,
                            "kept": float(np.mean(kept)) if kept else None, "ap50_before": before,
-                           "ap50_after": ap50(model, eval_images, eval_labels)}
+                           "ap50_after": ap50(model, eval_images, eval_labels), "postprocess": run.get("postprocess")}
                     results.append(row)
-                    print(f"  {painting:6} {method:11} {budget:4.0f} s  {row['steps']:4d} steps (best {row['best_step']:4d})  "
+                    print(f"  {painting:6} {method:24} {budget:4.0f} s  {row['steps']:4d} steps (best {row['best_step']:4d})  "
                           f"kept {row['kept']:.2f}  held-out AP@0.5 {before:.3f} -> {row['ap50_after']:.3f}", flush=True)
         Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

@@ -81,7 +81,7 @@ def make_session(model, image, labels, setting: dict) -> TrainingSession:
 
 def step_flops(session: TrainingSession, channels_last: bool) -> float:
     """Forward + backward FLOPs of one step (the optimiser's few element-wise FLOPs left out)."""
-    x, t, w = (torch.from_numpy(a) for a in session._ensure_sampler().sample(session.batch_size))
+    x, t, w = (torch.from_numpy(a) for a in session._ensure_sampler().sample(session.batch_size)[:3])
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with FlopCounterMode(display=False) as counter:
@@ -104,7 +104,7 @@ def timed_steps(session: TrainingSession, setting: dict, seconds: float) -> dict
         model.encoder.eval()
 
     def batch():
-        x, t, w = (torch.from_numpy(a) for a in sampler.sample(session.batch_size))
+        x, t, w = (torch.from_numpy(a) for a in sampler.sample(session.batch_size)[:3])
         x, t, w = augment_batch(x, t, w, generator=session.generator)
         return x, _center(t, session.out_size), _center(w, session.out_size)
 
@@ -134,7 +134,7 @@ def timed_steps(session: TrainingSession, setting: dict, seconds: float) -> dict
             t2 = time.perf_counter()
             t1 = t0
         else:
-            x, t, w = (torch.from_numpy(a) for a in sampler.sample(session.batch_size))
+            x, t, w = (torch.from_numpy(a) for a in sampler.sample(session.batch_size)[:3])
             t1 = time.perf_counter()
             x, t, w = augment_batch(x, t, w, generator=session.generator)
             t, w = _center(t, session.out_size), _center(w, session.out_size)

@@ -4,7 +4,7 @@ from conftest import tiny
 from scipy import ndimage as ndi
 
 from napari_unet_studio import segment
-from napari_unet_studio.postprocess import labels_from_probabilities, remove_small
+from napari_unet_studio.postprocess import check_options, labels_from_probabilities, remove_small
 
 
 def two_touching_discs(shape=(100, 140), radius=22, gap=-6):
@@ -212,3 +212,18 @@ def test_check_options():
     ]:
         with pytest.raises(ValueError, match=message):
             check_options(encoding, options)
+
+
+def test_candidate_options_start_with_the_model_s_own_and_never_repeat():
+    from napari_unet_studio.postprocess import candidate_options
+
+    own = {"threshold": 0.5, "seed_threshold": 0.9, "min_size": 10}
+    grid = candidate_options("foreground", own)
+    assert grid[0] == own
+    assert len(grid) == 8  # 4 plain thresholds + 4 seed thresholds, own (seeds 0.9) once
+    assert all(o["min_size"] == 10 for o in grid)
+    assert {o.get("seed_threshold") for o in grid} == {None, 0.7, 0.8, 0.9, 0.95}
+    for o in grid:
+        check_options("foreground", o)
+    assert [o["threshold"] for o in candidate_options("boundary", {"threshold": 0.5})] == [0.5, 0.3, 0.7]
+    assert candidate_options("semantic", {"min_size": 3}) == [{"min_size": 3}]

@@ -289,3 +289,103 @@ def test_equal_ap50_is_decided_by_the_outlines(monkeypatch):
     monkeypatch.setattr(session, "scores", lambda: next(values))
     session.run(steps=6, val_every=2)
     assert session.best["step"] == 2 and session.best["key"] == (0.8, 0.5)
+
+
+def _two_squares_and_soft_probabilities(inside: float):
+    """Truth with two objects, and probabilities of ``inside`` on them (0.05 elsewhere)."""
+    truth = np.zeros((64, 64), np.int32)
+    truth[10:20, 10:20] = 1
+    truth[30:45, 30:45] = 2
+    probs = np.empty((2, 64, 64), np.float32)
+    probs[1] = np.where(truth > 0, inside, 0.05)
+    probs[0] = 1 - probs[1]
+    return truth, probs
+
+
+@pytest.mark.parametrize("tune", [True, False])
+def test_each_weights_are_scored_with_the_post_processing_that_suits_them(monkeypatch, tune):
+    """Fine-tuning can soften the probabilities under the model's seed threshold: the session
+    scores the weights with the best of a few settings and hands the model back with them."""
+    truth, probs = _two_squares_and_soft_probabilities(0.85)
+    model = UNet(depth=2, base_channels=4, postprocess={"threshold": 0.5, "seed_threshold": 0.95, "min_size": 5})
+    session = TrainingSession(model, val_images=[np.zeros((64, 64), np.float32)], val_labels=[truth],
+                              tune_postprocess=tune)
+    monkeypatch.setattr(session, "_probabilities", lambda image, window=None: probs)
+    key = session.scores()
+    if not tune:  # seeds at 0.95 find nothing in 0.85
+        assert key == (0.0, 0.0) and session.scored_postprocess["seed_threshold"] == 0.95
+        return
+    assert key == (1.0, 1.0)
+    # The first setting (in the grid's order) that finds both objects: plain threshold 0.5.
+    assert session.scored_postprocess == {"threshold": 0.5, "min_size": 5}
+    session._checkpoint({})
+    model = session.finish()
+    assert model.postprocess == {"threshold": 0.5, "min_size": 5}
+    assert model.provenance["training"][-1]["postprocess"] == {"threshold": 0.5, "min_size": 5}
+    assert segment(model, np.zeros((64, 64), np.float32)).shape == (64, 64)
+
+
+def test_ties_keep_the_model_s_own_post_processing(monkeypatch):
+    truth, probs = _two_squares_and_soft_probabilities(0.99)  # every setting finds both objects
+    own = {"threshold": 0.5, "seed_threshold": 0.95, "min_size": 5}
+    model = UNet(depth=2, base_channels=4, postprocess=own)
+    session = TrainingSession(model, val_images=[np.zeros((64, 64), np.float32)], val_labels=[truth],
+                              tune_postprocess=True)
+    monkeypatch.setattr(session, "_probabilities", lambda image, window=None: probs)
+    assert session.scores() == (1.0, 1.0)
+    session._checkpoint({})
+    model = session.finish()
+    assert model.postprocess == own and "postprocess" not in model.provenance["training"][-1]
+
+
+def test_unedited_pixels_are_trained_towards_the_starting_probabilities():
+    from napari_unet_studio import predict
+
+    image, labels = synthetic_cells((128, 128), n=10)
+    painted = labels.copy()
+    painted[painted == 4] = 0  # the user erased a false object
+    model = small_unet()
+    start = predict(model, image)
+    session = TrainingSession(model, seed=0, tile_size=92, holdout=False, distill=True)
+    session.set_pair(0, image, painted, previous=labels)
+    session.prepare()
+    pair = session.pairs[0]
+    assert pair.soft.shape == (3, 128, 128)
+    np.testing.assert_allclose(pair.soft[:2], start, atol=1e-3)  # float16
+    unedited = pair.soft[2] > 0.5
+    assert not unedited[pair.corrections.mask].any()  # corrections train on the painting
+    assert unedited[~pair.corrections.mask].all()
+    session.run(steps=2)
+    # Replacing the labels (a new stroke) keeps the starting probabilities, not the trained ones.
+    painted2 = painted.copy()
+    painted2[painted2 == 5] = 0
+    session.set_pair(0, image, painted2, previous=labels)
+    session.prepare()
+    np.testing.assert_allclose(session.pairs[0].soft[:2], start, atol=1e-3)
+    assert (session.pairs[0].soft[2] < pair.soft[2]).any()  # the new correction is no longer distilled
+
+    plain = TrainingSession(small_unet(), seed=0, tile_size=92, holdout=False)  # off by default
+    plain.set_pair(0, image, painted, previous=labels)
+    plain.prepare()
+    assert plain.pairs[0].soft is None
+    without_previous = TrainingSession(small_unet(), seed=0, tile_size=92, holdout=False, distill=True)
+    without_previous.set_pair(0, image, painted)
+    without_previous.prepare()
+    assert without_previous.pairs[0].soft is None
+
+
+@pytest.mark.parametrize("typical, expected", [(0.9, 3e-5), (0.0, 3e-4), (None, 3e-4)])
+def test_fine_tuning_is_gentler_on_familiar_images(typical, expected):
+    image, labels = synthetic_cells((128, 128), n=10)
+    model = small_unet()  # random weights: most pixels uncertain
+    model.provenance["training"] = [{"steps": 1}]  # a trained model: fine-tuning
+    if typical is not None:
+        model.provenance["uncertainty"] = {"typical": typical, "images": 1}
+    session = TrainingSession(model, seed=0, tile_size=92, holdout=False)
+    session.set_pair(0, image, labels)
+    session.prepare()
+    assert session.lr == expected and session.familiar is (typical == 0.9)
+    given = TrainingSession(small_unet(), seed=0, tile_size=92, holdout=False, lr=1e-2, fine_tune=True)
+    given.set_pair(0, image, labels)
+    given.prepare()
+    assert given.lr == 1e-2 and given.familiar is None  # a given rate is the user's

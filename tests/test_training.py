@@ -212,3 +212,24 @@ def test_a_gray_model_is_widened_for_rgb_training_images():
     assert segment(trained, rgb).shape == labels.shape and segment(trained, gray).shape == labels.shape
     kept, _ = train(small_unet(), [rgb], [labels], steps=2, seed=0, batch_size=1, tile_size=60, widen_for_rgb=False)
     assert kept.in_channels == 1
+
+
+def test_soft_targets_replace_the_class_where_their_mask_is_set():
+    """Masked pixels: cross-entropy against the given probabilities, -sum p log q; the others:
+    against their class, as before."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 2, 3, 3)
+    target = torch.randint(0, 2, (1, 3, 3))
+    weights = torch.rand(1, 3, 3) + 0.5
+    p = torch.rand(1, 1, 3, 3)
+    mask = torch.zeros(1, 1, 3, 3)
+    mask[0, 0, :2] = 1  # the first two rows are trained towards p
+    soft = torch.cat([1 - p, p, mask], 1)
+    log_q = torch.log_softmax(logits, 1)
+    expected = torch.where(mask[:, 0] > 0.5, -(soft[:, :2] * log_q).sum(1),
+                           -log_q.gather(1, target[:, None])[:, 0])
+    torch.testing.assert_close(weighted_cross_entropy(logits, target, weights, soft),
+                               (expected * weights).sum() / 9)
+    soft[:, 2] = 0  # no mask: the plain loss
+    torch.testing.assert_close(weighted_cross_entropy(logits, target, weights, soft),
+                               weighted_cross_entropy(logits, target, weights))

@@ -149,7 +149,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .devices import resolve_device
     from .io import collect_images, read_image, write_labels
-    from .inference import segment
+    from .inference import segment, unfamiliar
     from .postprocess import options_for
 
     start = time.perf_counter()
@@ -167,11 +167,16 @@ def run_predict(args: argparse.Namespace) -> int:
         image = read_image(path)
         bar, update = _progress_bar(args.quiet, path.name)
         try:
-            labels = segment(model, image, tile_size=args.tile_size, device=device, progress=update, min_size=args.min_size, **options)
+            labels, probs = segment(model, image, tile_size=args.tile_size, device=device, progress=update,
+                                    min_size=args.min_size, return_probabilities=True, **options)
         except InputError as exc:
             raise InputError(f"{path}: {exc}") from exc
         finally:
             bar.close()
+        warning = unfamiliar(model, probs)
+        if warning:
+            print(f"unet-studio: warning: {path.name}: {warning}", file=sys.stderr)
+        del probs
         write_labels(out_dir / path.name, labels)
         n_objects += int(labels.max())
     seconds = time.perf_counter() - start

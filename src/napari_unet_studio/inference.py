@@ -387,3 +387,67 @@ def segment(
         labels[s] = np.where(lab > 0, lab + offset, 0)
         offset += int(lab.max())
     return (labels, probs) if return_probabilities else labels
+
+
+#: A pixel is uncertain when its most probable class has a probability below this.
+UNCERTAIN_BELOW = 0.9
+
+
+def uncertainty(probabilities: np.ndarray) -> float:
+    """Share of pixels whose most probable class is below :data:`UNCERTAIN_BELOW`, from
+    :func:`predict`'s ``(classes, ...)`` probabilities: low on images like the model's training
+    data, high on images it has not learnt (see :func:`unfamiliar`)."""
+    probabilities = np.asarray(probabilities)
+    if probabilities.size == 0:
+        return 0.0
+    return float((probabilities.max(axis=0) < UNCERTAIN_BELOW).mean())
+
+
+#: An image is unfamiliar when its uncertainty exceeds the typical uncertainty of the images the
+#: model learnt from by this factor (and by at least :data:`UNFAMILIAR_MARGIN` in share of pixels).
+#: Measured for the default model (benchmarks/unfamiliar.py, 20 images a kind): warns on 1 in 20
+#: fluorescence images it was not trained on, 18 in 20 stained-tissue and 20 in 20 EM images.
+UNFAMILIAR_FACTOR = 3.5
+UNFAMILIAR_MARGIN = 0.05
+
+
+def image_uncertainty(model, image, *, channel_axis: int | None = None, device=None, max_side: int = 1024) -> float:
+    """:func:`uncertainty` of ``model`` on ``image``, read in a central window of at most
+    ``max_side`` pixels a side (a 2-D image, or 2-D with channels)."""
+    layout = ImageLayout(image, channel_axis)
+    h, w = layout.plane
+    top, left = max(0, (h - max_side) // 2), max(0, (w - max_side) // 2)
+    window = (slice(top, min(h, top + max_side)), slice(left, min(w, left + max_side)))
+    return uncertainty(predict(model, image, channel_axis=channel_axis, device=device, window=window))
+
+
+def uncertainty_reference(model, images, *, channel_axis: int | None = None, device=None, max_side: int = 1024) -> dict:
+    """The model card's record of how uncertain ``model`` is on images like its training data:
+    ``{"typical": median uncertainty, "images": n}`` (see :func:`image_uncertainty`). Store it
+    as ``model.provenance["uncertainty"]``; then :func:`unfamiliar` can tell images unlike them."""
+    values = [image_uncertainty(model, im, channel_axis=channel_axis, device=device, max_side=max_side) for im in images]
+    return {"typical": float(np.median(values)) if values else 0.0, "images": len(values)}
+
+
+def is_unfamiliar(model, value: float) -> bool | None:
+    """Whether an uncertainty ``value`` is far above ``model``'s typical one (None: the model's
+    card has no record)."""
+    reference = (getattr(model, "provenance", None) or {}).get("uncertainty")
+    if not reference:
+        return None
+    typical = float(reference.get("typical", 0.0))
+    return value > max(UNFAMILIAR_FACTOR * typical, typical + UNFAMILIAR_MARGIN)
+
+
+def unfamiliar(model, probabilities) -> str | None:
+    """A warning, in plain words, when ``probabilities`` (from :func:`predict`) are far more
+    uncertain than ``model`` is on images like the ones it learnt from (its card's
+    ``provenance["uncertainty"]``): the image is probably unlike its training data and the
+    result unreliable. None when the image looks familiar or the model has no such record."""
+    value = uncertainty(probabilities)
+    if not is_unfamiliar(model, value):
+        return None
+    typical = float(model.provenance["uncertainty"]["typical"])
+    return (f"this image looks unlike the images the model learnt from: {value:.0%} of its pixels are "
+            f"uncertain (typically {typical:.0%}); check the result, and paint a few corrections and "
+            "fine-tune if it is poor")

@@ -94,6 +94,30 @@ def options_for(model, **overrides) -> dict:
     return options
 
 
+def candidate_options(encoding: str, current: dict) -> list[dict]:
+    """Post-processing settings worth trying for a model with ``current`` settings (first in
+    the list, so that ties keep them): fine-tuning sharpens or softens the network's
+    probabilities, which moves the best threshold. For ``"foreground"``: plain thresholds 0.5-0.8
+    and seeds 0.7-0.95 over 0.5; for ``"boundary"``: foreground thresholds 0.3-0.7; ``min_size``
+    and other settings stay as they are."""
+    current = dict(current)
+    base = {k: v for k, v in current.items() if k not in ("threshold", "seed_threshold", "split")}
+    if encoding == "foreground":
+        grid = [dict(base, threshold=t) for t in (0.5, 0.6, 0.7, 0.8)]
+        grid += [dict(base, threshold=0.5, seed_threshold=s) for s in (0.7, 0.8, 0.9, 0.95)]
+    elif encoding == "boundary":
+        grid = [dict(base, threshold=t) for t in (0.3, 0.5, 0.7)]
+    else:
+        grid = []
+    norm = lambda o: tuple(sorted({"threshold": DEFAULT_THRESHOLD, "seed_threshold": None, "split": None, **o}.items()))  # noqa: E731
+    out, seen = [current], {norm(current)}
+    for options in grid:
+        if norm(options) not in seen:
+            seen.add(norm(options))
+            out.append(options)
+    return out
+
+
 def _foreground_labels(
     probs: np.ndarray, threshold: float, split: str | None, h: float, seed_threshold: float | None, min_size: int
 ) -> np.ndarray:

@@ -64,6 +64,13 @@ HOLDOUT_MIN_OBJECTS, HOLDOUT_MAX_OBJECTS = 8, 20
 HOLDOUT_TRUSTED = 10
 #: Background ring (pixels) around held-out objects that is held out and scored with them.
 HOLDOUT_MARGIN = 4
+#: Fine-tuning learning rate (Adam), and the gentler one for images the model finds familiar
+#: (its card's uncertainty, :func:`~.inference.is_unfamiliar`): measured with the simulated user
+#: (benchmarks/corrections.py), 3e-4 on two fluorescence images cost up to 0.2 held-out AP@0.5 within
+#: 30 steps, 3e-5 did not; on kinds the model never saw, 3e-4 is what moved it (benchmarks/finetune.py).
+FINE_TUNE_LR, FAMILIAR_LR = 3e-4, 3e-5
+#: Training images on which a finished run measures the model's uncertainty (model card).
+UNCERTAINTY_IMAGES = 3
 #: Share of crops drawn from replay pairs (examples of what the model already knew).
 REPLAY_SHARE = 0.2
 
@@ -124,6 +131,9 @@ class TrainingPair:
     checks: list = field(default_factory=list)  # HoldOut regions around the corrections
     source: object = None  # the raw image (to score the hold-out as segment() sees it)
     corrections: object = None  # the :class:`~.corrections.Corrections`, when previous labels were given
+    # (C + 1, H, W) float16: the starting model's class probabilities and, last, 1 where the user
+    # left the model's labels as they were (trained towards those probabilities; see ``distill``).
+    soft: np.ndarray | None = None
 
 
 def _choose_holdout(instances: np.ndarray, ignore: np.ndarray, protected: np.ndarray, k: int, rng) -> HoldOut | None:
@@ -286,13 +296,17 @@ class CropSampler:
         cy, cx = np.unravel_index(pool[self.rng.integers(pool.size)], pair.target.shape)
         return pair, int(cy), int(cx)
 
-    def sample(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(x (B,C,S,S), target (B,S,S), weights (B,S,S))`` centred on annotated pixels."""
+    def sample(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """``(x (B,C,S,S), target (B,S,S), weights (B,S,S), soft (B,K+1,S,S) or None)`` centred
+        on annotated pixels; ``soft`` (the pairs' :attr:`TrainingPair.soft`, its last channel 0
+        for pairs without) only when some pair has soft targets."""
         c = self.pairs[0].image.shape[0]
         s = self.size
         x = np.empty((batch, c, s, s), np.float32)
         t = np.empty((batch, s, s), np.int64)
         w = np.empty((batch, s, s), np.float32)
+        k = next((p.soft.shape[0] for p in self.pairs if p.soft is not None), 0)
+        soft = np.zeros((batch, k, s, s), np.float32) if k else None
         for b in range(batch):
             pair, cy, cx = self.centre()
             h, wd = pair.target.shape
@@ -305,7 +319,9 @@ class CropSampler:
             x[b] = pair.image[:, rows][:, :, cols]
             t[b] = pair.target[ix]
             w[b] = pair.weights[ix]
-        return x, t, w
+            if soft is not None and pair.soft is not None:
+                soft[b] = pair.soft[:, rows][:, :, cols]
+        return x, t, w, soft
 
 
 def augment_batch(
@@ -317,8 +333,11 @@ def augment_batch(
     sigma: float = 10.0,
     generator: torch.Generator | None = None,
     gray: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Elastic + rotation/flip with one field per sample for image, classes and weights; gray values."""
+    soft: torch.Tensor | None = None,
+):
+    """Elastic + rotation/flip with one field per sample for image, classes and weights (and
+    ``soft`` targets, bilinearly, when given); gray values. Returns ``(x, target, weights)``, or
+    ``(x, target, weights, soft)`` when ``soft`` is given."""
     b, _, h, w = x.shape
     field_ = displacement_field(b, (h, w), grid=grid, sigma=sigma, generator=generator, device=x.device)
     sgrid = sampling_grid(field_, affine_matrices(b, generator=generator))
@@ -328,13 +347,25 @@ def augment_batch(
     weights = torch.where(target == IGNORE_INDEX, torch.zeros_like(weights), weights)
     if gray:
         x = gray_value_augment(x, generator=generator)
-    return x, target, weights
+    if soft is None:
+        return x, target, weights
+    return x, target, weights, warp(soft, sgrid, "bilinear")
 
 
-def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The paper's energy: weight-map-weighted softmax cross-entropy, averaged over annotated pixels."""
+def weighted_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, soft: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The paper's energy: weight-map-weighted softmax cross-entropy, averaged over annotated pixels.
+
+    With ``soft`` (``(B, K + 1, H, W)``: class probabilities, then a mask), pixels whose mask is
+    above 0.5 are trained towards those probabilities (cross-entropy with soft targets) instead
+    of their class in ``target``."""
     valid = target != IGNORE_INDEX
-    ce = F.cross_entropy(logits.float(), target.clamp_min(0), reduction="none")
+    logits = logits.float()
+    ce = F.cross_entropy(logits, target.clamp_min(0), reduction="none")
+    if soft is not None:
+        towards = -(soft[:, :-1] * F.log_softmax(logits, 1)).sum(1)
+        ce = torch.where(soft[:, -1] > 0.5, towards, ce)
     return (ce * weights * valid).sum() / valid.sum().clamp_min(1)
 
 
@@ -398,6 +429,18 @@ class TrainingSession:
         Optional ``(image, labels)`` pairs of what the model already knows (e.g. a sample of
         its training data), from which ``replay_share`` of the crops are drawn, against
         forgetting; never held out, never counted as corrections.
+    distill
+        Off by default (measured: no gain, see the README). For pairs given with ``previous`` labels: where the user left the model's labels as they
+        were, train towards the starting model's probabilities (soft targets) rather than its
+        thresholded labels, so what was right stays right, as confident as it was; the
+        corrections (and the outlines and gaps of the objects they touch) train on the painted
+        labels as usual.
+    tune_postprocess
+        Off by default (measured: helped on one pair of images, hurt on another). When weights
+        are chosen by AP (validation or held-out objects), score each with the
+        post-processing settings that suit it best (a small grid around the model's own, see
+        :func:`~napari_unet_studio.postprocess.candidate_options`) and hand the model back with
+        the settings chosen with its weights.
     keep_norm_statistics
         Keep BatchNorm's running statistics fixed (its scale and shift still learn), so a few
         painted images do not re-estimate what the model learnt from many.
@@ -439,6 +482,8 @@ class TrainingSession:
         replay_share: float = REPLAY_SHARE,
         keep_norm_statistics: bool = False,
         reserve_cores: int = 0,
+        tune_postprocess: bool = False,
+        distill: bool = False,
     ) -> None:
         if optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', not {optimizer!r}")
@@ -457,7 +502,11 @@ class TrainingSession:
         self.model = model
         self.device = resolve_device(device)
         self.fine_tune = bool(model.provenance.get("training")) if fine_tune is None else bool(fine_tune)
-        self.lr = lr if lr is not None else (3e-4 if self.fine_tune else 1e-3)
+        # A fine-tune's learning rate, when not given, is chosen when the first pairs are
+        # prepared: gentler on images the model finds familiar (see _choose_lr).
+        self._lr_given = lr is not None
+        self.familiar: bool | None = None
+        self.lr = lr if lr is not None else (FINE_TUNE_LR if self.fine_tune else 1e-3)
         self.batch_size = batch_size
         self.schedule = schedule
         self.freeze_encoder = freeze_encoder
@@ -473,6 +522,12 @@ class TrainingSession:
         self.fit_threads = fit_threads
         self.keep_norm_statistics = keep_norm_statistics
         self.reserve_cores = reserve_cores
+        self.tune_postprocess = tune_postprocess
+        self.distill = distill
+        self._start_model = None  # a frozen copy of the starting weights, for soft targets
+        self._soft_cache: dict = {}  # key -> (image, starting probabilities)
+        self._initial_postprocess = dict(model.postprocess)
+        self.scored_postprocess: dict | None = None
         self.rng = np.random.default_rng(seed)
         self.generator = torch.Generator().manual_seed(int(self.rng.integers(2**62)))
         self._torch_state = None
@@ -577,10 +632,41 @@ class TrainingSession:
                 pair.annotated = np.flatnonzero(pair.target.ravel() != IGNORE_INDEX)
                 pair.corrected = pair.corrected[keep.ravel()[pair.corrected]]
                 pair.holdout = held
+            if self.familiar is None and self.fine_tune and not self._lr_given:
+                self._choose_lr(item["image"])
+            if self.distill and pair.corrections is not None:
+                pair.soft = self._soft_targets(key, item["image"], pair)
             self.pairs[key] = pair
         self._sampler = None
         self._best_is_stale = self.best["state"] is not None  # scored on other regions than the next checkpoint
         return list(pending)
+
+    def _choose_lr(self, image) -> None:
+        """Fine-tune gently (:data:`FAMILIAR_LR`) when the first image is familiar to the model
+        (its uncertainty within what its card records); at :data:`FINE_TUNE_LR` when it is not,
+        or when the card has no record."""
+        from .inference import image_uncertainty, is_unfamiliar
+
+        value = image_uncertainty(self.model, image, channel_axis=self.channel_axis, device=self.device)
+        self.familiar = is_unfamiliar(self.model, value) is False
+        self.lr = FAMILIAR_LR if self.familiar else FINE_TUNE_LR
+
+    def _soft_targets(self, key, image, pair: TrainingPair) -> np.ndarray:
+        """The starting model's probabilities on ``image`` (predicted once per image), with a
+        last channel marking the annotated pixels the user left as the model gave them."""
+        from .inference import predict
+
+        cached = self._soft_cache.get(key)
+        if cached is None or cached[0] is not image:
+            if self._start_model is None:
+                self._start_model = copy.deepcopy(self.model).eval()
+                self._start_model.load_state_dict(self._initial)
+                for p in self._start_model.parameters():
+                    p.requires_grad_(False)
+            probs = predict(self._start_model, image, device=self.device, channel_axis=self.channel_axis)
+            cached = self._soft_cache[key] = (image, probs.astype(np.float16))
+        unedited = ~pair.corrections.mask & (pair.target != IGNORE_INDEX)
+        return np.concatenate([cached[1], unedited[None].astype(np.float16)])
 
     def _holdout_size(self, labels) -> int:
         if not self.holdout or self.validation is not None:
@@ -625,13 +711,15 @@ class TrainingSession:
             for module in model.modules():
                 if isinstance(module, torch.nn.BatchNorm2d):
                     module.eval()
-        x, t, w = (torch.from_numpy(a).to(device) for a in sampler.sample(self.batch_size))
+        x, t, w, soft = (None if a is None else torch.from_numpy(a).to(device) for a in sampler.sample(self.batch_size))
         if self.augment:
-            x, t, w = augment_batch(x, t, w, generator=self.generator)
+            x, t, w, *rest = augment_batch(x, t, w, generator=self.generator, soft=soft)
+            soft = rest[0] if rest else None
         t, w = _center(t, self.out_size), _center(w, self.out_size)
+        soft = None if soft is None else _center(soft, self.out_size)
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.cuda):
             outputs = model.forward_deep(x) if self.deep else [model(x)]
-        loss = sum(weighted_cross_entropy(o, t, w) for o in outputs) / len(outputs)
+        loss = sum(weighted_cross_entropy(o, t, w, soft) for o in outputs) / len(outputs)
         if self.dice_weight:
             loss = loss + self.dice_weight * sum(soft_dice_loss(o, t) for o in outputs) / len(outputs)
         value = float(loss.detach())
@@ -717,7 +805,7 @@ class TrainingSession:
 
         A generator (for a napari worker): every ``chunk`` seconds of training it calls
         ``view()`` for ``(image, (rows, cols))``, the image and region in view (or None), and
-        yields ``{"step", "window", "labels"}`` with that region segmented by the current
+        yields ``{"step", "image", "window", "labels"}`` with that region segmented by the current
         weights. Pairs set meanwhile (:meth:`set_pair`) are trained on from the next step.
         The best weights are chosen every ``val_seconds``; returns :meth:`finish`'s model.
         """
@@ -729,7 +817,8 @@ class TrainingSession:
             seen = view()
             if seen is not None:
                 image, window = seen
-                yield {"step": self.step_count, "window": window, "labels": self.segment(image, window=window)}
+                yield {"step": self.step_count, "image": image, "window": window,
+                       "labels": self.segment(image, window=window)}
         if self.step_count and self.history and "val_ap50" not in self.history[-1]:
             self._checkpoint(self.history[-1])
         return self.finish(live=True)
@@ -805,7 +894,7 @@ class TrainingSession:
         current = copy.deepcopy(self.model.state_dict())
         self.model.load_state_dict(self.best["state"])
         key = self.scores()
-        self.best["score"], self.best["key"] = key[0], key
+        self.best.update(score=key[0], key=key, postprocess=self.scored_postprocess)
         self.model.load_state_dict(current)
         self._best_is_stale = False
 
@@ -818,13 +907,16 @@ class TrainingSession:
             record["val_source"] = self.chosen_by
         else:
             key = (-(self.ema if self.ema is not None else math.inf), 0.0)
+            self.scored_postprocess = None
         self._consider(key, self.step_count)
+        record["best_step"] = self.best["step"]
 
     def _consider(self, key: tuple[float, float], step: int) -> None:
         # Equal AP@0.5 is decided by AP@0.5:0.95 (better outlines); full ties go to the later
         # weights: they have seen the corrections longer.
         if _finite(key[0]) and key >= self.best.get("key", (-math.inf, -math.inf)):
-            self.best = {"score": key[0], "key": key, "state": copy.deepcopy(self.model.state_dict()), "step": step}
+            self.best = {"score": key[0], "key": key, "state": copy.deepcopy(self.model.state_dict()), "step": step,
+                         "postprocess": self.scored_postprocess}
 
     def score(self) -> float:
         """AP@0.5 of the current weights on what chooses the weights (see :meth:`scores`)."""
@@ -834,35 +926,63 @@ class TrainingSession:
         """``(AP@0.5, AP@0.5:0.95)`` of the current weights on the validation pairs; without
         them, the mean over the held-out objects and the objects around the corrections (each
         averaged over regions, weighted by their objects): what was right stays right, and
-        what was painted is learned. The second number breaks ties of the first."""
+        what was painted is learned. The second number breaks ties of the first.
+
+        Each weights are scored with the post-processing settings that suit them best among
+        :func:`~napari_unet_studio.postprocess.candidate_options` (the model's own first, kept on
+        ties): fine-tuning sharpens the probabilities, which moves the best threshold. The
+        settings behind the last score are in :attr:`scored_postprocess`."""
+        key, self.scored_postprocess = self._scores_and_postprocess()
+        return key
+
+    def _scores_and_postprocess(self) -> tuple[tuple[float, float], dict]:
         from .metrics import COCO_THRESHOLDS, average_precision
+        from .postprocess import candidate_options, labels_from_probabilities, options_for
+
+        current = options_for(self.model)
+        candidates = candidate_options(self.model.encoding, current) if self.tune_postprocess else [current]
 
         def mean_aps(preds, truths, weights=None):
             aps = [average_precision(p, t, COCO_THRESHOLDS) for p, t in zip(preds, truths)]
             return (float(np.average([a[0.5] for a in aps], weights=weights)),
                     float(np.average([np.mean(list(a.values())) for a in aps], weights=weights)))
 
-        if self.validation is not None:
-            images, labels = self.validation
-            return mean_aps([self.segment(im) for im in images], labels)
+        # parts -> [(probabilities, truth, scored area or None, weight)]; predicted once.
         parts = []
-        for regions_of in (lambda pair: [pair.holdout] if pair.holdout is not None else [], lambda pair: pair.checks):
-            preds, truths, weights = [], [], []
-            for pair in self.pairs.values():
-                for region in regions_of(pair):
-                    pred = self.segment(pair.source, window=region.window)
-                    # Predicted objects that lie mostly in the scored area are scored.
-                    ids, inside = np.unique(pred[region.scored], return_counts=True)
-                    sizes = np.bincount(pred.ravel())
-                    keep = ids[(ids > 0) & (inside >= 0.5 * sizes[ids])]
-                    preds.append(np.where(np.isin(pred, keep), pred, 0))
-                    truths.append(region.truth)
-                    weights.append(max(region.n_objects, 1))
-            if preds:
-                parts.append(mean_aps(preds, truths, weights))
+        if self.validation is not None:
+            parts.append([(self._probabilities(im), lab, None, 1) for im, lab in zip(*self.validation)])
+        else:
+            for regions_of in (lambda pair: [pair.holdout] if pair.holdout is not None else [], lambda pair: pair.checks):
+                items = [(self._probabilities(pair.source, r.window), r.truth, r.scored, max(r.n_objects, 1))
+                         for pair in self.pairs.values() for r in regions_of(pair)]
+                if items:
+                    parts.append(items)
         if not parts:
-            return (-math.inf, -math.inf)
-        return (float(np.mean([p[0] for p in parts])), float(np.mean([p[1] for p in parts])))
+            return (-math.inf, -math.inf), current
+        best_key, best_options = (-math.inf, -math.inf), current
+        for options in candidates:
+            keys = []
+            for items in parts:
+                preds = []
+                for probs, _, scored, _ in items:
+                    pred = labels_from_probabilities(probs, encoding=self.model.encoding, **options)
+                    if scored is not None:
+                        # Predicted objects that lie mostly in the scored area are scored.
+                        ids, inside = np.unique(pred[scored], return_counts=True)
+                        sizes = np.bincount(pred.ravel())
+                        keep = ids[(ids > 0) & (inside >= 0.5 * sizes[ids])]
+                        pred = np.where(np.isin(pred, keep), pred, 0)
+                    preds.append(pred)
+                keys.append(mean_aps(preds, [i[1] for i in items], [i[3] for i in items]))
+            key = (float(np.mean([k[0] for k in keys])), float(np.mean([k[1] for k in keys])))
+            if key > best_key:  # strictly better: ties keep the earlier (the model's own) settings
+                best_key, best_options = key, options
+        return best_key, best_options
+
+    def _probabilities(self, image, window=None) -> np.ndarray:
+        from .inference import predict
+
+        return predict(self.model, image, device=self.device, channel_axis=self.channel_axis, window=window)
 
     # -- results ---------------------------------------------------------------------------
     def segment(self, image, *, window=None, **options):
@@ -882,6 +1002,10 @@ class TrainingSession:
         return model
 
     def _restore(self, model) -> None:
+        if self.best.get("postprocess") is not None:
+            from .postprocess import OPTIONS
+
+            model.postprocess = {k: v for k, v in self.best["postprocess"].items() if k in OPTIONS}
         for p in model.parameters():
             p.requires_grad_(True)
         if self._prune_level is not None:
@@ -906,6 +1030,7 @@ class TrainingSession:
             "tile_size": self.tile_size,
             "lr": self.lr,
             "fine_tune": self.fine_tune,
+            **({"familiar": self.familiar} if self.familiar is not None else {}),
             "seed": self.seed,
         }
         corrections = [p.corrections for p in self.pairs.values() if p.corrections is not None]
@@ -917,10 +1042,28 @@ class TrainingSession:
             run["chosen_by"] = self.chosen_by
             run["choice_ap50"] = self.best["score"]
             run["holdout_objects"] = self.holdout_objects
+        if model.postprocess != self._initial_postprocess:
+            run["postprocess"] = dict(model.postprocess)
         run.update(extra)
+        self._update_uncertainty_reference(model)
         runs.append(run)
         model.provenance["training"] = runs
         return model
+
+
+    def _update_uncertainty_reference(self, model) -> None:
+        """Images like the ones just painted are now familiar to the model: its card's typical
+        uncertainty (see :func:`~napari_unet_studio.inference.unfamiliar`) becomes the larger of
+        the old one and the one measured on (up to 3 of) the training images."""
+        from .inference import uncertainty_reference
+
+        sources = [p.source for p in self.pairs.values()][:UNCERTAINTY_IMAGES]
+        if not sources or self.step_count == 0:
+            return
+        measured = uncertainty_reference(model, sources, channel_axis=self.channel_axis, device=self.device, max_side=768)
+        old = model.provenance.get("uncertainty") or {"typical": 0.0, "images": 0}
+        model.provenance["uncertainty"] = {"typical": max(float(old["typical"]), measured["typical"]),
+                                           "images": int(old["images"]) + measured["images"]}
 
 
 def train(
@@ -973,7 +1116,9 @@ def train(
         valid input whose output is >= 260 px, i.e. 444 for depth 4: on a CPU, 2 crops of 444 train
         1.6x more output pixels per second than 4 of 348).
     lr
-        Peak learning rate; default 1e-3 from scratch and 3e-4 when fine-tuning (Adam).
+        Peak learning rate; default 1e-3 from scratch; when fine-tuning, 3e-4, or 3e-5 when the
+        first image is familiar to the model (its uncertainty within what the model's card
+        records; the run's record says ``familiar``).
     optimizer, schedule
         ``"adam"`` (default) or the paper's ``"sgd"`` (momentum 0.99); ``"cosine"`` (default:
         20 warm-up steps, then cosine decay to 5 %) or ``"constant"`` (after the warm-up).
@@ -1001,6 +1146,18 @@ def train(
     replay
         Optional ``(image, labels)`` pairs of what the model already knows, mixed into a fifth
         of the crops against forgetting (see :class:`TrainingSession`).
+    distill
+        Off by default (measured: no gain, see the README). For pairs given with ``previous`` labels: where the user left the model's labels as they
+        were, train towards the starting model's probabilities (soft targets) rather than its
+        thresholded labels, so what was right stays right, as confident as it was; the
+        corrections (and the outlines and gaps of the objects they touch) train on the painted
+        labels as usual.
+    tune_postprocess
+        Off by default (measured: helped on one pair of images, hurt on another). When weights
+        are chosen by AP (validation or held-out objects), score each with the
+        post-processing settings that suit it best (a small grid around the model's own, see
+        :func:`~napari_unet_studio.postprocess.candidate_options`) and hand the model back with
+        the settings chosen with its weights.
     keep_norm_statistics
         Keep BatchNorm's running statistics fixed while training (see :class:`TrainingSession`).
     w0, sigma
@@ -1048,6 +1205,7 @@ def train(
         # their luminance), not its widened copy, which normalises each channel apart.
         run = dict(model.provenance["training"][-1])
         run.pop("input_widened")
+        run.pop("postprocess", None)  # chosen for the widened copy; the original keeps its own
         model = copy.deepcopy(original).eval()  # the caller's model stays untouched
         model.provenance["training"] = list(model.provenance.get("training", [])) + [run]
     return model, session.history

@@ -48,6 +48,11 @@ def run_and_wait(qtbot, widget, timeout=60_000):
     return worker
 
 
+def wait_loaded(qtbot, model_widget, timeout=30_000):
+    """Wait until the Model dock's load has finished (its buttons are enabled again)."""
+    qtbot.waitUntil(lambda: model_widget.default_button.isEnabled(), timeout=timeout)
+
+
 def test_widgets_open_through_the_manifest(make_napari_viewer):
     viewer = make_napari_viewer()
     for name in ("Model", "Segment", "Fine-tune", "Preview augmentation and weights"):
@@ -197,12 +202,13 @@ def test_user_errors_become_notifications(make_napari_viewer, qtbot, errors, tmp
     model_widget = open_widget(viewer, "Model")
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a model")
-    assert not model_widget.load(broken)
+    model_widget.load(broken)
+    wait_loaded(qtbot, model_widget)
     assert "not a valid .safetensors" in errors[-1]
     assert state_for(viewer).name == "test model"  # the active model is unchanged
 
 
-def test_model_widget_create_save_load(make_napari_viewer, tmp_path):
+def test_model_widget_create_save_load(make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer()
     widget = open_widget(viewer, "Model")
     widget.arch.setCurrentText("U-Net++")
@@ -213,7 +219,10 @@ def test_model_widget_create_save_load(make_napari_viewer, tmp_path):
     assert state.model.arch == "unetpp" and "U-Net++" in widget.info.text()
     path = tmp_path / "m.safetensors"
     assert widget.save(path) and path.is_file()
-    assert widget.load(path) and state.model.depth == 2 and str(path) in widget.info.text()
+    widget.load(path)
+    assert widget.info.text() == f"loading {path}…" and not widget.default_button.isEnabled()
+    wait_loaded(qtbot, widget)
+    assert state.model.depth == 2 and str(path) in widget.info.text() and widget.default_button.isEnabled()
     assert "post-processing: threshold 0.5, min size 15 px" in widget.info.text()
     model = small_model()
     model.postprocess = {"threshold": 0.5, "seed_threshold": 0.9, "min_size": 10}
@@ -549,3 +558,39 @@ def test_segment_threshold_and_seed_choices_override_the_models(make_napari_view
     # A 3-class (boundary) model has no seeds to choose.
     state_for(viewer).set_model(UNet(depth=2, base_channels=4, n_classes=3).eval(), "boundary model")
     assert not widget.seeds.isEnabled()
+
+
+def test_segment_warns_when_the_image_is_unlike_the_training_data(make_napari_viewer, qtbot, monkeypatch):
+    import napari.utils.notifications as notifications
+
+    warned = []
+    monkeypatch.setattr(notifications, "show_warning", warned.append)
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((96, 96)).astype(np.float32), name="noise")
+    model = small_model()  # random weights: most pixels uncertain
+    state_for(viewer).set_model(model, "test model")
+    widget = open_widget(viewer, "Segment")
+    model.provenance["uncertainty"] = {"typical": 0.9, "images": 1}  # as uncertain as ever: familiar
+    run_and_wait(qtbot, widget)
+    assert not warned and widget.status.text() == ""
+    model.provenance["uncertainty"] = {"typical": 0.0, "images": 1}
+    run_and_wait(qtbot, widget)
+    assert len(warned) == 1 and "looks unlike the images the model learnt from" in warned[0]
+    assert "noise" in warned[0] and "unlike" in widget.status.text()
+    assert "noise labels" in viewer.layers  # a warning, not a refusal
+
+
+def test_model_dock_loads_off_the_gui_thread(make_napari_viewer, qtbot, monkeypatch):
+    import threading
+
+    import napari_unet_studio.checkpoint as checkpoint
+
+    threads = []
+    monkeypatch.setattr(checkpoint, "load_model", lambda path: threads.append(threading.current_thread()) or small_model())
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, "Model")
+    widget.default_button.click()
+    assert not widget.file_button.isEnabled() and widget.info.text() == "loading default model…"
+    wait_loaded(qtbot, widget)
+    assert threads and threads[0] is not threading.main_thread()
+    assert state_for(viewer).name == "default model" and "default model" in widget.info.text()

@@ -11,8 +11,8 @@ import copy
 import time
 
 import numpy as np
-from qtpy.QtCore import QObject, QPointF, Qt, Signal
-from qtpy.QtGui import QPainter, QPen, QPolygonF
+from qtpy.QtCore import QObject, QPointF, QRectF, Qt, Signal
+from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -35,6 +35,22 @@ from ._state import state_for
 NONE = "(none)"
 
 
+def _live_job(model, pairs, options, view, *, cancel, progress):
+    """Worker body of live mode: build the training session (yielded first, as
+    ``{"session": session}``), then train and preview until cancelled (see
+    :meth:`~napari_unet_studio.training.TrainingSession.live`); returns its best model."""
+    from ..models import widen_input
+    from ..training import TrainingSession, will_widen
+
+    if will_widen(model, [p[0] for p in pairs]):
+        model = widen_input(model)
+    session = TrainingSession(model, **options)
+    for key, (image, labels, region, previous) in enumerate(pairs):
+        session.set_pair(key, image, labels, region=region, previous=previous)
+    yield {"session": session}
+    return (yield from session.live(view, cancel=cancel, progress=progress))
+
+
 class RecordBridge(QObject):
     """Carries training records from the worker thread to the GUI thread, throttled."""
 
@@ -52,44 +68,119 @@ class RecordBridge(QObject):
             self.recorded.emit(dict(record))
 
 
+def nice_ticks(low: float, high: float, count: int = 4) -> list[float]:
+    """About ``count`` round tick values (1, 2 or 5 times a power of ten apart) covering [low, high]."""
+    if not (np.isfinite(low) and np.isfinite(high)) or high <= low:
+        return [low]
+    raw = (high - low) / max(count, 1)
+    power = 10 ** np.floor(np.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = np.ceil(low / step - 1e-9) * step
+    return [float(v) for v in np.arange(first, high + step * 1e-6, step)]
+
+
+def _tick_text(value: float) -> str:
+    return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.0f}"
+
+
 class LossPlot(QWidget):
-    """A minimal live curve of the training loss (and validation AP@0.5 when present)."""
+    """The training curve as a small chart: loss against step (left axis), and AP@0.5 of the
+    weights' checks (validation or held-out objects, right axis 0-1), with ticks, values and a
+    legend; the kept (best) step is marked."""
+
+    LOSS = Qt.GlobalColor.cyan
+    SCORE = Qt.GlobalColor.yellow
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
-        self.setMinimumHeight(110)
+        self.setMinimumHeight(150)
         self.losses: list[tuple[int, float]] = []
         self.scores: list[tuple[int, float]] = []
+        self.best_step: int | None = None
 
     def reset(self) -> None:
         self.losses.clear()
         self.scores.clear()
+        self.best_step = None
         self.update()
 
     def add(self, record: dict) -> None:
         self.losses.append((record["step"], record["loss"]))
         if "val_ap50" in record:
             self.scores.append((record["step"], record["val_ap50"]))
+        if "best_step" in record:
+            self.best_step = record["best_step"]
         self.update()
 
     def paintEvent(self, event) -> None:  # noqa: N802 (Qt naming)
         painter = QPainter(self)
-        painter.fillRect(self.rect(), Qt.GlobalColor.black)
-        w, h = self.width(), self.height()
-        if len(self.losses) > 1:
-            steps = np.array([s for s, _ in self.losses], float)
-            loss = np.array([v for _, v in self.losses], float)
-            top = np.percentile(loss, 98) or 1.0
-            x = (steps - steps.min()) / max(np.ptp(steps), 1) * (w - 10) + 5
-            y = h - 5 - np.clip(loss / top, 0, 1) * (h - 10)
-            painter.setPen(QPen(Qt.GlobalColor.cyan, 1))
-            painter.drawPolyline(QPolygonF([QPointF(a, b) for a, b in zip(x, y)]))
-            if self.scores:
-                painter.setPen(QPen(Qt.GlobalColor.yellow, 2))
-                pts = [QPointF((s - steps.min()) / max(np.ptp(steps), 1) * (w - 10) + 5, h - 5 - v * (h - 10)) for s, v in self.scores]
-                painter.drawPolyline(QPolygonF(pts))
-        painter.setPen(Qt.GlobalColor.white)
-        painter.drawText(5, 14, "loss (cyan), AP@0.5 choosing the weights (yellow)")
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+        painter.fillRect(self.rect(), QColor(20, 20, 24))
+        metrics = painter.fontMetrics()
+        th = metrics.height()
+        left, right, top, bottom = metrics.horizontalAdvance("0.000") + 10, metrics.horizontalAdvance("1.0") + 12, th + 8, th + 8
+        w, h = self.width() - left - right, self.height() - top - bottom
+        painter.setPen(QColor(220, 220, 220))
+        painter.drawText(left, th, "loss")
+        painter.setPen(QPen(self.LOSS, 2))
+        painter.drawLine(left + metrics.horizontalAdvance("loss ") , th - th // 3, left + metrics.horizontalAdvance("loss ") + 14, th - th // 3)
+        legend = "AP@0.5 of the checks"
+        lx = left + w - metrics.horizontalAdvance(legend) - 18
+        painter.setPen(QPen(self.SCORE, 2))
+        painter.drawLine(lx, th - th // 3, lx + 14, th - th // 3)
+        painter.setPen(QColor(220, 220, 220))
+        painter.drawText(lx + 18, th, legend)
+        if w < 20 or h < 20:
+            painter.end()
+            return
+        steps = np.array([s for s, _ in self.losses], float)
+        loss = np.array([v for _, v in self.losses], float)
+        finite = np.isfinite(loss)
+        x0, x1 = (steps.min(), max(steps.max(), steps.min() + 1)) if len(steps) else (0.0, 1.0)
+        y1 = float(np.percentile(loss[finite], 98)) * 1.05 if finite.any() else 1.0
+        y1 = y1 if y1 > 0 else 1.0
+
+        def px(step):
+            return left + (step - x0) / (x1 - x0) * w
+
+        def py(value, high):
+            return top + h - min(max(value / high, 0.0), 1.0) * h
+
+        grid = QPen(QColor(70, 70, 78), 1, Qt.PenStyle.DotLine)
+        text = QColor(200, 200, 200)
+        for v in nice_ticks(0.0, y1):
+            painter.setPen(grid)
+            painter.drawLine(QPointF(left, py(v, y1)), QPointF(left + w, py(v, y1)))
+            painter.setPen(text)
+            label = _tick_text(v)
+            painter.drawText(QPointF(left - metrics.horizontalAdvance(label) - 4, py(v, y1) + th / 3), label)
+        for v in (0.0, 0.5, 1.0):
+            painter.setPen(text)
+            painter.drawText(QPointF(left + w + 4, py(v, 1.0) + th / 3), f"{v:.1f}")
+        for v in nice_ticks(x0, x1):
+            painter.setPen(grid)
+            painter.drawLine(QPointF(px(v), top), QPointF(px(v), top + h))
+            painter.setPen(text)
+            label = _tick_text(v)
+            painter.drawText(QPointF(px(v) - metrics.horizontalAdvance(label) / 2, top + h + th), label)
+        painter.drawText(QPointF(left + w - metrics.horizontalAdvance("step"), top + h + th), "step")
+        painter.setPen(QPen(QColor(160, 160, 160), 1))
+        painter.drawRect(QRectF(left, top, w, h))
+        if finite.sum() > 1:
+            painter.setPen(QPen(self.LOSS, 1))
+            painter.drawPolyline(QPolygonF([QPointF(px(s), py(v, y1)) for s, v in zip(steps[finite], loss[finite])]))
+        if self.scores:
+            painter.setPen(QPen(self.SCORE, 2))
+            points = [QPointF(px(s), py(v, 1.0)) for s, v in self.scores]
+            if len(points) > 1:
+                painter.drawPolyline(QPolygonF(points))
+            for p in points:
+                painter.drawEllipse(p, 2.5, 2.5)
+        if self.best_step is not None and len(steps):
+            painter.setPen(QPen(QColor(120, 220, 120), 1, Qt.PenStyle.DashLine))
+            bx = px(min(max(self.best_step, x0), x1))
+            painter.drawLine(QPointF(bx, top), QPointF(bx, top + h))
+            painter.drawText(QPointF(bx + 3, top + th), f"kept: step {self.best_step}")
         painter.end()
 
 
@@ -129,7 +220,11 @@ class FineTuneWidget(QWidget):
         self.cancel_flag = self.job.cancel_flag
         self.bridge = RecordBridge()  # no parent: the worker may still hold it after the dock is gone
         self.live_session = None
+        self._live_on = False
+        self._live_pending: set = set()
         self._live_layers: list = []
+        self._live_pairs: list = []
+        self._live_image = None
         layout = QVBoxLayout(self)
         form = QFormLayout()
         self.image = QComboBox(parent=self)
@@ -421,7 +516,7 @@ class FineTuneWidget(QWidget):
                 self.live.blockSignals(True)
                 self.live.setChecked(False)
                 self.live.blockSignals(False)
-        elif self.live_session is not None:
+        elif self._live_on:
             self.cancel()
 
     def start_live(self):
@@ -430,8 +525,6 @@ class FineTuneWidget(QWidget):
         from napari.qt.threading import create_worker
 
         from ..errors import InputError, UnetStudioError
-        from ..models import widen_input
-        from ..training import TrainingSession, will_widen
         from .segment_widget import segmented_labels
 
         if self.job.running:
@@ -447,38 +540,43 @@ class FineTuneWidget(QWidget):
         try:
             model = copy.deepcopy(self.state.model)
             self._check_channels(images, [], model)
-            if will_widen(model, images):
-                model = widen_input(model)
-            session = TrainingSession(
-                model, schedule="constant", lr=self.lr.value() or None, device=self.state.device,
-                ignore_value=None if self.ignore.value() < 0 else self.ignore.value(),
-                deep_supervision=self.deep.isChecked(), freeze_encoder=self.freeze.isChecked(),
-                reserve_cores=0,  # measured: napari (0.2 core while painting) leaves room for two threads
-            )
-            for key, (image, lab, region, prev) in enumerate(zip(images, labels, regions, previous)):
-                session.set_pair(key, image, lab, region=region, previous=prev)
         except UnetStudioError as exc:
             notify_error(exc)
             return None
-        self.live_session = session
+        options = dict(
+            schedule="constant", lr=self.lr.value() or None, device=self.state.device,
+            ignore_value=None if self.ignore.value() < 0 else self.ignore.value(),
+            deep_supervision=self.deep.isChecked(), freeze_encoder=self.freeze.isChecked(),
+            reserve_cores=0,  # measured: napari (0.2 core while painting) leaves room for two threads
+        )
+        pairs = list(zip(images, labels, regions, previous))
         self._name = self.state.name
-        # Strokes on the pairs' Labels layers replace that pair in the session.
+        self._live_on = True
+        self._live_pending = set()
+        # Strokes on the pairs' Labels layers replace that pair in the session (or wait for it:
+        # the session is built in the worker, which took 260 ms of frozen GUI on this thread).
         self._live_layers = []
         for key, (image_name, labels_name, regions_name) in enumerate(self.pairs):
             layer = self._layer(labels_name)
 
             def changed(*_, key=key, image=images[key], layer=layer, region=regions[key]):
-                if self.live_session is session:
-                    session.set_pair(key, image, layer.data, region=region, previous=segmented_labels(layer))
+                if self.live_session is None:
+                    self._live_pending.add(key)
+                else:
+                    self.live_session.set_pair(key, image, layer.data, region=region, previous=segmented_labels(layer))
 
             layer.events.paint.connect(changed)
             layer.events.set_data.connect(changed)
             self._live_layers.append((layer, changed))
-        self._live_image = self._layer(self.pairs[0][0])
+        # The preview follows the pair the user works on: the selected image or labels layer of
+        # a pair (the first pair's image until one is selected).
+        self._live_pairs = [(self._layer(i), self._layer(l)) for i, l, _ in self.pairs]
+        self._live_image = self._live_pairs[0][0]
         self._live_view = None
         self._update_live_view()
         self.viewer.camera.events.center.connect(self._update_live_view)
         self.viewer.camera.events.zoom.connect(self._update_live_view)
+        self.viewer.layers.selection.events.active.connect(self._update_live_view)
         self.cancel_flag.clear()
         self.plot.reset()
         # Live mode has no end to show. (An indeterminate, animated bar is avoided: it repaints
@@ -489,14 +587,19 @@ class FineTuneWidget(QWidget):
         self.buttons.set_busy(True)
         self.run_button.setEnabled(False)
         self.worker = create_worker(
-            session.live, self._current_view, cancel=self.cancel_flag, progress=self.bridge,
+            _live_job, model, pairs, options, self._current_view, cancel=self.cancel_flag, progress=self.bridge,
             _connect={"yielded": self._on_preview, "returned": self._on_live_done, "errored": notify_error,
                       "finished": self._on_live_finished},
         )
         return self.job.track(self.worker)
 
     def _update_live_view(self, *_) -> None:
-        """Remember (main thread) which part of the live image is in view, for the worker."""
+        """Remember (main thread) which pair's image the user works on and which part of it is
+        in view, for the worker."""
+        active = self.viewer.layers.selection.active
+        for image, labels in self._live_pairs:
+            if active is image or active is labels:
+                self._live_image = image
         layer = self._live_image
         if layer is None:
             return
@@ -512,8 +615,16 @@ class FineTuneWidget(QWidget):
         return self._live_view  # read by the worker; replaced (never mutated) by the main thread
 
     def _on_preview(self, preview: dict) -> None:
-        """Show the current weights' labels of the viewed region in the preview layer."""
-        image = self._live_image
+        """Take the session once the worker has built it; then show the current weights' labels
+        of the viewed region in the preview layer."""
+        if "session" in preview:
+            self.live_session = preview["session"]
+            for key in sorted(self._live_pending):  # strokes painted while the session was built
+                _layer, changed = self._live_layers[key]
+                changed()
+            self._live_pending = set()
+            return
+        image = next((i for i, _ in self._live_pairs if i.data is preview.get("image")), self._live_image)
         name = f"{image.name} live preview"
         layer = next((l for l in layers_of(self.viewer, "Labels") if l.name == name), None)
         if layer is None or layer.data.shape != image.data.shape[:2]:
@@ -539,7 +650,9 @@ class FineTuneWidget(QWidget):
         self._live_layers = []
         self.viewer.camera.events.center.disconnect(self._update_live_view)
         self.viewer.camera.events.zoom.disconnect(self._update_live_view)
+        self.viewer.layers.selection.events.active.disconnect(self._update_live_view)
         self.live_session = None
+        self._live_on = False
         self.progress.setRange(0, 1000)
         self.progress.setValue(0)
         self.buttons.set_busy(False)
@@ -549,7 +662,7 @@ class FineTuneWidget(QWidget):
 
     def _on_record(self, record: dict) -> None:
         self.plot.add(record)
-        if self.live_session is not None:
+        if self._live_on:
             text = f"live: step {record['step']}, loss {record['loss']:.4f}"
             if "val_ap50" in record:
                 text += f", AP@0.5 {record['val_ap50']:.3f} ({record.get('val_source', 'validation')})"

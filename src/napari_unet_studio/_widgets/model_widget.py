@@ -15,7 +15,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import notify_error, set_choices, set_tooltips
+from ._common import JobSlot, notify_error, set_choices, set_tooltips
 from ._settings import persist
 from ._state import state_for
 
@@ -70,6 +70,8 @@ class ModelWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.state = state_for(napari_viewer)
+        self.worker = None
+        self.job = JobSlot(self)  # closing the viewer while a model loads is clean
         layout = QVBoxLayout(self)
         self.info = QLabel(parent=self)
         self.info.setWordWrap(True)
@@ -166,21 +168,34 @@ class ModelWidget(QWidget):
         if 0 <= index < len(self.state.versions):
             self.state.revert(index)
 
-    def load(self, path) -> bool:
-        """Make the model at ``path`` (or "default") active; errors become notifications."""
+    def load(self, path):
+        """Load the model at ``path`` (or "default") in a worker (loading torch and a model is
+        long work) and make it active; errors become notifications. Returns the worker."""
+        from napari.qt.threading import create_worker
+
         from ..checkpoint import load_model
-        from ..errors import UnetStudioError
 
-        try:
-            model = load_model(path)
-        except UnetStudioError as exc:
-            notify_error(exc)
-            return False
-        self.state.set_model(model, "default model" if str(path) == "default" else str(path))
-        return True
+        name = "default model" if str(path) == "default" else str(path)
+        self._set_loading(f"loading {name}…")
+        self.worker = create_worker(
+            load_model, path,
+            _connect={"returned": lambda model: self.state.set_model(model, name), "errored": notify_error,
+                      "finished": lambda: self._set_loading(None)},
+        )
+        return self.job.track(self.worker)
 
-    def load_default(self) -> bool:
+    def load_default(self):
+        """Load the shipped default model (in a worker); returns the worker."""
         return self.load("default")
+
+    def _set_loading(self, message: str | None) -> None:
+        for button in (self.default_button, self.file_button, self.new_button):
+            button.setEnabled(message is None)
+        self.save_button.setEnabled(message is None and self.state.model is not None)
+        if message is None:
+            self._refresh()
+        else:
+            self.info.setText(message)
 
     def create_new(self) -> None:
         from ..models import ENCODINGS, build_model

@@ -38,8 +38,9 @@ def _is_untouched_result(layer) -> bool:
 
 def _segment_job(model, data, **kwargs):
     """Worker body: segment ``data`` (loading the default model first when ``model`` is None);
-    returns ``(labels, probabilities, the model loaded or None)``."""
-    from ..inference import segment
+    returns ``(labels, probabilities, the model loaded or None, a warning when the image looks
+    unlike the model's training data or None)``."""
+    from ..inference import segment, unfamiliar
 
     loaded = None
     if model is None:
@@ -47,7 +48,7 @@ def _segment_job(model, data, **kwargs):
 
         model = loaded = load_model("default")
     labels, probs = segment(model, data, return_probabilities=True, **kwargs)
-    return labels, probs, loaded
+    return labels, probs, loaded, unfamiliar(model, probs)
 
 
 def segmented_labels(layer):
@@ -109,6 +110,9 @@ class SegmentWidget(QWidget):
         layout.addWidget(self.buttons)
         self.progress = QProgressBar(parent=self)
         layout.addWidget(self.progress)
+        self.status = QLabel(parent=self)
+        self.status.setWordWrap(True)
+        layout.addWidget(self.status)
         layout.addStretch()
 
         self.run_button.clicked.connect(self.run)
@@ -123,6 +127,7 @@ class SegmentWidget(QWidget):
             "threshold": "Foreground probability of an object pixel; the model's own by default",
             "seeds": "Objects grow from regions above this probability (separates touching objects); the model's own by default",
             "probability": "Also add the foreground probability as an image layer",
+            "status": "What the last segmentation found, and a warning when the image looks unlike the model's training data",
         })
         self.state.connect(self._refresh_model)
         self.destroyed.connect(lambda *_: self.state.disconnect(self._refresh_model))
@@ -245,7 +250,7 @@ class SegmentWidget(QWidget):
 
         The labels as the model gave them stay in the layer's metadata (``"labels"``): what the
         user paints over them later are the corrections fine-tuning emphasises."""
-        labels, probs, loaded = result
+        labels, probs, loaded, warning = result
         if loaded is not None and self.state.model is None:
             self.state.set_model(loaded, model_name)
         spatial = dict(scale=image_layer.scale, translate=image_layer.translate)
@@ -271,4 +276,12 @@ class SegmentWidget(QWidget):
                 player.metadata[RESULT_KEY] = {"source": image_layer.name}
         from napari.utils.notifications import show_info
 
-        show_info(f"{image_layer.name}: {int(labels.max())} objects, segmented with {model_name or 'the model'}")
+        message = f"{image_layer.name}: {int(labels.max())} objects, segmented with {model_name or 'the model'}"
+        if warning:
+            from napari.utils.notifications import show_warning
+
+            show_warning(f"{message}; but {warning}")
+            self.status.setText(f"Unfamiliar image: {warning}")
+        else:
+            show_info(message)
+            self.status.setText("")
