@@ -39,8 +39,8 @@ def main() -> None:
 
     from napari_unet_studio._sample_data import load_sample
 
-    app = QApplication.instance()
     viewer = napari.Viewer(show=True)
+    app = QApplication.instance()
     viewer.window._qt_window.resize(1400, 1000)
     image, _ = load_sample("nuclei")
     big = resize(image.astype(np.float32), (1024, 1024), preserve_range=True, order=1).astype(np.float32)

@@ -151,7 +151,11 @@ def test_threshold_options_reach_segment(tmp_path, images, model_file, capsys, m
     import napari_unet_studio.inference as inference
 
     seen = []
-    monkeypatch.setattr(inference, "segment", lambda model, image, **kw: seen.append(kw) or np.zeros(image.shape[:2], np.int32))
+    def fake(model, image, **kw):
+        seen.append(kw)
+        return np.zeros(image.shape[:2], np.int32), np.full((2, *image.shape[:2]), 0.5, np.float32)
+
+    monkeypatch.setattr(inference, "segment", fake)
     code, _, err = run(["predict", images / "a.png", "-o", tmp_path / "o", "-m", model_file, "-q"], capsys)
     assert code == 0, err
     assert "threshold" not in seen[-1] and "seed_threshold" not in seen[-1]  # the model's own settings

@@ -39,6 +39,7 @@ unet-studio train --images "$WORK/train/images" --labels "$WORK/train/labels" \
   --note "DSB 2018 stage 1 fluorescence nuclei (CC0), 285 training images, 15 for model selection"
 echo "training took $(( $(date +%s) - start )) s"
 python training/tune_postprocess.py "$WORK/default.safetensors" "$WORK/select/images" "$WORK/select/labels"
+python training/calibrate_uncertainty.py "$WORK/default.safetensors" "$WORK/select/images"
 cp "$WORK/default.safetensors" "$OUT"
 
 unet-studio predict "$DATA/val/images" --output "$WORK/pred" --model "$OUT" --device cpu -q

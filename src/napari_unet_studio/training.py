@@ -803,22 +803,28 @@ class TrainingSession:
     ):
         """Train until ``cancel`` returns True, segmenting what the user looks at as it goes.
 
-        A generator (for a napari worker): every ``chunk`` seconds of training it calls
+        A generator (for a napari worker): every ``chunk`` seconds of training (longer when
+        segmenting the view takes over a third of that, so that previews take at most a quarter
+        of the time) it calls
         ``view()`` for ``(image, (rows, cols))``, the image and region in view (or None), and
         yields ``{"step", "image", "window", "labels"}`` with that region segmented by the current
         weights. Pairs set meanwhile (:meth:`set_pair`) are trained on from the next step.
         The best weights are chosen every ``val_seconds``; returns :meth:`finish`'s model.
         """
+        seconds = chunk
         while not cancel():
-            stopped = self.run(time_budget=chunk, cancel=cancel, progress=progress, val_seconds=val_seconds,
+            stopped = self.run(time_budget=seconds, cancel=cancel, progress=progress, val_seconds=val_seconds,
                                final_check=False)
             if stopped in ("cancelled", "diverged"):
                 break
             seen = view()
             if seen is not None:
                 image, window = seen
-                yield {"step": self.step_count, "image": image, "window": window,
-                       "labels": self.segment(image, window=window)}
+                start = time.perf_counter()
+                labels = self.segment(image, window=window)
+                # Previews take at most a quarter of the time: a large view trains longer between them.
+                seconds = max(chunk, 3 * (time.perf_counter() - start))
+                yield {"step": self.step_count, "image": image, "window": window, "labels": labels}
         if self.step_count and self.history and "val_ap50" not in self.history[-1]:
             self._checkpoint(self.history[-1])
         return self.finish(live=True)

@@ -68,7 +68,7 @@ class RecordBridge(QObject):
             self.recorded.emit(dict(record))
 
 
-def nice_ticks(low: float, high: float, count: int = 4) -> list[float]:
+def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     """About ``count`` round tick values (1, 2 or 5 times a power of ten apart) covering [low, high]."""
     if not (np.isfinite(low) and np.isfinite(high)) or high <= low:
         return [low]
@@ -76,7 +76,7 @@ def nice_ticks(low: float, high: float, count: int = 4) -> list[float]:
     power = 10 ** np.floor(np.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
     first = np.ceil(low / step - 1e-9) * step
-    return [float(v) for v in np.arange(first, high + step * 1e-6, step)]
+    return [round(float(v), 12) + 0.0 for v in np.arange(first, high + step * 1e-6, step)]  # + 0.0: no "-0"
 
 
 def _tick_text(value: float) -> str:
@@ -576,7 +576,7 @@ class FineTuneWidget(QWidget):
         self._update_live_view()
         self.viewer.camera.events.center.connect(self._update_live_view)
         self.viewer.camera.events.zoom.connect(self._update_live_view)
-        self.viewer.layers.selection.events.active.connect(self._update_live_view)
+        self.viewer.layers.selection.events.active.connect(self._on_active_layer)
         self.cancel_flag.clear()
         self.plot.reset()
         # Live mode has no end to show. (An indeterminate, animated bar is avoided: it repaints
@@ -594,12 +594,7 @@ class FineTuneWidget(QWidget):
         return self.job.track(self.worker)
 
     def _update_live_view(self, *_) -> None:
-        """Remember (main thread) which pair's image the user works on and which part of it is
-        in view, for the worker."""
-        active = self.viewer.layers.selection.active
-        for image, labels in self._live_pairs:
-            if active is image or active is labels:
-                self._live_image = image
+        """Remember (main thread) which part of the live image is in view, for the worker."""
         layer = self._live_image
         if layer is None:
             return
@@ -610,6 +605,13 @@ class FineTuneWidget(QWidget):
         if y1 <= y0 or x1 <= x0:
             y0, x0, y1, x1 = 0, 0, h, w
         self._live_view = (layer.data, (slice(y0, y1), slice(x0, x1)))
+
+    def _on_active_layer(self, event) -> None:
+        """The preview follows the pair whose image or labels layer the user selects."""
+        for image, labels in self._live_pairs:
+            if event.value is image or event.value is labels:
+                self._live_image = image
+                self._update_live_view()
 
     def _current_view(self):
         return self._live_view  # read by the worker; replaced (never mutated) by the main thread
@@ -639,6 +641,8 @@ class FineTuneWidget(QWidget):
         from napari.utils.notifications import show_info
 
         run = model.provenance["training"][-1]
+        self.plot.best_step = run["best_step"]  # the last check is not a progress record
+        self.plot.update()
         self.state.set_model(model, f"{self._name} (live)")
         show_info(f"Live fine-tune off: {describe_run(run)}; the best weights are now the active model")
         self.status.setText(describe_run(run))
@@ -650,7 +654,7 @@ class FineTuneWidget(QWidget):
         self._live_layers = []
         self.viewer.camera.events.center.disconnect(self._update_live_view)
         self.viewer.camera.events.zoom.disconnect(self._update_live_view)
-        self.viewer.layers.selection.events.active.disconnect(self._update_live_view)
+        self.viewer.layers.selection.events.active.disconnect(self._on_active_layer)
         self.live_session = None
         self._live_on = False
         self.progress.setRange(0, 1000)
@@ -679,6 +683,8 @@ class FineTuneWidget(QWidget):
     def _on_done(self, result) -> None:
         model, history = result
         run = model.provenance["training"][-1]
+        self.plot.best_step = run["best_step"]
+        self.plot.update()
         self.state.set_model(model, f"{self._name} (fine-tuned)")
         from napari.utils.notifications import show_info, show_warning
 

@@ -160,9 +160,6 @@ class SegmentWidget(QWidget):
         from napari.qt.threading import create_worker
 
         from ..errors import UnetStudioError
-        from ..inference import ImageLayout
-        from ..normalize import channel_conversion
-        from ..postprocess import options_for
 
         layer = next((l for l in layers_of(self.viewer, "Image") if l.name == self.image.currentText()), None)
         if layer is None:
@@ -174,7 +171,11 @@ class SegmentWidget(QWidget):
         data = layer.data[0] if layer.multiscale else layer.data
         channel_axis = -1 if layer.rgb else None
         options = self._chosen_options()
-        if model is not None:
+        if model is not None:  # (these checks import torch: with no model yet, they run in the worker)
+            from ..inference import ImageLayout
+            from ..normalize import channel_conversion
+            from ..postprocess import options_for
+
             try:
                 conversion = channel_conversion(ImageLayout(data, channel_axis).n_channels, model.in_channels)
             except UnetStudioError as exc:
