@@ -430,8 +430,8 @@ class TrainingSession:
         its training data), from which ``replay_share`` of the crops are drawn, against
         forgetting; never held out, never counted as corrections.
     distill
-        Off by default (measured: no gain, see the README). For pairs given with ``previous`` labels: where the user left the model's labels as they
-        were, train towards the starting model's probabilities (soft targets) rather than its
+        Off by default (measured: no gain, see the README). For pairs given with ``previous``
+        labels: where the user left the model's labels as they were, train towards the starting model's probabilities (soft targets) rather than its
         thresholded labels, so what was right stays right, as confident as it was; the
         corrections (and the outlines and gaps of the objects they touch) train on the painted
         labels as usual.
@@ -1152,18 +1152,9 @@ def train(
     replay
         Optional ``(image, labels)`` pairs of what the model already knows, mixed into a fifth
         of the crops against forgetting (see :class:`TrainingSession`).
-    distill
-        Off by default (measured: no gain, see the README). For pairs given with ``previous`` labels: where the user left the model's labels as they
-        were, train towards the starting model's probabilities (soft targets) rather than its
-        thresholded labels, so what was right stays right, as confident as it was; the
-        corrections (and the outlines and gaps of the objects they touch) train on the painted
-        labels as usual.
-    tune_postprocess
-        Off by default (measured: helped on one pair of images, hurt on another). When weights
-        are chosen by AP (validation or held-out objects), score each with the
-        post-processing settings that suit it best (a small grid around the model's own, see
-        :func:`~napari_unet_studio.postprocess.candidate_options`) and hand the model back with
-        the settings chosen with its weights.
+    distill, tune_postprocess
+        Train unedited pixels towards the starting probabilities; re-choose the
+        post-processing with the weights (both off by default; see :class:`TrainingSession`).
     keep_norm_statistics
         Keep BatchNorm's running statistics fixed while training (see :class:`TrainingSession`).
     w0, sigma
