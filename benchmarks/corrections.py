@@ -131,14 +131,12 @@ def still_corrected(new: np.ndarray, true: np.ndarray, e: dict, old_pred: np.nda
 
 
 def method_options(method: str, preds) -> dict:
-    """``train`` options of a method: ``plain``, or ``corrections`` and modifiers joined by ``+``
+    """``train`` options of a method: ``plain`` or ``corrections``, and modifiers joined by ``+``
     (``replay``, ``keep-norm``, ``frozen``, ``tune-pp``: post-processing re-chosen with the weights, ``distill``: unedited pixels train
     on the starting model's probabilities rather than its labels, ``lr=X``); ``replay`` and ``keep-norm`` alone mean
     corrections with that modifier."""
     parts = method.split("+")
-    if parts[0] == "plain":
-        return {"holdout": False}
-    extra = {"previous": preds, "holdout": True}
+    extra = {"holdout": False} if parts[0] == "plain" else {"previous": preds, "holdout": True}
     for part in parts:
         if part == "replay":
             extra["replay"] = [load_sample("nuclei")]
@@ -152,7 +150,7 @@ def method_options(method: str, preds) -> dict:
             extra["tune_postprocess"] = True
         elif part.startswith("lr="):
             extra["lr"] = float(part[3:])
-        elif part != "corrections":
+        elif part not in ("corrections", "plain"):
             raise SystemExit(f"unknown method part {part!r}")
     return extra
 
