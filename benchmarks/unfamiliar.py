@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_unet_studio import load_model, segment
-from napari_unet_studio.inference import unfamiliar
+from napari_unet_studio.inference import UNCERTAIN_BELOW, uncertainty, unfamiliar
 
 from encoding import load
 
@@ -40,13 +40,13 @@ KINDS = {
 
 def statistics(model, image) -> dict:
     labels, probs = segment(model, image, return_probabilities=True)
-    top = probs.max(0)
+    uncertain = probs.max(0) < UNCERTAIN_BELOW
     p = np.clip(probs, 1e-7, 1)
     sizes = np.bincount(labels.ravel())[1:]
     min_size = (model.postprocess or {}).get("min_size", 15)
     return {
-        "uncertain": float((top < 0.9).mean()),
-        "uncertain_per_object": float((top < 0.9).sum() / max((labels > 0).sum(), 1)),
+        "uncertain": uncertainty(probs),
+        "uncertain_per_object": float(uncertain.sum() / max((labels > 0).sum(), 1)),
         "entropy": float((-(p * np.log2(p)).sum(0)).mean()),
         "objects_per_mpx": float(len(sizes) / labels.size * 1e6),
         "small_share": float((sizes < 4 * min_size).mean()) if len(sizes) else 0.0,

@@ -313,11 +313,11 @@ def test_each_weights_are_scored_with_the_post_processing_that_suits_them(monkey
     monkeypatch.setattr(session, "_probabilities", lambda image, window=None: probs)
     key = session.scores()
     if not tune:  # seeds at 0.95 find nothing in 0.85
-        assert key == (0.0, 0.0) and session.scored_postprocess["seed_threshold"] == 0.95
+        assert key == (0.0, 0.0) and key.postprocess["seed_threshold"] == 0.95
         return
     assert key == (1.0, 1.0)
     # The first setting (in the grid's order) that finds both objects: plain threshold 0.5.
-    assert session.scored_postprocess == {"threshold": 0.5, "min_size": 5}
+    assert key.postprocess == {"threshold": 0.5, "min_size": 5}
     session._checkpoint({})
     model = session.finish()
     assert model.postprocess == {"threshold": 0.5, "min_size": 5}

@@ -404,6 +404,18 @@ def _finite(x: float) -> bool:
     return math.isfinite(x)
 
 
+class Score(tuple):
+    """``(AP@0.5, AP@0.5:0.95)`` of some weights (compared as a tuple: the second number breaks
+    ties), with the post-processing settings they were scored with in ``postprocess``."""
+
+    postprocess: dict | None
+
+    def __new__(cls, ap50: float, ap50_95: float, postprocess: dict | None = None):
+        score = super().__new__(cls, (float(ap50), float(ap50_95)))
+        score.postprocess = postprocess
+        return score
+
+
 class TrainingSession:
     """A step-wise trainer whose (image, labels) pairs can change while it runs.
 
@@ -527,7 +539,6 @@ class TrainingSession:
         self._start_model = None  # a frozen copy of the starting weights, for soft targets
         self._soft_cache: dict = {}  # key -> (image, starting probabilities)
         self._initial_postprocess = dict(model.postprocess)
-        self.scored_postprocess: dict | None = None
         self.rng = np.random.default_rng(seed)
         self.generator = torch.Generator().manual_seed(int(self.rng.integers(2**62)))
         self._torch_state = None
@@ -603,6 +614,7 @@ class TrainingSession:
         for key, item in pending.items():
             if item is None:
                 self.pairs.pop(key, None)
+                self._soft_cache.pop(key, None)
                 continue
             # The hold-out is chosen once, from the first labels of each pair: its objects stay
             # out of training when the pair is replaced.
@@ -900,7 +912,7 @@ class TrainingSession:
         current = copy.deepcopy(self.model.state_dict())
         self.model.load_state_dict(self.best["state"])
         key = self.scores()
-        self.best.update(score=key[0], key=key, postprocess=self.scored_postprocess)
+        self.best.update(score=key[0], key=key, postprocess=getattr(key, "postprocess", None))
         self.model.load_state_dict(current)
         self._best_is_stale = False
 
@@ -913,7 +925,6 @@ class TrainingSession:
             record["val_source"] = self.chosen_by
         else:
             key = (-(self.ema if self.ema is not None else math.inf), 0.0)
-            self.scored_postprocess = None
         self._consider(key, self.step_count)
         record["best_step"] = self.best["step"]
 
@@ -922,13 +933,13 @@ class TrainingSession:
         # weights: they have seen the corrections longer.
         if _finite(key[0]) and key >= self.best.get("key", (-math.inf, -math.inf)):
             self.best = {"score": key[0], "key": key, "state": copy.deepcopy(self.model.state_dict()), "step": step,
-                         "postprocess": self.scored_postprocess}
+                         "postprocess": getattr(key, "postprocess", None)}
 
     def score(self) -> float:
         """AP@0.5 of the current weights on what chooses the weights (see :meth:`scores`)."""
         return self.scores()[0]
 
-    def scores(self) -> tuple[float, float]:
+    def scores(self) -> Score:
         """``(AP@0.5, AP@0.5:0.95)`` of the current weights on the validation pairs; without
         them, the mean over the held-out objects and the objects around the corrections (each
         averaged over regions, weighted by their objects): what was right stays right, and
@@ -937,11 +948,7 @@ class TrainingSession:
         Each weights are scored with the post-processing settings that suit them best among
         :func:`~napari_unet_studio.postprocess.candidate_options` (the model's own first, kept on
         ties): fine-tuning sharpens the probabilities, which moves the best threshold. The
-        settings behind the last score are in :attr:`scored_postprocess`."""
-        key, self.scored_postprocess = self._scores_and_postprocess()
-        return key
-
-    def _scores_and_postprocess(self) -> tuple[tuple[float, float], dict]:
+        result is a :class:`Score`: its ``postprocess`` holds the settings behind it."""
         from .metrics import COCO_THRESHOLDS, average_precision
         from .postprocess import candidate_options, labels_from_probabilities, options_for
 
@@ -964,7 +971,7 @@ class TrainingSession:
                 if items:
                     parts.append(items)
         if not parts:
-            return (-math.inf, -math.inf), current
+            return Score(-math.inf, -math.inf, current)
         best_key, best_options = (-math.inf, -math.inf), current
         for options in candidates:
             keys = []
@@ -983,7 +990,7 @@ class TrainingSession:
             key = (float(np.mean([k[0] for k in keys])), float(np.mean([k[1] for k in keys])))
             if key > best_key:  # strictly better: ties keep the earlier (the model's own) settings
                 best_key, best_options = key, options
-        return best_key, best_options
+        return Score(*best_key, best_options)
 
     def _probabilities(self, image, window=None) -> np.ndarray:
         from .inference import predict

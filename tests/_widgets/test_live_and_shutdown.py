@@ -5,7 +5,7 @@ import torch
 import pytest
 from qtpy.QtCore import QThreadPool
 from test_training import synthetic_cells
-from test_widgets import errors, open_widget, small_model  # noqa: F401 (errors is a fixture)
+from test_widgets import errors, fine_tune_dock, open_widget, small_model  # noqa: F401 (errors is a fixture)
 
 from napari_unet_studio._widgets._state import state_for
 from napari_unet_studio._widgets.segment_widget import RESULT_KEY, segmented_labels
@@ -59,10 +59,7 @@ def test_live_mode_picks_up_strokes_and_previews_the_view(make_napari_viewer, qt
     painted = viewer.add_labels(sparse.astype(np.int32), name="painted")
     state = state_for(viewer)
     state.set_model(small_model(), "test model")
-    widget = open_widget(viewer, "Fine-tune")
-    widget.image.setCurrentText("cells")
-    widget.labels.setCurrentText("painted")
-    widget.add_pair()
+    widget = fine_tune_dock(viewer)
     widget.live.setChecked(True)
     assert not widget.run_button.isEnabled()
     qtbot.waitUntil(lambda: widget.live_session is not None, timeout=30_000)  # built in the worker
@@ -85,16 +82,27 @@ def test_live_mode_picks_up_strokes_and_previews_the_view(make_napari_viewer, qt
 
 def test_closing_the_viewer_while_segmenting_cancels_cleanly(make_napari_viewer, qtbot, errors):
     viewer = make_napari_viewer()
-    viewer.add_image(np.random.default_rng(0).random((1500, 1500), np.float32), name="big")
+    widget = segment_dock_on_noise(viewer, 1500)  # many small tiles: a long run
+    assert widget.run() is not None
+    close_once(qtbot, viewer, lambda: widget.progress.value() > 0)
+    assert not errors
+
+
+def segment_dock_on_noise(viewer, side: int):
+    """The Segment dock on a ``side`` x ``side`` noise image, with a small model and 100 px tiles."""
+    viewer.add_image(np.random.default_rng(0).random((side, side), np.float32), name="noise")
     state_for(viewer).set_model(small_model(), "test model")
     widget = open_widget(viewer, "Segment")
-    widget.image.setCurrentText("big")
-    widget.tile.setValue(100)  # many small tiles: a long run
-    assert widget.run() is not None
-    qtbot.waitUntil(lambda: widget.progress.value() > 0, timeout=30_000)
+    widget.image.setCurrentText("noise")
+    widget.tile.setValue(100)
+    return widget
+
+
+def close_once(qtbot, viewer, started) -> None:
+    """Close ``viewer`` once ``started()`` is true (a job runs); wait until no worker is left."""
+    qtbot.waitUntil(started, timeout=60_000)
     viewer.close()
     qtbot.waitUntil(lambda: QThreadPool.globalInstance().activeThreadCount() == 0, timeout=10_000)
-    assert not errors
 
 
 def test_closing_the_viewer_while_fine_tuning_cancels_cleanly(make_napari_viewer, qtbot, errors):
@@ -103,27 +111,18 @@ def test_closing_the_viewer_while_fine_tuning_cancels_cleanly(make_napari_viewer
     viewer.add_image(image, name="cells")
     viewer.add_labels(labels.astype(np.int32), name="painted")
     state_for(viewer).set_model(small_model(), "test model")
-    widget = open_widget(viewer, "Fine-tune")
-    widget.image.setCurrentText("cells")
-    widget.labels.setCurrentText("painted")
-    widget.add_pair()
+    widget = fine_tune_dock(viewer)
     widget.steps.setValue(100_000)
     records = []
     widget.bridge.recorded.connect(records.append)
     widget.run()
-    qtbot.waitUntil(lambda: len(records) > 0, timeout=60_000)
-    viewer.close()
-    qtbot.waitUntil(lambda: QThreadPool.globalInstance().activeThreadCount() == 0, timeout=10_000)
+    close_once(qtbot, viewer, lambda: len(records) > 0)
     assert not errors
 
 
 def test_fifty_start_and_cancel_cycles_leave_nothing_running(make_napari_viewer, qtbot, errors):
     viewer = make_napari_viewer()
-    viewer.add_image(np.random.default_rng(0).random((300, 300), np.float32), name="img")
-    state_for(viewer).set_model(small_model(), "test model")
-    widget = open_widget(viewer, "Segment")
-    widget.image.setCurrentText("img")
-    widget.tile.setValue(100)
+    widget = segment_dock_on_noise(viewer, 300)
     for _ in range(50):
         assert widget.run() is not None
         widget.cancel()
@@ -168,10 +167,7 @@ def test_fine_tune_with_no_active_model_loads_the_default_in_a_worker(make_napar
     viewer.add_labels(labels.astype(np.int32), name="painted")
     state = state_for(viewer)
     assert state.model is None
-    widget = open_widget(viewer, "Fine-tune")
-    widget.image.setCurrentText("cells")
-    widget.labels.setCurrentText("painted")
-    widget.add_pair()
+    widget = fine_tune_dock(viewer)
     widget.steps.setValue(1)
     assert widget.run() is not None
     qtbot.waitUntil(lambda: state.name == "default model (fine-tuned)", timeout=120_000)
@@ -201,10 +197,7 @@ def test_the_gui_thread_keeps_responding_in_live_mode(make_napari_viewer, qtbot,
     viewer.add_image(image, name="cells")
     painted = viewer.add_labels(labels.astype(np.int32), name="painted")
     state_for(viewer).set_model(small_model(), "test model")
-    widget = open_widget(viewer, "Fine-tune")
-    widget.image.setCurrentText("cells")
-    widget.labels.setCurrentText("painted")
-    widget.add_pair()
+    widget = fine_tune_dock(viewer)
     qtbot.wait(200)
     gaps, last = [], [time.perf_counter()]
 

@@ -48,6 +48,15 @@ def run_and_wait(qtbot, widget, timeout=60_000):
     return worker
 
 
+def fine_tune_dock(viewer, image="cells", labels="painted"):
+    """The Fine-tune dock with the pair (``image``, ``labels``) added."""
+    widget = open_widget(viewer, "Fine-tune")
+    widget.image.setCurrentText(image)
+    widget.labels.setCurrentText(labels)
+    widget.add_pair()
+    return widget
+
+
 def wait_loaded(qtbot, model_widget, timeout=30_000):
     """Wait until the Model dock's load has finished (its buttons are enabled again)."""
     qtbot.waitUntil(lambda: model_widget.default_button.isEnabled(), timeout=timeout)
