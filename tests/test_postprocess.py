@@ -123,7 +123,7 @@ def test_unknown_options_raise():
         labels_from_probabilities(probs, encoding="foreground", split="nope")
 
 
-def test_segment_stack_has_unique_ids_across_slices(rng):
+def test_segment_stack_links_slices_unless_a_time_series(rng):
     model = tiny("unet", depth=2, n_classes=2)
     # Make the model a pass-through thresholder: logits = (x - 0.5) * [-k, k].
     import torch
@@ -139,9 +139,11 @@ def test_segment_stack_has_unique_ids_across_slices(rng):
     stack = np.zeros((2, 60, 60), np.float32)
     stack[:, 10:20, 10:20] = 1
     stack[:, 40:50, 30:55] = 1
-    labels = segment(model, stack, min_size=5)
-    assert labels.shape == stack.shape
-    assert set(np.unique(labels[0])) == {0, 1, 2} and set(np.unique(labels[1])) == {0, 3, 4}
+    frames = segment(model, stack, min_size=5, axes="TYX")  # frames keep their own objects
+    assert frames.shape == stack.shape
+    assert set(np.unique(frames[0])) == {0, 1, 2} and set(np.unique(frames[1])) == {0, 3, 4}
+    for linked in (segment(model, stack, min_size=5), segment(model, stack, min_size=5, axes="TYX", track=True)):
+        assert np.array_equal(linked[0], frames[0]) and np.array_equal(linked[1], frames[0])  # 3-D objects / tracks
 
 
 def ramp_model():

@@ -155,18 +155,19 @@ class _Run:
 
     def __init__(
         self, model, layout: ImageLayout, device: torch.device, plan: TilePlan, batch_size: int,
-        origin: tuple[int, int] = (0, 0), extent: tuple[int, int] | None = None,
+        statistics: _SliceStatistics, origin: tuple[int, int], extent: tuple[int, int], slices,
     ) -> None:
         self.model = model
         self.layout = layout
         self.device = device
         self.plan = plan
         self.batch_size = batch_size
-        self.statistics = _SliceStatistics(layout, model)
-        # Tiles are planned over the output region ``extent`` at ``origin`` (image coordinates).
+        self.statistics = statistics
+        # Tiles are planned over the output region ``extent`` at ``origin`` (image coordinates);
+        # ``out``'s slice axis counts the predicted ``slices`` in order.
         self.origin = origin
-        self.extent = extent or layout.plane
-        self.tasks = [(s, oy, ox) for s in range(layout.n_slices) for oy, ox in plan.tiles]
+        self.extent = extent
+        self.tasks = [(k, s, oy, ox) for k, s in enumerate(slices) for oy, ox in plan.tiles]
 
     def prepare(self, tasks) -> np.ndarray:
         """Read, mirror, adapt and normalise a batch of tiles into ``(B, C, ty, tx)`` float32."""
@@ -174,7 +175,7 @@ class _Run:
         h, w = layout.plane
         batch = np.empty((len(tasks), self.model.in_channels, *plan.input_shape), np.float32)
         y0, x0 = self.origin
-        for b, (s, oy, ox) in enumerate(tasks):
+        for b, (_, s, oy, ox) in enumerate(tasks):
             rows = plan.y.read_indices(y0 + oy, halo, h)
             cols = plan.x.read_indices(x0 + ox, halo, w)
             r0, c0 = int(rows.min()), int(cols.min())
@@ -222,12 +223,100 @@ class _Run:
             if i + 1 < len(batches):
                 pending = pool.submit(self.prepare, batches[i + 1])
             probs = self.forward(batch)
-            for b, (s, oy, ox) in enumerate(tasks):
+            for b, (k, _, oy, ox) in enumerate(tasks):
                 th, tw = min(self.plan.y.tile_output, h - oy), min(self.plan.x.tile_output, w - ox)
-                out[:, s, oy : oy + th, ox : ox + tw] = probs[b, :, :th, :tw]
+                out[:, k, oy : oy + th, ox : ox + tw] = probs[b, :, :th, :tw]
             done += len(tasks)
             if progress is not None:
                 progress(done, total)
+
+
+class WindowPredictor:
+    """Predicts regions of one image with fixed settings, as a context manager.
+
+    The model is put in eval mode on the device once; each slice's normalisation statistics are
+    computed once (from the whole slice) and shared by every window, and tiles start at
+    multiples of the model's step in image coordinates, so the probabilities of any window
+    equal the whole image's there exactly. When memory runs out, the batch and then the tile
+    shrink, and later windows keep the smaller settings.
+    """
+
+    def __init__(self, model, image, *, tile_size=None, device=None, channel_axis=None, batch_size=None) -> None:
+        self.layout = ImageLayout(image, channel_axis)
+        adapt_channels(np.zeros((1, self.layout.n_channels), np.float32), model.in_channels)  # fail fast on channels
+        self.device = resolve_device(device)
+        if tile_size is not None and tile_size < 1:
+            raise InputError(f"tile size must be positive, got {tile_size}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+            raise InputError(f"batch size must be a positive whole number, got {batch_size!r}")
+        self.model = model
+        self.tile_input = auto_tile_size(model, self.device) if tile_size is None else int(tile_size)
+        self.batch_size = batch_size
+        self.statistics = _SliceStatistics(self.layout, model)
+        self._was_training = model.training
+
+    def __enter__(self) -> WindowPredictor:
+        self._was_training = self.model.training
+        self.model.eval().to(self.device)
+        if self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.model.train(self._was_training)
+
+    def _aligned(self, bounds) -> tuple[tuple[int, int], tuple[int, int]]:
+        step = self.model.geometry.step
+        (y0, y1), (x0, x1) = bounds
+        ay, ax = y0 // step * step, x0 // step * step
+        return (ay, ax), (y1 - ay, x1 - ax)
+
+    def n_tiles(self, bounds) -> int:
+        """How many tiles one slice of the region ``bounds`` takes (with the current settings)."""
+        return len(plan_tiles(self._aligned(bounds)[1], self.model.geometry, self.tile_input).tiles)
+
+    def __call__(self, bounds, slices, progress: Progress | None = None, cancel: Cancel | None = None) -> np.ndarray:
+        """Probabilities ``(n_classes, len(slices), y1 - y0, x1 - x0)`` of the region
+        ``bounds = ((y0, y1), (x0, x1))`` of each slice index in ``slices``."""
+        model, geometry = self.model, self.model.geometry
+        (y0, _), (x0, _) = bounds
+        # Tiles must start at multiples of the model's step (image coordinates) to equal the
+        # whole-image result: the region is predicted from an aligned origin, then cut.
+        (ay, ax), extent = self._aligned(bounds)
+        out = np.empty((model.n_classes, len(slices), *extent), np.float32)
+        while True:
+            plan = plan_tiles(extent, geometry, self.tile_input)
+            batch = _batch_size(model, self.device, plan, self.batch_size)
+            try:
+                _Run(model, self.layout, self.device, plan, batch, self.statistics, (ay, ax), extent, slices).run(
+                    out, progress, cancel
+                )
+                break
+            except (RuntimeError, MemoryError) as exc:
+                if not (isinstance(exc, MemoryError) or is_out_of_memory(exc)):
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                # Retry with one tile per batch, then with ever smaller tiles.
+                tile = max(plan.input_shape)
+                smallest = geometry.input_for_output(geometry.step)  # what plan_tiles allows
+                if batch > 1:
+                    self.batch_size = 1
+                elif tile > smallest:
+                    self.tile_input = geometry.valid_input_below(int(tile / 1.5))
+                else:
+                    raise UnetStudioError(f"not enough memory on {self.device.type} even for the smallest tile") from exc
+        return out[:, :, y0 - ay :, x0 - ax :]
+
+
+def _check_out(out, shape: tuple[int, ...], kind: str, what: str) -> None:
+    """Refuse an ``out`` array of the wrong shape or kind of dtype before any work."""
+    got = tuple(int(n) for n in getattr(out, "shape", ()))
+    if got != tuple(shape):
+        raise InputError(f"out must have the shape {tuple(shape)} of the {what}, got {got}")
+    dtype = np.dtype(getattr(out, "dtype", None))
+    if dtype.kind not in kind:
+        raise InputError(f"out must hold {'floats' if kind == 'f' else 'integers'} for the {what}, got {dtype}")
 
 
 def predict(
@@ -241,7 +330,9 @@ def predict(
     cancel: Cancel | None = None,
     batch_size: int | None = None,
     window: tuple[slice, slice] | None = None,
-) -> np.ndarray:
+    out=None,
+    block_size: int | None = None,
+):
     """Per-class probabilities of ``model`` on ``image``, by seamless overlap-tile inference.
 
     Parameters
@@ -262,7 +353,7 @@ def predict(
     channel_axis
         Axis holding channels; ``None`` takes a last axis of length <= 4 of a 3-D/4-D array.
     progress
-        Called as ``progress(tiles_done, tiles_total)``.
+        Called as ``progress(done, total)``: tiles, or blocks when working block by block.
     cancel
         Polled before each tile batch; when it returns True, :class:`~.errors.Cancelled` is raised.
     batch_size
@@ -271,57 +362,53 @@ def predict(
         ``(rows, cols)`` slices of the plane: only this region is predicted (and only the
         pixels its tiles need are read). The result equals the whole image's prediction
         cut to the window exactly (normalisation statistics still come from the whole slice).
+    out
+        An array to write the probabilities into (numpy, zarr, a memmap; float dtype; the
+        result's shape), block by block: memory then depends on ``block_size``, not on the
+        image. The result equals the whole image's prediction exactly.
+    block_size
+        Edge of the blocks (output pixels) written into ``out`` (default
+        :data:`~napari_unet_studio.blocks.DEFAULT_BLOCK` with ``out``).
 
     Returns
     -------
     numpy.ndarray
         float32 probabilities of shape ``(n_classes, *spatial)`` (the window's shape with
-        ``window``).
+        ``window``), or ``out`` when given.
     """
-    layout = ImageLayout(image, channel_axis)
-    adapt_channels(np.zeros((1, layout.n_channels), np.float32), model.in_channels)  # fail fast on channels
-    device = resolve_device(device)
-    if tile_size is not None and tile_size < 1:
-        raise InputError(f"tile size must be positive, got {tile_size}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
-        raise InputError(f"batch size must be a positive whole number, got {batch_size!r}")
-    tile_input = auto_tile_size(model, device) if tile_size is None else int(tile_size)
-    (y0, y1), (x0, x1) = _window_bounds(window, layout.plane)
-    # Tiles must start at multiples of the model's step (image coordinates) to equal the
-    # whole-image result: the window is predicted from an aligned origin, then cut.
-    step = model.geometry.step
-    ay, ax = y0 // step * step, x0 // step * step
-    extent = (y1 - ay, x1 - ax)
-    out = np.empty((model.n_classes, layout.n_slices, *extent), np.float32)
-    was_training = model.training
-    model.eval().to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    try:
-        while True:
-            plan = plan_tiles(extent, model.geometry, tile_input)
-            batch = _batch_size(model, device, plan, batch_size)
-            try:
-                _Run(model, layout, device, plan, batch, (ay, ax), extent).run(out, progress, cancel)
-                break
-            except (RuntimeError, MemoryError) as exc:
-                if not (isinstance(exc, MemoryError) or is_out_of_memory(exc)):
-                    raise
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                # Retry with one tile per batch, then with ever smaller tiles.
-                tile = max(plan.input_shape)
-                smallest = model.geometry.input_for_output(model.geometry.step)  # what plan_tiles allows
-                if batch > 1:
-                    batch_size = 1
-                elif tile > smallest:
-                    tile_input = model.geometry.valid_input_below(int(tile / 1.5))
-                else:
-                    raise UnetStudioError(f"not enough memory on {device.type} even for the smallest tile") from exc
-    finally:
-        model.train(was_training)
-    out = out[:, :, y0 - ay :, x0 - ax :]
-    return out if layout.is_stack else out[:, 0]
+    from .blocks import DEFAULT_BLOCK, block_grid, check_block_size
+
+    predictor = WindowPredictor(
+        model, image, tile_size=tile_size, device=device, channel_axis=channel_axis, batch_size=batch_size
+    )
+    layout = predictor.layout
+    bounds = _window_bounds(window, layout.plane)
+    slices = list(range(layout.n_slices))
+    if out is None and block_size is None:
+        with predictor:
+            probs = predictor(bounds, slices, progress, cancel)
+        return probs if layout.is_stack else probs[:, 0]
+    check_block_size(block_size)
+    extent = (bounds[0][1] - bounds[0][0], bounds[1][1] - bounds[1][0])
+    shape = (model.n_classes, *((layout.n_slices,) if layout.is_stack else ()), *extent)
+    if out is None:
+        out = np.empty(shape, np.float32)
+    _check_out(out, shape, "f", "probabilities")
+    blocks = block_grid(bounds, block_size or DEFAULT_BLOCK)
+    total, done = len(slices) * len(blocks), 0
+    if progress is not None:
+        progress(0, total)
+    (oy, _), (ox, _) = bounds
+    with predictor:
+        for s in slices:
+            for (y0, y1), (x0, x1) in blocks:
+                probs = predictor(((y0, y1), (x0, x1)), [s], cancel=cancel)[:, 0]
+                key = (slice(None), *((s,) if layout.is_stack else ()), slice(y0 - oy, y1 - oy), slice(x0 - ox, x1 - ox))
+                out[key] = probs
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+    return out
 
 
 def _window_bounds(window, plane: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -351,42 +438,88 @@ def segment(
     min_size: int | None = None,
     return_probabilities: bool = False,
     window: tuple[slice, slice] | None = None,
+    out=None,
+    block_size: int | None = None,
+    overlap: int | None = None,
+    axes: str | None = None,
+    track: bool = False,
     **postprocess_options,
 ):
     """Instance labels (0 = background, 1..N objects) of ``image``, same spatial shape.
 
     Runs :func:`predict` and then :func:`~napari_unet_studio.postprocess.labels_from_probabilities`
-    with the model's output encoding and post-processing settings (``model.postprocess``).
-    Slices of a stack are labelled separately, with ids unique across the stack. Arguments as
-    for :func:`predict`; ``min_size`` (pixels) removes smaller objects, other keyword arguments
-    (``threshold``, ``seed_threshold``, ``split``, ...) override the model's post-processing
-    settings (checked before any work; ``seed_threshold=None`` turns seeds off). With
-    ``return_probabilities=True`` the result is ``(labels, probabilities)``. With ``window``
-    (``(rows, cols)`` slices) only that region is predicted and labelled.
+    with the model's output encoding and post-processing settings (``model.postprocess``),
+    block by block (see :mod:`napari_unet_studio.blocks`): each block is labelled with
+    ``overlap`` pixels of context, and objects that cross block borders get one id. Ids are
+    1..N over the whole image (or stack). Arguments as for :func:`predict`, and:
+
+    min_size
+        Objects under this many pixels (per slice) are removed.
+    return_probabilities
+        Return ``(labels, probabilities)``; the probabilities are then held whole in memory.
+    out
+        An integer array (numpy, zarr, a memmap) of the image's spatial shape (the window's
+        with ``window``) to write the labels into; its previous content is replaced. Memory
+        then depends on ``block_size`` and the tile size, not on the image.
+    block_size
+        Edge of a block in pixels (default :data:`~napari_unet_studio.blocks.DEFAULT_BLOCK`).
+        Objects (or clusters of touching objects) smaller than ``overlap`` get the same
+        labels as whole-image labelling would give, up to renumbering.
+    overlap
+        Context around each block, pixels (default :data:`~napari_unet_studio.blocks.DEFAULT_OVERLAP`).
+    axes
+        What a stack's first axis is: ``"ZYX"`` (the default for a stack): per-slice objects
+        are linked into 3-D objects (see :mod:`napari_unet_studio.linking`); ``"TYX"``: a
+        time series, whose frames keep their own objects unless ``track`` is set.
+    track
+        For ``axes="TYX"``: link objects of consecutive frames by overlap (one id per track).
+
+    Other keyword arguments (``threshold``, ``seed_threshold``, ``split``, ...) override the
+    model's post-processing settings (checked before any work; ``seed_threshold=None`` turns
+    seeds off).
     """
-    from .postprocess import labels_from_probabilities, options_for
+    from .blocks import segment_blocks
+    from .postprocess import options_for
 
     if min_size is not None:
         postprocess_options["min_size"] = min_size
     options = options_for(model, **postprocess_options)  # checked before the long part
-    probs = predict(
-        model, image, tile_size=tile_size, device=device, channel_axis=channel_axis, progress=progress, cancel=cancel,
-        window=window,
+    predictor = WindowPredictor(
+        model, image, tile_size=tile_size, device=device, channel_axis=channel_axis
     )
-    if probs.ndim == 3:
-        if cancel is not None and cancel():  # post-processing a large image takes seconds
-            raise Cancelled("segmentation cancelled")
-        labels = labels_from_probabilities(probs, encoding=model.encoding, **options)
-        return (labels, probs) if return_probabilities else labels
-    labels = np.zeros(probs.shape[1:], np.int32)
-    offset = 0
-    for s in range(probs.shape[1]):
-        if cancel is not None and cancel():
-            raise Cancelled("segmentation cancelled")
-        lab = labels_from_probabilities(probs[:, s], encoding=model.encoding, **options)
-        labels[s] = np.where(lab > 0, lab + offset, 0)
-        offset += int(lab.max())
-    return (labels, probs) if return_probabilities else labels
+    layout = predictor.layout
+    link = stack_linking(axes, layout.is_stack, track)
+    bounds = _window_bounds(window, layout.plane)
+    extent = (bounds[0][1] - bounds[0][0], bounds[1][1] - bounds[1][0])
+    shape = ((layout.n_slices,) if layout.is_stack else ()) + extent
+    if out is None:
+        out = np.zeros(shape, np.int32)
+    _check_out(out, shape, "iu", "labels")
+    probs = None
+    if return_probabilities:
+        probs = np.empty((model.n_classes, *shape), np.float32)
+    with predictor:
+        segment_blocks(
+            predictor, options, out, bounds, block_size=block_size, overlap=overlap, link=link,
+            probabilities=probs, progress=progress, cancel=cancel,
+        )
+    return (out, probs) if return_probabilities else out
+
+
+def stack_linking(axes: str | None, is_stack: bool, track: bool = False) -> bool:
+    """Whether the slices of an image are linked into objects across its first axis: ``axes``
+    ``"ZYX"`` (or None, for a stack) links them into 3-D objects, ``"TYX"`` only with ``track``.
+    A channel letter ``C`` anywhere is ignored. InputError for axes that do not fit the image."""
+    if axes is None:
+        return is_stack
+    letters = str(axes).upper().replace("C", "")
+    if is_stack:
+        if letters not in ("ZYX", "TYX"):
+            raise InputError(f"axes {axes!r} do not describe a stack: use 'ZYX' (3-D objects) or 'TYX' (time series)")
+        return letters == "ZYX" or bool(track)
+    if letters != "YX":
+        raise InputError(f"axes {axes!r} do not fit a 2-D image (use 'YX')")
+    return False
 
 
 #: A pixel is uncertain when its most probable class has a probability below this.

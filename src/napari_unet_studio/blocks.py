@@ -1,0 +1,207 @@
+"""Block-wise segmentation: labels written into an array block by block, with stitched ids.
+
+The plane is cut into square blocks. Each block is predicted and labelled together with
+``overlap`` pixels of context on every side (its *window*); only the block's own pixels (its
+*core*) are written, with provisional ids. Objects are linked to the ids already written in the
+neighbouring cores that their window covers: a pair of objects is one object when their
+shared pixels are the majority of either one's pixels there. For a stack, per-slice objects
+are then linked across slices (:mod:`.linking`). A last pass replaces the provisional ids by
+ids 1..N, unique over the whole image.
+
+Why labels agree with whole-image labelling: labelling (connected components, seeded
+watersheds, small-object removal) decides each cluster of touching foreground on that
+cluster's pixels alone. A cluster narrower than ``overlap`` that reaches a core lies inside
+that core's window without touching the window's edge, so every block that writes part of it
+labels it exactly as the whole image would, and the overlap links its parts. Larger objects
+are linked as well, but their split may differ from the whole-image one near block borders.
+
+Memory depends on the block and tile size only: probabilities and labels of one window at a
+time, plus a few integers per object.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import Cancelled, InputError
+
+#: Default block edge (pixels). A window of 2048 + 2 x 128 px holds ~60 MB of 3-class
+#: probabilities in float32.
+DEFAULT_BLOCK = 2048
+#: Default context around a block (pixels): objects or clusters of touching objects narrower
+#: than this are labelled exactly as in whole-image labelling.
+DEFAULT_OVERLAP = 128
+#: Blocks smaller than this are refused (their windows would be mostly context).
+MIN_BLOCK = 64
+
+Bounds = tuple[tuple[int, int], tuple[int, int]]
+
+
+def check_block_size(block_size: int | None) -> None:
+    """InputError unless ``block_size`` is None or a whole number >= :data:`MIN_BLOCK`."""
+    if block_size is None:
+        return
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < MIN_BLOCK:
+        raise InputError(f"block size must be a whole number of pixels >= {MIN_BLOCK}, got {block_size!r}")
+
+
+def block_grid(bounds: Bounds, block_size: int) -> list[Bounds]:
+    """Cores ``((y0, y1), (x0, x1))`` of ``block_size`` pixels (smaller at the far edges) that
+    tile the region ``bounds``, row by row."""
+    (y0, y1), (x0, x1) = bounds
+    return [
+        ((a, min(a + block_size, y1)), (b, min(b + block_size, x1)))
+        for a in range(y0, y1, block_size)
+        for b in range(x0, x1, block_size)
+    ]
+
+
+def _grow(core: Bounds, margin: int, bounds: Bounds) -> Bounds:
+    """``core`` widened by ``margin`` on every side, clipped to ``bounds``."""
+    return tuple((max(lo, a - margin), min(hi, b + margin)) for (a, b), (lo, hi) in zip(core, bounds))  # type: ignore[return-value]
+
+
+def _intersect(a: Bounds, b: Bounds) -> Bounds | None:
+    out = tuple((max(a0, b0), min(a1, b1)) for (a0, a1), (b0, b1) in zip(a, b))
+    return None if any(lo >= hi for lo, hi in out) else out  # type: ignore[return-value]
+
+
+def _cut(region: Bounds, origin: tuple[int, int]) -> tuple[slice, slice]:
+    """Slices of ``region`` in an array whose pixel (0, 0) is ``origin``."""
+    return tuple(slice(a - o, b - o) for (a, b), o in zip(region, origin))  # type: ignore[return-value]
+
+
+class Ids:
+    """Provisional ids handed out block by block, their unions, and the final numbering."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.parent: dict[int, int] = {}
+        self.written: list[np.ndarray] = []
+
+    def reserve(self, n: int) -> int:
+        """Reserve ``n`` new ids; returns the offset to add to local ids 1..n."""
+        offset = self.count
+        self.count += int(n)
+        return offset
+
+    def find(self, a: int) -> int:
+        parent = self.parent
+        while a in parent:
+            up = parent[a]
+            if up in parent:
+                parent[a] = parent[up]  # path halving
+            a = up
+        return a
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(int(a)), self.find(int(b))
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)  # the first id handed out names the object
+
+    def roots(self) -> np.ndarray:
+        """``roots[id]``: the id that names ``id``'s object (0 for 0)."""
+        roots = np.arange(self.count + 1, dtype=np.int64)
+        for a in self.parent:
+            roots[a] = self.find(a)
+        return roots
+
+    def table(self) -> np.ndarray:
+        """``table[id]``: final id 1..N of every provisional id that was written (0 for 0),
+        numbered in the order objects were first written."""
+        roots = self.roots()
+        used = np.zeros(self.count + 1, bool)
+        for ids in self.written:
+            used[ids] = True
+        used[0] = True
+        kept = np.unique(roots[used])  # 0 first
+        table = np.zeros(self.count + 1, np.int64)
+        table[used] = np.searchsorted(kept, roots[used])
+        return table
+
+
+def _link_majority(ids: Ids, local: np.ndarray, offset: int, written: np.ndarray) -> None:
+    """Union each local object with each written id whose shared pixels are the majority of
+    either one's pixels in this region."""
+    both = (local > 0) & (written > 0)
+    if not both.any():
+        return
+    a_ids, a_sizes = np.unique(local[local > 0], return_counts=True)
+    p_ids, p_sizes = np.unique(written[written > 0], return_counts=True)
+    a, p = local[both].astype(np.int64), written[both].astype(np.int64)
+    keys, shared = np.unique(a * (int(p.max()) + 1) + p, return_counts=True)
+    pa, pp = keys // (int(p.max()) + 1), keys % (int(p.max()) + 1)
+    smaller = np.minimum(a_sizes[np.searchsorted(a_ids, pa)], p_sizes[np.searchsorted(p_ids, pp)])
+    for x, y in zip(pa[2 * shared > smaller], pp[2 * shared > smaller]):
+        ids.union(int(x) + offset, int(y))
+
+
+def _slice_key(stack: bool, s: int, region: tuple[slice, slice]) -> tuple:
+    return ((s,) if stack else ()) + region
+
+
+def segment_blocks(
+    predictor, options: dict, out, bounds: Bounds, *, block_size: int | None = None, overlap: int | None = None,
+    link: bool = False, probabilities=None, progress=None, cancel=None, min_overlap: float | None = None,
+) -> int:
+    """Label the region ``bounds`` of every slice into ``out`` block by block (see the module's
+    docstring); returns the number of objects.
+
+    ``predictor`` is an entered :class:`~napari_unet_studio.inference.WindowPredictor`;
+    ``options`` the checked post-processing settings; ``out`` an integer array shaped like the
+    region (with the slice axis first for a stack), ``probabilities`` an optional float array
+    with a class axis first that receives the cores' probabilities. ``link`` joins objects of
+    consecutive slices (:func:`.linking.link_stack`). ``progress(done, total)`` counts tiles.
+    """
+    from .linking import DEFAULT_MIN_OVERLAP, link_stack
+    from .postprocess import labels_from_probabilities
+
+    check_block_size(block_size)
+    block_size = DEFAULT_BLOCK if block_size is None else int(block_size)
+    overlap = DEFAULT_OVERLAP if overlap is None else overlap
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer)) or overlap < 0:
+        raise InputError(f"overlap must be a whole number of pixels >= 0, got {overlap!r}")
+    layout, model = predictor.layout, predictor.model
+    stack = layout.is_stack
+    limit = np.iinfo(np.dtype(out.dtype)).max
+    origin = (bounds[0][0], bounds[1][0])
+    cores = block_grid(bounds, block_size)
+    ids = Ids()
+    windows = [_grow(core, overlap, bounds) for core in cores]
+    per_slice = [predictor.n_tiles(window) for window in windows]
+    total, done = layout.n_slices * sum(per_slice), 0
+    if progress is not None:
+        progress(0, total)
+    for s in range(layout.n_slices):
+        finished: list[Bounds] = []
+        for core, window, n_tiles in zip(cores, windows, per_slice):
+            tiles = None if progress is None else (lambda d, n, base=done: progress(base + min(d, n_tiles), total))
+            probs = predictor(window, [s], tiles, cancel)[:, 0]
+            if cancel is not None and cancel():  # labelling a block takes a while too
+                raise Cancelled("segmentation cancelled")
+            local = labels_from_probabilities(probs, encoding=model.encoding, **options)
+            offset = ids.reserve(local.max())
+            if ids.count > limit:
+                raise InputError(f"out's dtype {np.dtype(out.dtype)} cannot hold {ids.count} object ids; use int32 or int64")
+            w_origin = (window[0][0], window[1][0])
+            for other in finished:
+                shared = _intersect(window, other)
+                if shared is not None:
+                    _link_majority(ids, local[_cut(shared, w_origin)], offset, np.asarray(out[_slice_key(stack, s, _cut(shared, origin))]))
+            mine = local[_cut(core, w_origin)]
+            provisional = np.where(mine > 0, mine.astype(np.int64) + offset, 0)
+            out[_slice_key(stack, s, _cut(core, origin))] = provisional
+            ids.written.append(np.unique(provisional[provisional > 0]))
+            if probabilities is not None:
+                probabilities[(slice(None), *_slice_key(stack, s, _cut(core, origin)))] = probs[(slice(None), *_cut(core, w_origin))]
+            finished.append(core)
+            done += n_tiles
+    if stack and link:
+        regions = [_cut(core, origin) for core in cores]
+        link_stack(out, regions, ids, min_overlap=DEFAULT_MIN_OVERLAP if min_overlap is None else min_overlap, cancel=cancel)
+    table = ids.table()
+    for s in range(layout.n_slices):
+        for core in cores:
+            key = _slice_key(stack, s, _cut(core, origin))
+            out[key] = table[np.asarray(out[key])]
+    return int(table.max())

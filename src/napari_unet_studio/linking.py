@@ -1,0 +1,159 @@
+"""Linking per-slice objects of a stack into 3-D objects (or tracks over time).
+
+Objects of consecutive slices are matched one-to-one by a global assignment that maximises the
+pixels the matched pairs share, instead of each object taking its best-overlapping predecessor
+(greedy stitching, which lets two objects take the same predecessor and merges them). A pair
+can match when at least ``min_overlap`` of the smaller object lies in the larger one: unlike
+IoU, this holds at an object's top and bottom, where a small cap sits on a large section
+(with a z step of 3 pixels, a nucleus' last slice often has an IoU of 0.1 with the one before). An object left without a successor is then matched, the
+same way, to an unmatched object two slices on: this closes a gap of one slice where an object
+was missed. Matched objects share one id.
+
+Works on any array that slices (numpy, zarr), region by region, so a stack larger than memory
+is linked with memory for one region of two slices at a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from .errors import Cancelled, InputError
+
+#: Share of the smaller of two objects of neighbouring slices that must lie in the larger for
+#: them to be one object (benchmarks/linking.py measures it on synthetic nuclei stacks).
+DEFAULT_MIN_OVERLAP = 0.5
+
+
+def match(a: np.ndarray, b: np.ndarray, score: np.ndarray, allowed: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """One-to-one matches between ids ``a[k]`` and ``b[k]`` of candidate pairs (where
+    ``allowed[k]``) that maximise the summed ``score`` (> 0) of the matched pairs. Each connected
+    group of candidates is solved on its own by a linear assignment (groups are small)."""
+    keep = score > 0 if allowed is None else (np.asarray(allowed, bool) & (score > 0))
+    a, b, score = a[keep], b[keep], np.asarray(score, np.float64)[keep]
+    if len(a) == 0:
+        return []
+    ua, ia = np.unique(a, return_inverse=True)
+    ub, ib = np.unique(b, return_inverse=True)
+    n = len(ua) + len(ub)
+    graph = coo_matrix((np.ones(len(a)), (ia, ib + len(ua))), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    pair_component = component[ia]
+    order = np.argsort(pair_component, kind="stable")
+    edges = np.flatnonzero(np.diff(pair_component[order])) + 1
+    matches: list[tuple[int, int]] = []
+    for group in np.split(order, edges):
+        if len(group) == 1:
+            k = group[0]
+            matches.append((int(a[k]), int(b[k])))
+            continue
+        ga, gi = np.unique(ia[group], return_inverse=True)
+        gb, gj = np.unique(ib[group], return_inverse=True)
+        cost = np.zeros((len(ga), len(gb)))
+        cost[gi, gj] = score[group]
+        rows, cols = linear_sum_assignment(-cost)
+        for r, c in zip(rows, cols):
+            if cost[r, c] > 0:
+                matches.append((int(ua[ga[r]]), int(ub[gb[c]])))
+    return matches
+
+
+def _accumulate(keys: list[np.ndarray], counts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    if not keys:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    unique, inverse = np.unique(np.concatenate(keys), return_inverse=True)
+    return unique, np.bincount(inverse, weights=np.concatenate(counts)).astype(np.int64)
+
+
+def _sizes(out, regions, roots, z) -> dict[int, int]:
+    keys, counts = [], []
+    for region in regions:
+        values = roots[np.asarray(out[(z, *region)])]
+        k, c = np.unique(values[values > 0], return_counts=True)
+        keys.append(k)
+        counts.append(c)
+    ids, sizes = _accumulate(keys, counts)
+    return dict(zip(ids.tolist(), sizes.tolist()))
+
+
+def _overlaps(out, regions, roots, z1, z2, only_a=None, only_b=None):
+    """(a ids, b ids, shared pixels) of objects of slice ``z1`` and ``z2`` that overlap."""
+    base = len(roots)
+    keys, counts = [], []
+    for region in regions:
+        a = roots[np.asarray(out[(z1, *region)])]
+        b = roots[np.asarray(out[(z2, *region)])]
+        both = (a > 0) & (b > 0)
+        if only_a is not None:
+            both &= np.isin(a, only_a)
+        if only_b is not None:
+            both &= np.isin(b, only_b)
+        k, c = np.unique(a[both] * base + b[both], return_counts=True)
+        keys.append(k)
+        counts.append(c)
+    pairs, shared = _accumulate(keys, counts)
+    return pairs // base, pairs % base, shared
+
+
+def _allowed(a, b, shared, size_a: dict, size_b: dict, min_overlap: float) -> np.ndarray:
+    sa = np.array([size_a[int(x)] for x in a], np.float64)
+    sb = np.array([size_b[int(x)] for x in b], np.float64)
+    return shared >= min_overlap * np.minimum(sa, sb)
+
+
+def link_stack(out, regions, ids, *, min_overlap: float = DEFAULT_MIN_OVERLAP, cancel=None) -> None:
+    """Join, in ``ids`` (a :class:`~napari_unet_studio.blocks.Ids`), the objects of consecutive
+    slices of ``out`` (provisional ids, slice axis first) that :func:`match` pairs, then close
+    one-slice gaps. ``regions`` are ``(rows, cols)`` slices that tile the plane."""
+    if not 0 < min_overlap <= 1:
+        raise InputError(f"min_overlap must lie in (0, 1], got {min_overlap}")
+    n = int(out.shape[0])
+    roots = ids.roots()
+    sizes = [_sizes(out, regions, roots, z) for z in range(n)]
+    has_next: list[set] = [set() for _ in range(n)]
+    has_prev: list[set] = [set() for _ in range(n)]
+    for z in range(n - 1):
+        if cancel is not None and cancel():
+            raise Cancelled("segmentation cancelled")
+        a, b, shared = _overlaps(out, regions, roots, z, z + 1)
+        for x, y in match(a, b, shared, _allowed(a, b, shared, sizes[z], sizes[z + 1], min_overlap)):
+            ids.union(x, y)
+            has_next[z].add(x)
+            has_prev[z + 1].add(y)
+    for z in range(n - 2):
+        if cancel is not None and cancel():
+            raise Cancelled("segmentation cancelled")
+        ends = np.array(sorted(set(sizes[z]) - has_next[z]), np.int64)
+        starts = np.array(sorted(set(sizes[z + 2]) - has_prev[z + 2]), np.int64)
+        if len(ends) == 0 or len(starts) == 0:
+            continue
+        a, b, shared = _overlaps(out, regions, roots, z, z + 2, ends, starts)
+        for x, y in match(a, b, shared, _allowed(a, b, shared, sizes[z], sizes[z + 2], min_overlap)):
+            ids.union(x, y)
+
+
+def link_slices(labels, *, min_overlap: float = DEFAULT_MIN_OVERLAP) -> np.ndarray:
+    """3-D objects (or tracks) from per-slice labels ``(Z, Y, X)``: objects of consecutive
+    slices that overlap are given one id, by the global matching described in this module.
+    Ids of different slices are distinct objects even when equal. Returns int32 (int64 when
+    needed) labels 1..N."""
+    labels = np.asarray(labels)
+    if labels.ndim != 3 or labels.dtype.kind not in "iub":
+        raise InputError(f"link_slices needs a (Z, Y, X) integer label stack, got {labels.dtype} of shape {labels.shape}")
+    from skimage.segmentation import relabel_sequential
+
+    from .blocks import Ids
+
+    ids = Ids()
+    provisional = np.zeros(labels.shape, np.int64)
+    for z in range(labels.shape[0]):
+        local = relabel_sequential(labels[z].astype(np.int64))[0]
+        offset = ids.reserve(local.max())
+        provisional[z] = np.where(local > 0, local + offset, 0)
+        ids.written.append(np.unique(provisional[z][provisional[z] > 0]))
+    link_stack(provisional, [(slice(None), slice(None))], ids, min_overlap=min_overlap)
+    table = ids.table()
+    result = table[provisional]
+    return result.astype(np.int32 if table.max() < np.iinfo(np.int32).max else np.int64)

@@ -1,0 +1,141 @@
+"""Block-wise predict/segment into an ``out`` array: equal to whole-image work (up to renumbering),
+one id per object across block borders, refused bad outputs."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny
+
+from napari_unet_studio import InputError, load_model, predict, segment
+from napari_unet_studio._sample_data import load_sample
+from napari_unet_studio.blocks import Ids, block_grid
+
+TOL = 1e-4
+
+
+def same_up_to_renumbering(a, b) -> bool:
+    """True when a bijection of ids (0 to 0) maps ``a`` onto ``b``."""
+    a, b = np.asarray(a, np.int64).ravel(), np.asarray(b, np.int64).ravel()
+    if not np.array_equal(a == 0, b == 0):
+        return False
+    pairs = np.unique(np.stack([a, b]), axis=1)
+    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
+
+
+def pass_through(n_classes=2):
+    """A 2-class model whose foreground probability is its input pixel (as normalised)."""
+    model = tiny("unet", depth=2, n_classes=n_classes)
+    g = model.geometry.halo
+
+    def forward(x):
+        x = x[..., g:-g, g:-g]
+        return torch.cat([-(x - 0.5) * 20, (x - 0.5) * 20], 1)
+
+    model.forward = forward
+    return model
+
+
+def objects_on_block_corners(shape=(200, 230), block=64, rng=None):
+    """Small squares and discs around every block corner and edge, a long bar crossing three
+    blocks, on a 0/1 image."""
+    image = np.zeros(shape, np.float32)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    for cy in range(block, shape[0], block):
+        for cx in range(block, shape[1], block):
+            image[cy - 6 : cy + 5, cx - 7 : cx + 4] = 1  # a square on the corner
+            image[(yy - cy) ** 2 + (xx - cx - 30) ** 2 < 49] = 1  # a disc on the vertical edge
+    image[20:26, 10:200] = 1  # longer than the overlap: crosses three blocks
+    return image
+
+
+def test_block_grid_tiles_the_region():
+    cores = block_grid(((5, 105), (0, 70)), 40)
+    covered = np.zeros((110, 70), int)
+    for (y0, y1), (x0, x1) in cores:
+        covered[y0:y1, x0:x1] += 1
+    assert (covered[5:105] == 1).all() and (covered[:5] == 0).all() and len(cores) == 3 * 2
+
+
+def test_blockwise_predict_into_numpy_and_zarr_equals_whole_image(rng):
+    zarr = pytest.importorskip("zarr")
+    model = tiny("unet", depth=2)
+    image = rng.random((150, 170)).astype(np.float32)
+    whole = predict(model, image)
+    into = np.zeros_like(whole)
+    assert predict(model, image, out=into, block_size=64) is into
+    np.testing.assert_allclose(into, whole, atol=TOL)
+    z = zarr.zeros(whole.shape, chunks=(3, 64, 64), dtype="float32")
+    predict(model, image, out=z, block_size=64)
+    np.testing.assert_allclose(z[:], whole, atol=TOL)
+    stack = rng.random((2, 90, 100)).astype(np.float32)
+    np.testing.assert_allclose(predict(model, stack, block_size=64), predict(model, stack), atol=TOL)
+
+
+def test_blockwise_labels_equal_whole_image_labels_with_objects_on_corners():
+    model = pass_through()
+    image = objects_on_block_corners()
+    whole = segment(model, image, min_size=5, block_size=4096)
+    out = np.full(image.shape, 77, np.int32)  # old content is replaced
+    blocks = segment(model, image, min_size=5, block_size=64, overlap=24, out=out)
+    assert blocks is out
+    assert same_up_to_renumbering(blocks, whole)
+    assert whole.max() == len(np.unique(whole)) - 1 == blocks.max() == len(np.unique(blocks)) - 1
+    bar = blocks[22, 10:200]
+    assert (bar == bar[0]).all() and bar[0] > 0  # one id across three blocks
+
+
+def test_objects_larger_than_the_overlap_keep_one_id():
+    model = pass_through()
+    image = np.zeros((260, 260), np.float32)
+    yy, xx = np.mgrid[:260, :260]
+    image[(yy - 130) ** 2 + (xx - 130) ** 2 < 90**2] = 1  # a disc over nine blocks
+    image[5:250, 240:250] = 1  # a long bar
+    labels = segment(model, image, min_size=5, block_size=64, overlap=8)
+    assert labels.max() == 2
+    assert len(np.unique(labels[(yy - 130) ** 2 + (xx - 130) ** 2 < 90**2])) == 1
+
+
+def test_blockwise_labels_of_the_nuclei_sample_equal_whole_image_labels():
+    zarr = pytest.importorskip("zarr")
+    model = load_model("default")
+    image, _ = load_sample("nuclei")
+    whole, probs = segment(model, image, return_probabilities=True)
+    out = zarr.zeros(whole.shape, chunks=(96, 96), dtype="int32")
+    blocks, block_probs = segment(model, image, out=out, block_size=96, overlap=64, return_probabilities=True)
+    np.testing.assert_allclose(block_probs, probs, atol=TOL)
+    # cores of 96 px: most nuclei are cut by a block border
+    assert same_up_to_renumbering(blocks[:], whole) and whole.max() > 20
+
+
+def test_bad_outputs_are_refused_before_work():
+    model = pass_through()
+    image = objects_on_block_corners((100, 100))
+    calls = []
+    with pytest.raises(InputError, match="shape"):
+        segment(model, image, out=np.zeros((99, 100), np.int32), progress=lambda d, n: calls.append(d))
+    with pytest.raises(InputError, match="integers"):
+        segment(model, image, out=np.zeros((100, 100), np.float32))
+    with pytest.raises(InputError, match="floats"):
+        predict(model, image, out=np.zeros((2, 100, 100), np.int32))
+    with pytest.raises(InputError, match="block size"):
+        segment(model, image, block_size=3)
+    with pytest.raises(InputError, match="overlap"):
+        segment(model, image, overlap=-1)
+    with pytest.raises(InputError, match="axes"):
+        segment(model, image, axes="ZYX")
+    assert not calls
+    tiny_dtype = np.zeros((100, 100), np.uint8)
+    many = np.zeros((100, 100), np.float32)
+    many[::3, ::3] = 1  # 1156 single-pixel objects
+    with pytest.raises(InputError, match="uint8"):
+        segment(model, many, min_size=0, out=tiny_dtype)
+
+
+def test_ids_number_objects_in_first_written_order():
+    ids = Ids()
+    a, b = ids.reserve(3), ids.reserve(2)
+    assert (a, b) == (0, 3)
+    ids.union(5, 2)
+    ids.union(4, 1)
+    ids.written += [np.array([1, 2, 3]), np.array([4, 5])]
+    assert ids.table().tolist() == [0, 1, 2, 3, 1, 2]
