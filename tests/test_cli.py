@@ -104,11 +104,19 @@ def _error_case(tmp_path, rng, model_file, case):
     if case == "missing model":
         return [good], ["--model", tmp_path / "none.safetensors"], "model file not found"
     if case == "not an image file":
-        return [tmp_path / "model.safetensors"], [], "not a PNG or TIFF file"
+        return [tmp_path / "model.safetensors"], [], "not a PNG, TIFF or zarr image"
     if case == "empty folder":
         empty = tmp_path / "empty"
         empty.mkdir()
-        return [empty], [], "no PNG or TIFF images in folder"
+        return [empty], [], "no PNG, TIFF or zarr images in folder"
+    if case == "zarr group without image":
+        import zarr
+
+        group = zarr.open_group(str(img / "plain.zarr"), mode="w")
+        group.create_array("raw", shape=(30, 30), dtype="uint8")
+        return [img / "plain.zarr"], [], "without OME-Zarr multiscales metadata; open one of its arrays: raw"
+    if case == "axes of a 2-D image":
+        return [good], ["--axes", "ZYX"], "do not fit a 2-D image"
     if case == "duplicate names":
         tifffile.imwrite(img / "good.tif", np.zeros((30, 30), np.uint8))
         return [good, img / "good.tif"], [], "share the base name"
@@ -128,6 +136,8 @@ CASES = [
     "not an image file",
     "empty folder",
     "duplicate names",
+    "zarr group without image",
+    "axes of a 2-D image",
 ]
 
 
@@ -197,3 +207,81 @@ def test_bad_tile_size_is_a_usage_error(tmp_path, images, model_file, capsys):
         main(["predict", str(images), "-o", str(tmp_path / "o"), "--tile-size", "-5"])
     assert exc.value.code == 2
     assert "positive" in capsys.readouterr().err
+
+
+def _blobs(rng, shape):
+    """An image of bright discs on a dark, noisy background."""
+    yy, xx = np.mgrid[: shape[-2], : shape[-1]]
+    image = rng.normal(20, 3, shape)
+    for cy, cx in rng.uniform(8, np.array(shape[-2:]) - 8, (12, 2)):
+        image[..., (yy - cy) ** 2 + (xx - cx) ** 2 < 25] += 150
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def test_stack_axes_come_from_the_file_and_can_be_overridden(tmp_path, rng, capsys, monkeypatch):
+    """ImageJ ZYX stacks get 3-D objects, TYX time series per-frame objects; --axes overrides."""
+    import napari_unet_studio.inference as inference
+
+    seen = []
+    real = inference.segment
+    monkeypatch.setattr(inference, "segment", lambda *a, **k: seen.append((k["axes"], k["track"])) or real(*a, **k))
+    frame = _blobs(rng, (60, 70))
+    stack = np.stack([frame] * 3)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tifffile.imwrite(folder / "z.tif", stack, imagej=True, metadata={"axes": "ZYX"})
+    tifffile.imwrite(folder / "t.tif", stack, imagej=True, metadata={"axes": "TYX"})
+    tifffile.imwrite(folder / "plain.tif", stack, photometric="minisblack")  # no axes: a stack of slices
+    code, _, err = run(["predict", folder, "-o", tmp_path / "out", "-q"], capsys)
+    assert code == 0, err
+    assert seen == [("ZYX", False), ("TYX", False), ("ZYX", False)]  # plain, t, z in name order
+    z, t = tifffile.imread(tmp_path / "out" / "z.tif"), tifffile.imread(tmp_path / "out" / "t.tif")
+    n = int(z[0].max())
+    assert n > 3 and z.max() == n and np.array_equal(z[1], z[0])  # identical slices: one 3-D object each
+    assert t.max() == 3 * n  # frames keep their own objects
+    seen.clear()
+    code, _, err = run(["predict", folder / "t.tif", "-o", tmp_path / "o2", "--axes", "tyx", "--track", "-q"], capsys)
+    assert code == 0 and seen == [("TYX", True)], err
+    assert tifffile.imread(tmp_path / "o2" / "t.tif").max() == n  # tracked
+
+
+def test_zarr_in_and_ome_zarr_out_block_by_block(tmp_path, rng, capsys):
+    import zarr
+
+    from napari_unet_studio import load_model, segment
+    from napari_unet_studio.io import open_image
+
+    image = _blobs(rng, (300, 260))
+    source = zarr.create_array(str(tmp_path / "scan.zarr"), shape=image.shape, chunks=(64, 64), dtype="uint8")
+    source[:] = image
+    tifffile.imwrite(tmp_path / "small.tif", image[:100, :90])
+    out_dir = tmp_path / "out"
+    args = ["predict", tmp_path / "scan.zarr", tmp_path / "small.tif", "-o", out_dir, "--format", "zarr",
+            "--block-size", "128", "-q"]
+    code, out, err = run(args, capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["scan.zarr", "small.zarr"]
+    labels, axes = open_image(out_dir / "scan.zarr")  # an OME-Zarr image, read back as such
+    assert axes == "YX" and labels.shape == image.shape and labels.chunks == (300, 260)
+    expected = segment(load_model("default"), image, block_size=4096)
+    from test_blocks import same_up_to_renumbering
+
+    assert same_up_to_renumbering(labels[:], expected) and labels.attrs["objects"] == expected.max()
+    # nothing is replaced without --overwrite; with it, the old result is replaced whole
+    code, _, err = run(args, capsys)
+    assert code == 2 and "already holds scan.zarr" in err
+    code, _, err = run([*args, "--overwrite"], capsys)
+    assert code == 0 and not list(tmp_path.glob("out/.*")), err
+
+
+def test_big_tiffs_are_read_lazily(tmp_path, rng, monkeypatch):
+    import napari_unet_studio.io as io
+
+    image = _blobs(rng, (200, 180))
+    tifffile.imwrite(tmp_path / "raw.tif", image)
+    tifffile.imwrite(tmp_path / "packed.tif", image, compression="zlib", tile=(64, 64))
+    monkeypatch.setattr(io, "LAZY_PIXELS", 1000)
+    raw, _ = io.open_image(tmp_path / "raw.tif")
+    packed, _ = io.open_image(tmp_path / "packed.tif")
+    assert isinstance(raw, np.memmap) and not isinstance(packed, np.ndarray)
+    assert np.array_equal(raw, image) and np.array_equal(packed[:], image)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from . import __version__
 from .errors import InputError, UnetStudioError
@@ -64,10 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "predict",
         help="segment images into instance labels",
-        description="Segment PNG/TIFF images (files or folders) into uint16 instance label images, "
-        "one per input, with the same base name, in the output folder.",
+        description="Segment PNG/TIFF images, zarr arrays and OME-Zarr images (files or folders) into instance "
+        "label images, one per input, with the same base name, in the output folder: uint16 PNG/TIFF like the "
+        "input, or with --format zarr an OME-Zarr image NAME.zarr written block by block (for images larger "
+        "than memory). Stacks are linked into 3-D objects (ZYX) or kept per frame (TYX), from the file's "
+        "axes or --axes.",
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, .zarr folders, or folders of images")
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="folder for the label images")
     p.add_argument("--model", "-m", default="default", metavar="PATH", help="model file, or 'default' (default)")
     p.add_argument("--tile-size", type=_positive_int, default=None, metavar="N", help="input tile edge in pixels (default: from free memory)")
@@ -78,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed-threshold", type=_probability_or_none, default=argparse.SUPPRESS, metavar="P|none",
         help="objects grow from regions above this probability; 'none': connected components (default: the model's)",
     )
+    p.add_argument("--format", default="same", choices=("same", "png", "tiff", "zarr"),
+                   help="label image format: like the input (default; zarr input gives zarr), png, tiff, or zarr (OME-Zarr, block by block)")
+    p.add_argument("--axes", default=None, type=str.upper, choices=("ZYX", "TYX"),
+                   help="what a stack's first axis is: ZYX links slices into 3-D objects, TYX keeps each frame's objects "
+                   "(default: the file's ImageJ/OME metadata, else ZYX)")
+    p.add_argument("--track", action="store_true", help="with TYX: link objects of consecutive frames by overlap")
+    p.add_argument("--block-size", type=_positive_int, default=None, metavar="PX",
+                   help="edge of the blocks segmented at a time (default: 2048); memory grows with it")
     p.add_argument("--overwrite", action="store_true", help="replace label images that already exist in the output folder")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(run=run_predict)
@@ -144,18 +158,50 @@ def _progress_bar(quiet: bool, desc: str):
     return bar, update
 
 
+#: Images up to this many pixels are checked for the unfamiliar-image warning whole; larger
+#: ones in a central window (their probabilities are never held whole).
+WHOLE_CHECK_PIXELS = 4096 * 4096
+
+
+def _output_name(path: Path, fmt: str) -> str:
+    """File (or folder) name of the label image of input ``path`` in format ``fmt``."""
+    if fmt == "same":
+        fmt = "zarr" if path.suffix.lower() == ".zarr" else "png" if path.suffix.lower() == ".png" else "tiff"
+    suffix = {"png": ".png", "tiff": ".tif", "zarr": ".zarr"}[fmt]
+    if fmt == "tiff" and path.suffix.lower() in (".tif", ".tiff"):
+        suffix = path.suffix
+    return path.stem + suffix
+
+
+def _layout_axes(image, axes: str | None, override: str | None, name: str):
+    """``(channel_axis, stack axes for segment)`` from the file's axis letters and ``--axes``."""
+    channel_axis = None
+    if axes is not None:
+        if "C" in axes:
+            channel_axis = axes.index("C")
+        spatial = axes.replace("C", "")
+        if len(spatial) > 3 or spatial[-2:] != "YX":
+            raise InputError(f"{name}: cannot segment an image with axes {axes} (expected YX, ZYX or TYX, with or without C)")
+    ndim = len(image.shape) - (channel_axis is not None)
+    is_stack = ndim == 3 or (axes is None and len(image.shape) == 3 and image.shape[-1] > 4)
+    if not is_stack:
+        return channel_axis, override  # segment() refuses stack axes for a 2-D image
+    return channel_axis, override or (axes.replace("C", "") if axes is not None else "ZYX")
+
+
 def run_predict(args: argparse.Namespace) -> int:
     """``unet-studio predict``: segment every input and write one label image each."""
     from .checkpoint import load_model
     from .devices import resolve_device
-    from .io import collect_images, read_image, write_labels
-    from .inference import segment, unfamiliar
+    from .inference import predict, segment, unfamiliar
+    from .io import collect_images, create_ome_zarr_labels, open_image, replace_folder, write_labels
     from .postprocess import options_for
 
     start = time.perf_counter()
     images = collect_images(args.inputs)
     _by_stem(images)  # one label image per base name
-    out_dir = _output_folder(args.output, images, args.overwrite)
+    names = {path: _output_name(path, args.format) for path in images}
+    out_dir = _output_folder(args.output, images, args.overwrite, names)
     device = resolve_device(args.device)
     model = load_model(args.model)
     options = {} if args.threshold is None else {"threshold": args.threshold}
@@ -164,21 +210,49 @@ def run_predict(args: argparse.Namespace) -> int:
     options_for(model, **options)  # refuse bad settings before reading any image
     n_objects = 0
     for path in images:
-        image = read_image(path)
+        image, axes = open_image(path)
+        channel_axis, stack_axes = _layout_axes(image, axes, args.axes, path.name)
+        target = out_dir / names[path]
+        spatial = tuple(n for a, n in enumerate(image.shape) if a != channel_axis)
+        whole = float(np.prod(spatial, dtype=np.float64)) <= WHOLE_CHECK_PIXELS
+        out = tmp = None
+        if target.suffix == ".zarr":
+            out_dir.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp")
+            letters = (stack_axes or "ZYX")[0] + "YX" if len(spatial) == 3 else "YX"
+            out = create_ome_zarr_labels(tmp, spatial, letters)
         bar, update = _progress_bar(args.quiet, path.name)
         try:
-            labels, probs = segment(model, image, tile_size=args.tile_size, device=device, progress=update,
-                                    min_size=args.min_size, return_probabilities=True, **options)
+            result = segment(model, image, tile_size=args.tile_size, device=device, progress=update, channel_axis=channel_axis,
+                             min_size=args.min_size, return_probabilities=whole, axes=stack_axes, track=args.track,
+                             block_size=args.block_size, out=out, **options)
+            if whole:
+                labels, probs = result
+                warning = unfamiliar(model, probs)
+                del probs
+            else:
+                labels = result
+                # the probabilities were never held whole: the check looks at a central window
+                warning = None if len(spatial) != 2 else unfamiliar(model, predict(
+                    model, image, channel_axis=channel_axis, device=device, window=_central(spatial)))
         except InputError as exc:
             raise InputError(f"{path}: {exc}") from exc
+        except BaseException:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         finally:
             bar.close()
-        warning = unfamiliar(model, probs)
         if warning:
             print(f"unet-studio: warning: {path.name}: {warning}", file=sys.stderr)
-        del probs
-        write_labels(out_dir / path.name, labels)
-        n_objects += int(labels.max())
+        if tmp is not None:
+            n = _max_label(labels)
+            labels.attrs["objects"] = n
+            replace_folder(tmp, target)
+        else:
+            write_labels(target, labels)
+            n = int(labels.max())
+        n_objects += n
     seconds = time.perf_counter() - start
     print(
         f"{len(images)} image{'s' * (len(images) != 1)}, {n_objects} objects, {seconds:.1f} s "
@@ -187,7 +261,18 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _output_folder(output: str, inputs: list[Path], overwrite: bool) -> Path:
+def _central(plane: tuple[int, int], side: int = 1024) -> tuple[slice, slice]:
+    top, left = max(0, (plane[0] - side) // 2), max(0, (plane[1] - side) // 2)
+    return slice(top, top + side), slice(left, left + side)
+
+
+def _max_label(array) -> int:
+    """Largest label of a zarr array, read chunk row by chunk row."""
+    step = array.chunks[0] if len(array.shape) == 2 else 1
+    return max((int(np.asarray(array[i : i + step]).max(initial=0)) for i in range(0, array.shape[0], step)), default=0)
+
+
+def _output_folder(output: str, inputs: list[Path], overwrite: bool, names: dict | None = None) -> Path:
     """The checked output folder of ``predict``: never one that holds an input, and no existing
     label image is replaced without ``overwrite``. Raises InputError before any work."""
     if not output.strip():
@@ -201,7 +286,8 @@ def _output_folder(output: str, inputs: list[Path], overwrite: bool) -> Path:
             raise InputError(
                 f"--output {out_dir} holds the input {path.name}: its label image would replace it; choose another folder"
             )
-    existing = [p.name for p in inputs if (out_dir / p.name).exists()]
+    names = names or {p: p.name for p in inputs}
+    existing = [names[p] for p in inputs if (out_dir / names[p]).exists()]
     if existing and not overwrite:
         shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
         raise InputError(f"{out_dir} already holds {shown}; pass --overwrite to replace them")

@@ -1,7 +1,10 @@
-"""Reading images and writing label images (PNG and TIFF), with one-line errors.
+"""Reading images (PNG, TIFF, zarr, OME-Zarr) and writing label images (PNG, TIFF, OME-Zarr),
+with one-line errors.
 
-Writes go to a temporary file in the target folder that is renamed into place, so an
-interrupted run never leaves a half-written file under the final name.
+Large inputs are opened lazily (:func:`open_image`): a TIFF is memory-mapped (or read chunk by
+chunk when compressed), a zarr array is read block by block. Writes go to a temporary file (or
+folder) beside the target that is renamed into place, so an interrupted run never leaves a
+half-written result under the final name.
 """
 
 from __future__ import annotations
@@ -17,26 +20,32 @@ from .errors import InputError
 TIFF_SUFFIXES = (".tif", ".tiff")
 PNG_SUFFIXES = (".png",)
 IMAGE_SUFFIXES = TIFF_SUFFIXES + PNG_SUFFIXES
+ZARR_SUFFIX = ".zarr"
 
 
 def is_image_file(path: Path) -> bool:
-    """True for a file whose suffix is one we read (PNG or TIFF)."""
-    return path.suffix.lower() in IMAGE_SUFFIXES
+    """True for a file whose suffix is one we read (PNG or TIFF), or a ``.zarr`` folder."""
+    if path.suffix.lower() == ZARR_SUFFIX:
+        return path.is_dir()
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
 
 
 def collect_images(inputs) -> list[Path]:
-    """Expand files and folders into a sorted list of image files; name what is missing."""
+    """Expand files and folders into a sorted list of images (a ``.zarr`` folder is one image);
+    name what is missing."""
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p))
+        if path.is_dir() and path.suffix.lower() == ZARR_SUFFIX:
+            found.append(path)
+        elif path.is_dir():
+            files = sorted(p for p in path.iterdir() if is_image_file(p))
             if not files:
-                raise InputError(f"no PNG or TIFF images in folder {path}")
+                raise InputError(f"no PNG, TIFF or zarr images in folder {path}")
             found.extend(files)
         elif path.is_file():
             if not is_image_file(path):
-                raise InputError(f"not a PNG or TIFF file: {path}")
+                raise InputError(f"not a PNG, TIFF or zarr image: {path}")
             found.append(path)
         else:
             raise InputError(f"no such file or folder: {path}")
@@ -105,6 +114,113 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"cannot read image {path}: {reason}") from exc
+
+
+#: Images with more pixels than this are opened lazily by :func:`open_image` when they can be.
+LAZY_PIXELS = 4096 * 4096
+
+
+def _axes_letters(names, ndim: int) -> str | None:
+    """Upper-case axis letters (``C`` for channels and samples), or None when unknown."""
+    letters = "".join(str(n)[:1].upper() for n in names).replace("S", "C")
+    if len(letters) != ndim or not set(letters) <= set("TZCYX") or len(set(letters)) != ndim:
+        return None
+    return letters
+
+
+def _open_zarr(path: Path):
+    import zarr
+
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as exc:
+        raise InputError(f"cannot open {path} as zarr: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
+    if isinstance(node, zarr.Array):
+        return node, None
+    attrs = dict(node.attrs)
+    multiscales = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
+    if not multiscales:
+        arrays = sorted(name for name, _ in node.arrays())
+        raise InputError(f"{path} is a zarr group without OME-Zarr multiscales metadata; open one of its arrays: {', '.join(arrays) or 'none'}")
+    first = multiscales[0]
+    level0 = first["datasets"][0]["path"]
+    array = node[level0]
+    names = [a["name"] if isinstance(a, dict) else a for a in first.get("axes", [])]
+    return array, _axes_letters(names, array.ndim)
+
+
+def open_image(path: str | os.PathLike):
+    """``(image, axes)`` of a PNG, TIFF, zarr array or OME-Zarr image (level 0).
+
+    Large TIFFs are memory-mapped, or read chunk by chunk when compressed; zarr is always read
+    lazily; other images are read into memory (refused first when they would not fit, see
+    :func:`check_image_size`). ``axes`` are the letters the file declares (ImageJ or OME TIFF
+    metadata, OME-Zarr axes), such as ``"ZYX"``, ``"TYX"`` or ``"YXC"``; None when unknown.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ZARR_SUFFIX:
+        if not path.is_dir():
+            raise InputError(f"no such zarr folder: {path}")
+        return _open_zarr(path)
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        return read_image(path), None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            shape, axes = tuple(series.shape), _axes_letters(series.axes, len(series.shape))
+        if float(np.prod(shape, dtype=np.float64)) <= LAZY_PIXELS:
+            return read_image(path), axes
+        try:
+            return tifffile.memmap(path, mode="r"), axes
+        except ValueError:  # compressed or scattered: read through tifffile's zarr view, chunk by chunk
+            import zarr
+
+            return zarr.open(tifffile.imread(path, aszarr=True), mode="r"), axes
+    except InputError:
+        raise
+    except FileNotFoundError as exc:
+        raise InputError(f"no such file: {path}") from exc
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot read image {path}: {reason}") from exc
+
+
+def create_ome_zarr_labels(path: Path, shape: tuple[int, ...], axes: str, *, dtype="int32", chunk: int = 1024):
+    """An empty OME-Zarr (0.4) image at ``path`` for labels of ``shape`` with axes letters
+    ``axes`` (such as ``"YX"`` or ``"ZYX"``): one level, chunks of ``chunk`` pixels a side and
+    one slice deep. Returns the writable zarr array."""
+    import zarr
+
+    kinds = {"T": "time", "Z": "space", "Y": "space", "X": "space"}
+    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    chunks = tuple(1 if a in "TZ" else min(chunk, n) for a, n in zip(axes, shape))
+    array = root.create_array(
+        "0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0, chunk_key_encoding={"name": "v2", "separator": "/"}
+    )
+    root.attrs["multiscales"] = [{
+        "version": "0.4",
+        "name": path.stem,
+        "axes": [{"name": a.lower(), "type": kinds[a]} for a in axes],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0] * len(axes)}]}],
+    }]
+    return array
+
+
+def replace_folder(tmp: Path, path: Path) -> None:
+    """Move the finished folder ``tmp`` to ``path``, replacing what was there only now."""
+    import shutil
+
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write(path: Path, write) -> None:

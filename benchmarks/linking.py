@@ -1,0 +1,171 @@
+"""3-D objects from stacks: linking per-slice segmentations, measured on synthetic nuclei stacks.
+
+Each stack holds ellipsoidal nuclei of varied size and orientation-free radii, imaged with a z
+step 2-4x the pixel size: rendered, blurred (anisotropic PSF), with Poisson-like and Gaussian
+noise. The shipped model segments every slice (2-D), then the slices are linked by:
+
+* ``unlinked``: each slice's objects stay separate (what ``axes="TYX"`` gives);
+* ``greedy IoU``: each object takes the id of the previous slice's object it overlaps most when
+  their IoU >= 0.25, else a new id (the approach of cellpose's ``stitch_threshold``);
+* ``global IoU``: one-to-one matching maximising summed IoU over pairs with IoU >= 0.25;
+* ``package``: :func:`napari_unet_studio.linking.link_slices` (one-to-one matching of shared
+  pixels, pairs where half of the smaller object lies in the larger, one-slice gap closing);
+  also through ``segment(..., axes="ZYX")`` to check that both agree.
+
+Reports 3-D AP@0.5 and AP@0.75 against the ground truth (and the same with the true per-slice
+objects, to separate linking errors from 2-D segmentation errors).
+
+Run:  python benchmarks/linking.py [--stacks 3]
+Writes benchmarks/results/linking.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from napari_unet_studio import load_model, segment
+from napari_unet_studio.linking import link_slices, match
+from napari_unet_studio.metrics import average_precision
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def synthetic_stack(seed: int, z_step: float, shape=(160, 256, 256)):
+    """(image, truth) of a stack with ~40 non-overlapping ellipsoids; ``shape`` in pixels of the
+    isotropic volume, sampled every ``z_step`` in z."""
+    rng = np.random.default_rng(seed)
+    nz = int(shape[0] / z_step)
+    zz, yy, xx = np.meshgrid(np.arange(nz) * z_step, np.arange(shape[1]), np.arange(shape[2]), indexing="ij")
+    truth = np.zeros((nz, shape[1], shape[2]), np.int32)
+    intensity = np.zeros(truth.shape, np.float32)
+    centres, radii = [], []
+    for _ in range(2000):
+        if len(centres) == 40:
+            break
+        r = rng.uniform([7, 8, 8], [14, 16, 16])
+        c = rng.uniform(r + 2, np.array(shape) - r - 2)
+        if any(np.all(np.abs(c - d) < r + e + 3) for d, e in zip(centres, radii)):
+            continue  # boxes apart: ellipsoids never touch
+        centres.append(c)
+        radii.append(r)
+        inside = ((zz - c[0]) / r[0]) ** 2 + ((yy - c[1]) / r[1]) ** 2 + ((xx - c[2]) / r[2]) ** 2 < 1
+        truth[inside] = len(centres)
+        intensity[inside] = rng.uniform(0.4, 1.0)
+    image = ndi.gaussian_filter(intensity, (1.5 / z_step, 1.5, 1.5)) * 200 + 10
+    image = rng.poisson(image).astype(np.float32) + rng.normal(0, 3, image.shape).astype(np.float32)
+    return np.clip(image, 0, 255).astype(np.uint8), truth
+
+
+def per_slice_truth(truth):
+    out = np.zeros_like(truth)
+    offset = 0
+    for z, plane in enumerate(truth):
+        lab, n = ndi.label(plane > 0)
+        out[z] = np.where(lab > 0, lab + offset, 0)
+        offset += n
+    return out
+
+
+def _overlaps(a, b):
+    pairs, shared = np.unique(np.stack([a[(a > 0) & (b > 0)], b[(a > 0) & (b > 0)]]), axis=1, return_counts=True)
+    sa = dict(zip(*np.unique(a[a > 0], return_counts=True)))
+    sb = dict(zip(*np.unique(b[b > 0], return_counts=True)))
+    iou = np.array([s / (sa[x] + sb[y] - s) for (x, y), s in zip(pairs.T, shared)]) if shared.size else np.zeros(0)
+    return pairs, iou
+
+
+def greedy_iou(slices, threshold=0.25):
+    """cellpose-style stitching: each object takes its best-IoU predecessor's id."""
+    out = slices.astype(np.int64).copy()
+    next_id = int(out[0].max()) + 1
+    for z in range(1, len(out)):
+        pairs, iou = _overlaps(out[z], out[z - 1])
+        best: dict[int, tuple[float, int]] = {}
+        for (x, y), v in zip(pairs.T, iou):
+            if v >= threshold and v > best.get(int(x), (0, 0))[0]:
+                best[int(x)] = (v, int(y))
+        lut = {}
+        for x in np.unique(out[z][out[z] > 0]):
+            if int(x) in best:
+                lut[int(x)] = best[int(x)][1]
+            else:
+                lut[int(x)] = next_id
+                next_id += 1
+        plane = out[z]
+        out[z] = np.vectorize(lambda v: lut.get(int(v), 0))(plane) if plane.any() else plane
+    return out
+
+
+def global_iou(slices, threshold=0.25):
+    """One-to-one matching of consecutive slices maximising IoU, no gap closing."""
+    out = slices.astype(np.int64).copy()
+    parent: dict[int, int] = {}
+
+    def find(a):
+        while a in parent:
+            a = parent[a]
+        return a
+
+    for z in range(1, len(out)):
+        pairs, iou = _overlaps(out[z - 1], out[z])
+        if iou.size:
+            for x, y in match(pairs[0], pairs[1], iou, iou >= threshold):
+                parent[find(y)] = find(x)
+    ids = np.unique(out)
+    lut = {int(v): find(int(v)) for v in ids}
+    return np.vectorize(lambda v: lut[int(v)])(out)
+
+
+def scores(pred, truth):
+    ap = average_precision(pred, truth, (0.5, 0.75))
+    return {"AP50": round(ap[0.5], 3), "AP75": round(ap[0.75], 3), "objects": int(len(np.unique(pred)) - 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stacks", type=int, default=3, help="stacks per z step")
+    args = parser.parse_args()
+    model = load_model("default")
+    rows = []
+    for z_step in (2.0, 3.0, 4.0):
+        for seed in range(args.stacks):
+            image, truth = synthetic_stack(seed, z_step)
+            t0 = time.perf_counter()
+            per_slice = segment(model, image, axes="TYX")  # 2-D objects, unique ids, no linking
+            t_segment = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            linked = link_slices(per_slice)
+            t_link = time.perf_counter() - t0
+            through_segment = segment(model, image, axes="ZYX")
+            same = bool(np.array_equal(through_segment > 0, linked > 0)) and scores(through_segment, truth) == scores(linked, truth)
+            ideal = per_slice_truth(truth)
+            row = {"z_step": z_step, "seed": seed, "slices": int(image.shape[0]), "objects": int(truth.max()),
+                   "segment_s": round(t_segment, 1), "link_s": round(t_link, 2), "segment_axes_zyx_agrees": same}
+            for name, fn in (("unlinked", lambda s: s), ("greedy IoU", greedy_iou), ("global IoU", global_iou),
+                             ("package", link_slices)):
+                row[name] = scores(fn(per_slice), truth)
+                row[name + " (true slices)"] = scores(fn(ideal), truth)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    methods = ["unlinked", "greedy IoU", "global IoU", "package"]
+    print(f"\n{'z step':>6} | " + " | ".join(f"{m:>22}" for m in methods))
+    for z_step in (2.0, 3.0, 4.0):
+        sel = [r for r in rows if r["z_step"] == z_step]
+        cells = []
+        for m in methods:
+            ap = np.mean([r[m]["AP50"] for r in sel])
+            ideal = np.mean([r[m + " (true slices)"]["AP50"] for r in sel])
+            cells.append(f"{ap:.3f} (true {ideal:.3f})")
+        print(f"{z_step:>6} | " + " | ".join(f"{c:>22}" for c in cells))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "linking.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
