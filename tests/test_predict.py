@@ -11,14 +11,15 @@ from napari_unet_studio.tiling import plan_axis, reflect_indices
 TOL = 1e-4
 
 
-def whole_image_probabilities(model, image):
-    """Reference: normalise, mirror-pad with numpy, one forward pass over the whole image."""
+def whole_image_probabilities(model, image, stats=None):
+    """Reference: normalise (with the image's statistics unless ``stats``), mirror-pad with
+    numpy, one forward pass over the whole image."""
     image = np.asarray(image, dtype=np.float32)
     if image.ndim == 2:
         image = image[..., None]
     if model.in_channels == 1 and image.shape[-1] == 3:
         image = (image * np.array([0.299, 0.587, 0.114], np.float32)).sum(-1, keepdims=True)
-    stats = model.normalization.statistics(image)
+    stats = model.normalization.statistics(image) if stats is None else stats
     x = model.normalization.apply(image, stats)
     g = model.geometry
     h, w = x.shape[:2]
@@ -114,14 +115,19 @@ def test_channel_axis_first(rng):
     np.testing.assert_allclose(predict(model, np.moveaxis(image, -1, 0), channel_axis=0), expected, atol=1e-6)
 
 
-def test_stack_is_predicted_slice_by_slice(rng):
+def test_stack_normalisation_follows_its_axes(rng):
+    """Frames of a time series are normalised on their own; slices of a volume together."""
     model = tiny("unet", depth=2)
     stack = rng.random((3, 40, 50)).astype(np.float32)
-    stack[1] *= 50  # slices are normalised separately
-    out = predict(model, stack, tile_size=60, batch_size=4)
-    assert out.shape == (model.n_classes, 3, 40, 50)
+    stack[1] *= 50
+    frames = predict(model, stack, tile_size=60, batch_size=4, axes="TYX")
+    assert frames.shape == (model.n_classes, 3, 40, 50)
+    volume = predict(model, stack, tile_size=60, batch_size=4)  # ZYX by default
+    stats = model.normalization.statistics(stack.reshape(-1, 50, 1))  # a small stack is sampled whole
     for z in range(3):
-        np.testing.assert_allclose(out[:, z], predict(model, stack[z]), atol=TOL)
+        np.testing.assert_allclose(frames[:, z], predict(model, stack[z]), atol=TOL)
+        np.testing.assert_allclose(volume[:, z], whole_image_probabilities(model, stack[z], stats), atol=TOL)
+    assert not np.allclose(volume[:, 0], frames[:, 0], atol=0.01)
 
 
 class RecordingArray:

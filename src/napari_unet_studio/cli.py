@@ -182,8 +182,9 @@ def _layout_axes(image, axes: str | None, override: str | None, name: str):
         spatial = axes.replace("C", "")
         if len(spatial) > 3 or spatial[-2:] != "YX":
             raise InputError(f"{name}: cannot segment an image with axes {axes} (expected YX, ZYX or TYX, with or without C)")
-    ndim = len(image.shape) - (channel_axis is not None)
-    is_stack = ndim == 3 or (axes is None and len(image.shape) == 3 and image.shape[-1] > 4)
+    from .inference import ImageLayout
+
+    is_stack = ImageLayout(image, channel_axis).is_stack  # unknown axes: napari's rule for channels
     if not is_stack:
         return channel_axis, override  # segment() refuses stack axes for a 2-D image
     return channel_axis, override or (axes.replace("C", "") if axes is not None else "ZYX")
@@ -216,6 +217,8 @@ def run_predict(args: argparse.Namespace) -> int:
         spatial = tuple(n for a, n in enumerate(image.shape) if a != channel_axis)
         whole = float(np.prod(spatial, dtype=np.float64)) <= WHOLE_CHECK_PIXELS
         out = tmp = None
+        if target.suffix != ".zarr":
+            _check_labels_fit(path, spatial)
         if target.suffix == ".zarr":
             out_dir.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.tmp")
@@ -259,6 +262,25 @@ def run_predict(args: argparse.Namespace) -> int:
         f"(model {args.model}, {device.type}) -> {out_dir}"
     )
     return 0
+
+
+#: Bytes per pixel of labels held whole for a PNG/TIFF output: int32 labels and a uint16 copy.
+LABEL_BYTES_PER_PIXEL = 6
+
+
+def _check_labels_fit(path: Path, spatial: tuple[int, ...]) -> None:
+    """Refuse, before any work, labels that could not be held whole for a PNG/TIFF output."""
+    import torch
+
+    from .devices import available_memory
+
+    need = float(np.prod(spatial, dtype=np.float64)) * LABEL_BYTES_PER_PIXEL
+    free = available_memory(torch.device("cpu"))
+    if need > free:
+        raise InputError(
+            f"{path} declares {' x '.join(map(str, spatial))} pixels: its labels alone need about {need / 2**30:.1f} GiB, "
+            f"more than the {free / 2**30:.1f} GiB free; write them block by block with --format zarr"
+        )
 
 
 def _central(plane: tuple[int, int], side: int = 1024) -> tuple[slice, slice]:

@@ -18,6 +18,7 @@ import torch
 
 from .devices import ThreadFitter, available_memory, is_out_of_memory, resolve_device
 from .errors import Cancelled, InputError, UnetStudioError
+from . import normalize
 from .normalize import adapt_channels, subsample_step
 from .tiling import TilePlan, plan_tiles
 
@@ -98,21 +99,34 @@ class ImageLayout:
         return block
 
 
-class _SliceStatistics:
-    """Normalisation statistics of each slice, computed on first use from a strided subsample."""
+#: Slices of a volume sampled for its normalisation statistics (evenly spaced).
+VOLUME_SAMPLE_SLICES = 32
 
-    def __init__(self, layout: ImageLayout, model) -> None:
+
+class _SliceStatistics:
+    """Normalisation statistics, computed on first use from a strided subsample: of each slice,
+    or (``per_slice=False``) of the whole stack, so that the slices of one volume share one
+    intensity scale and a slice with no object is not stretched until its noise looks like one."""
+
+    def __init__(self, layout: ImageLayout, model, per_slice: bool = True) -> None:
         self.layout = layout
         self.model = model
+        self.per_slice = per_slice or not layout.is_stack
         self.cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        if index not in self.cache:
-            k = subsample_step(self.layout.plane)
-            sample = self.layout.read(index, slice(None, None, k), slice(None, None, k))
+        key = index if self.per_slice else -1
+        if key not in self.cache:
+            if self.per_slice:
+                slices = [index]
+            else:
+                n = self.layout.n_slices
+                slices = sorted(set(np.linspace(0, n - 1, min(n, VOLUME_SAMPLE_SLICES)).round().astype(int).tolist()))
+            k = subsample_step(self.layout.plane, normalize.STATISTICS_SAMPLE_PIXELS // len(slices))
+            sample = np.concatenate([self.layout.read(s, slice(None, None, k), slice(None, None, k)) for s in slices])
             sample = adapt_channels(sample, self.model.in_channels)
-            self.cache[index] = self.model.normalization.statistics(sample)
-        return self.cache[index]
+            self.cache[key] = self.model.normalization.statistics(sample)
+        return self.cache[key]
 
 
 def inference_bytes_per_pixel(model) -> int:
@@ -241,8 +255,11 @@ class WindowPredictor:
     shrink, and later windows keep the smaller settings.
     """
 
-    def __init__(self, model, image, *, tile_size=None, device=None, channel_axis=None, batch_size=None) -> None:
+    def __init__(
+        self, model, image, *, tile_size=None, device=None, channel_axis=None, batch_size=None, axes: str | None = None,
+    ) -> None:
         self.layout = ImageLayout(image, channel_axis)
+        self.volume = stack_axes(axes, self.layout.is_stack) == "ZYX"
         adapt_channels(np.zeros((1, self.layout.n_channels), np.float32), model.in_channels)  # fail fast on channels
         self.device = resolve_device(device)
         if tile_size is not None and tile_size < 1:
@@ -252,7 +269,7 @@ class WindowPredictor:
         self.model = model
         self.tile_input = auto_tile_size(model, self.device) if tile_size is None else int(tile_size)
         self.batch_size = batch_size
-        self.statistics = _SliceStatistics(self.layout, model)
+        self.statistics = _SliceStatistics(self.layout, model, per_slice=not self.volume)
         self._was_training = model.training
 
     def __enter__(self) -> WindowPredictor:
@@ -332,6 +349,7 @@ def predict(
     window: tuple[slice, slice] | None = None,
     out=None,
     block_size: int | None = None,
+    axes: str | None = None,
 ):
     """Per-class probabilities of ``model`` on ``image``, by seamless overlap-tile inference.
 
@@ -369,6 +387,10 @@ def predict(
     block_size
         Edge of the blocks (output pixels) written into ``out`` (default
         :data:`~napari_unet_studio.blocks.DEFAULT_BLOCK` with ``out``).
+    axes
+        What a stack's first axis is: ``"ZYX"`` (the default): slices of one volume, normalised
+        with statistics of the whole stack; ``"TYX"``: frames of a time series, each normalised
+        on its own.
 
     Returns
     -------
@@ -379,7 +401,7 @@ def predict(
     from .blocks import DEFAULT_BLOCK, block_grid, check_block_size
 
     predictor = WindowPredictor(
-        model, image, tile_size=tile_size, device=device, channel_axis=channel_axis, batch_size=batch_size
+        model, image, tile_size=tile_size, device=device, channel_axis=channel_axis, batch_size=batch_size, axes=axes
     )
     layout = predictor.layout
     bounds = _window_bounds(window, layout.plane)
@@ -468,9 +490,10 @@ def segment(
     overlap
         Context around each block, pixels (default :data:`~napari_unet_studio.blocks.DEFAULT_OVERLAP`).
     axes
-        What a stack's first axis is: ``"ZYX"`` (the default for a stack): per-slice objects
-        are linked into 3-D objects (see :mod:`napari_unet_studio.linking`); ``"TYX"``: a
-        time series, whose frames keep their own objects unless ``track`` is set.
+        What a stack's first axis is: ``"ZYX"`` (the default for a stack): slices of one volume,
+        normalised together, whose objects are linked into 3-D objects (see
+        :mod:`napari_unet_studio.linking`); ``"TYX"``: a time series, whose frames are
+        normalised on their own and keep their own objects unless ``track`` is set.
     track
         For ``axes="TYX"``: link objects of consecutive frames by overlap (one id per track).
 
@@ -484,11 +507,9 @@ def segment(
     if min_size is not None:
         postprocess_options["min_size"] = min_size
     options = options_for(model, **postprocess_options)  # checked before the long part
-    predictor = WindowPredictor(
-        model, image, tile_size=tile_size, device=device, channel_axis=channel_axis
-    )
+    predictor = WindowPredictor(model, image, tile_size=tile_size, device=device, channel_axis=channel_axis, axes=axes)
     layout = predictor.layout
-    link = stack_linking(axes, layout.is_stack, track)
+    link = predictor.volume or (stack_axes(axes, layout.is_stack) == "TYX" and bool(track))
     bounds = _window_bounds(window, layout.plane)
     extent = (bounds[0][1] - bounds[0][0], bounds[1][1] - bounds[1][0])
     shape = ((layout.n_slices,) if layout.is_stack else ()) + extent
@@ -506,20 +527,20 @@ def segment(
     return (out, probs) if return_probabilities else out
 
 
-def stack_linking(axes: str | None, is_stack: bool, track: bool = False) -> bool:
-    """Whether the slices of an image are linked into objects across its first axis: ``axes``
-    ``"ZYX"`` (or None, for a stack) links them into 3-D objects, ``"TYX"`` only with ``track``.
-    A channel letter ``C`` anywhere is ignored. InputError for axes that do not fit the image."""
+def stack_axes(axes: str | None, is_stack: bool) -> str | None:
+    """What a stack's first axis is: ``"ZYX"`` (slices of one volume; the default for a stack)
+    or ``"TYX"`` (frames of a time series); None for a 2-D image. A channel letter ``C`` in
+    ``axes`` is ignored. InputError for axes that do not fit the image."""
     if axes is None:
-        return is_stack
+        return "ZYX" if is_stack else None
     letters = str(axes).upper().replace("C", "")
     if is_stack:
         if letters not in ("ZYX", "TYX"):
             raise InputError(f"axes {axes!r} do not describe a stack: use 'ZYX' (3-D objects) or 'TYX' (time series)")
-        return letters == "ZYX" or bool(track)
+        return letters
     if letters != "YX":
         raise InputError(f"axes {axes!r} do not fit a 2-D image (use 'YX')")
-    return False
+    return None
 
 
 #: A pixel is uncertain when its most probable class has a probability below this.

@@ -145,7 +145,7 @@ def test_default_model_on_the_nuclei_sample(make_napari_viewer, qtbot, monkeypat
 
 def test_cancel_leaves_the_viewer_unchanged(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
-    viewer.add_image(np.random.default_rng(0).random((6, 400, 400), np.float32), name="stack")
+    viewer.add_image(np.random.default_rng(0).random((6, 400, 400), np.float32), name="stack", axis_labels=("z", "y", "x"))
     widget = open_widget(viewer, "Segment")
     state_for(viewer).set_model(small_model(), "test model")
     widget.tile.setValue(60)
@@ -171,7 +171,7 @@ def test_viewer_stays_responsive_while_segmenting(make_napari_viewer, qtbot, mon
     import napari_unet_studio.inference as inference
 
     viewer = make_napari_viewer()
-    viewer.add_image(np.random.default_rng(0).random((2, 700, 700), np.float32), name="big")
+    viewer.add_image(np.random.default_rng(0).random((2, 700, 700), np.float32), name="big", axis_labels=("z", "y", "x"))
     widget = open_widget(viewer, "Segment")
     torch.manual_seed(0)
     state_for(viewer).set_model(UNet(depth=3, base_channels=8).eval(), "test model")

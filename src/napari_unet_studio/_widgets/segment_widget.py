@@ -24,6 +24,13 @@ from ._state import state_for
 RESULT_KEY = "napari_unet_studio"
 MODELS = "model's"
 SEED_CHOICES = (MODELS, "off", "0.7", "0.8", "0.9", "0.95")
+#: What a stack's first axis is: the dock's choices and what they give ``segment``.
+STACK_CHOICES = {
+    "from axis labels": None,
+    "slices of a volume (3-D objects)": ("ZYX", False),
+    "time series (objects per frame)": ("TYX", False),
+    "time series (tracked objects)": ("TYX", True),
+}
 
 
 def _checksum(data) -> int:
@@ -33,22 +40,47 @@ def _checksum(data) -> int:
 def _is_untouched_result(layer) -> bool:
     """True when ``layer`` is a result of ours that nobody has painted on since."""
     meta = layer.metadata.get(RESULT_KEY)
-    return bool(meta) and meta.get("checksum") == _checksum(layer.data)
+    if not meta or meta.get("checksum") is None or not isinstance(layer.data, np.ndarray):
+        return False  # labels on disk are never replaced (nor read whole to tell)
+    return meta.get("checksum") == _checksum(layer.data)
 
 
-def _segment_job(model, data, **kwargs):
+def _segment_job(model, data, *, to_disk: str | None = None, **kwargs):
     """Worker body: segment ``data`` (loading the default model first when ``model`` is None);
-    returns ``(labels, probabilities, the model loaded or None, a warning when the image looks
-    unlike the model's training data or None)``."""
-    from ..inference import segment, unfamiliar
+    returns ``(labels, probabilities or None, the model loaded or None, a warning when the image
+    looks unlike the model's training data or None, the number of objects)``.
+
+    With ``to_disk`` (a name), the labels go block by block into a new OME-Zarr image in a
+    temporary folder (never held whole in memory) and no probabilities are kept; the
+    unfamiliar-image check then looks at a central window of a plane."""
+    from ..inference import ImageLayout, predict, segment, unfamiliar
 
     loaded = None
     if model is None:
         from ..checkpoint import load_model
 
         model = loaded = load_model("default")
-    labels, probs = segment(model, data, return_probabilities=True, **kwargs)
-    return labels, probs, loaded, unfamiliar(model, probs)
+    if to_disk is None:
+        labels, probs = segment(model, data, return_probabilities=True, **kwargs)
+        return labels, probs, loaded, unfamiliar(model, probs), int(labels.max())
+    import tempfile
+    from pathlib import Path
+
+    from ..io import create_ome_zarr_labels
+
+    layout = ImageLayout(data, kwargs.get("channel_axis"))
+    folder = Path(tempfile.mkdtemp(prefix="unet-studio-"))
+    letters = (kwargs.get("axes") or "ZYX")[0] + "YX" if layout.is_stack else "YX"
+    out = create_ome_zarr_labels(folder / f"{to_disk}.zarr", layout.spatial_shape, letters)
+    segment(model, data, out=out, **kwargs)
+    h, w = layout.plane
+    top, left = max(0, (h - 1024) // 2), max(0, (w - 1024) // 2)
+    window = (slice(top, top + 1024), slice(left, left + 1024))
+    probs = predict(model, data if not layout.is_stack else data[layout.n_slices // 2], window=window,
+                    channel_axis=kwargs.get("channel_axis"), device=kwargs.get("device"))
+    n = max((int(np.asarray(out[i : i + out.chunks[0]]).max(initial=0)) for i in range(0, out.shape[0], out.chunks[0])), default=0)
+    out.attrs["objects"] = n
+    return out, None, loaded, unfamiliar(model, probs), n
 
 
 def segmented_labels(layer):
@@ -97,14 +129,20 @@ class SegmentWidget(QWidget):
             "the pixels above the threshold: keeps touching cells apart. 'off': connected components"
         )
         self.probability = QCheckBox("Also add the foreground probability", parent=self)
+        self.level = QComboBox(parent=self)
+        self.level.addItem("0 (finest)")
+        self.stack = QComboBox(parent=self)
+        self.stack.addItems(list(STACK_CHOICES))
         form.addRow("Image", self.image)
+        form.addRow("Multiscale level", self.level)
+        form.addRow("Stack", self.stack)
         form.addRow("Tile size", self.tile)
         form.addRow("U-Net++ level", self.prune)
         form.addRow("Threshold", self.threshold)
         form.addRow("Seed threshold", self.seeds)
         layout.addLayout(form)
         layout.addWidget(self.probability)
-        persist("segment", {"tile_size": self.tile, "probability": self.probability})
+        persist("segment", {"tile_size": self.tile, "probability": self.probability, "stack": self.stack})
         self.buttons = RunCancelRow("Segment", parent=self)
         self.run_button, self.cancel_button = self.buttons.run_button, self.buttons.cancel_button
         layout.addWidget(self.buttons)
@@ -120,13 +158,18 @@ class SegmentWidget(QWidget):
         self.bridge.progressed.connect(self._on_progress)
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(self._refresh_layers)
+        self.image.currentTextChanged.connect(self._refresh_image_choices)
         set_tooltips(self, {
             "image": "The Image layer to segment; results are new layers (painted labels are never overwritten)",
             "tile": "Input tile edge in pixels; 'auto' fits the free memory. The result does not depend on it",
             "prune": "U-Net++ only: a shallower level is faster, the full network most accurate",
             "threshold": "Foreground probability of an object pixel; the model's own by default",
             "seeds": "Objects grow from regions above this probability (separates touching objects); the model's own by default",
-            "probability": "Also add the foreground probability as an image layer",
+            "probability": "Also add the foreground probability as an image layer (not for images segmented to disk)",
+            "level": "For a multiscale image: the level to segment (0 is the full resolution); the others are never read",
+            "stack": "For a stack: slices of one volume are normalised together and linked into 3-D objects; frames of a "
+                     "time series are normalised on their own and keep their own objects, or are tracked by overlap. "
+                     "'from axis labels' reads the layer's first axis label (z or t)",
             "status": "What the last segmentation found, and a warning when the image looks unlike the model's training data",
         })
         self.state.connect(self._refresh_model)
@@ -136,6 +179,20 @@ class SegmentWidget(QWidget):
 
     def _refresh_layers(self, *_) -> None:
         set_choices(self.image, [layer.name for layer in layers_of(self.viewer, "Image")])
+        self._refresh_image_choices()
+
+    def _chosen_layer(self):
+        return next((l for l in layers_of(self.viewer, "Image") if l.name == self.image.currentText()), None)
+
+    def _refresh_image_choices(self, *_) -> None:
+        """Levels of a multiscale image, and the stack choice only for stacks."""
+        from ._layers import layer_array, n_levels
+
+        layer = self._chosen_layer()
+        levels = n_levels(layer) if layer is not None else 1
+        set_choices(self.level, ["0 (finest)"] + [str(i) for i in range(1, levels)])
+        self.level.setEnabled(levels > 1)
+        self.stack.setEnabled(layer is not None and layer_array(layer).is_stack)
 
     def _refresh_model(self) -> None:
         model = self.state.model
@@ -161,15 +218,28 @@ class SegmentWidget(QWidget):
 
         from ..errors import UnetStudioError
 
-        layer = next((l for l in layers_of(self.viewer, "Image") if l.name == self.image.currentText()), None)
+        from ._layers import layer_array
+
+        layer = self._chosen_layer()
         if layer is None:
             notify_error(UnetStudioError("select an Image layer to segment"))
             return None
         # With no active model the default is loaded in the worker: loading torch and a model
         # took 1.3 s of frozen GUI on the first Segment. Its checks then run there too.
         model = self.state.model
-        data = layer.data[0] if layer.multiscale else layer.data
-        channel_axis = -1 if layer.rgb else None
+        pixels = layer_array(layer, self.level.currentIndex())
+        data, channel_axis = pixels.data, pixels.channel_axis
+        stack_options = {}
+        if pixels.is_stack:
+            choice = STACK_CHOICES[self.stack.currentText()]
+            if choice is None and pixels.axes is None:
+                self.status.setText(f"Is the first axis of {layer.name} slices of a volume or frames of a time series? Choose it under 'Stack'.")
+                notify_error(UnetStudioError(
+                    f"{layer.name} is a stack whose axis labels do not say what its first axis is: choose "
+                    "'slices of a volume' or 'time series' under Stack"))
+                return None
+            axes, track = choice if choice is not None else (pixels.axes, False)
+            stack_options = {"axes": axes, "track": track}
         options = self._chosen_options()
         if model is not None:  # (these checks import torch: with no model yet, they run in the worker)
             from ..inference import ImageLayout
@@ -202,17 +272,24 @@ class SegmentWidget(QWidget):
         self.progress.setValue(0)
         self.buttons.set_busy(True)
         model_name = self.state.name if model is not None else "default model"
+        to_disk = None
+        if pixels.is_large:
+            to_disk = layer.name
+            self.status.setText(f"{layer.name} is large: its labels are written block by block to a zarr folder on disk")
         self.worker = create_worker(
             _segment_job,
             model,
             data,
+            to_disk=to_disk,
+            **stack_options,
             tile_size=self.tile.value() or None,
             device=self.state.device,
             channel_axis=channel_axis,
             progress=self.bridge,
             cancel=self.cancel_flag,
             **options,
-            _connect={"returned": lambda result: self._add_results(layer, result, model_name), "errored": self._on_error, "finished": self._on_finished},
+            _connect={"returned": lambda result: self._add_results(layer, result, model_name, pixels.downsample),
+                      "errored": self._on_error, "finished": self._on_finished},
         )
         return self.job.track(self.worker)
 
@@ -246,26 +323,36 @@ class SegmentWidget(QWidget):
     def _on_finished(self) -> None:
         self.buttons.set_busy(False)
 
-    def _add_results(self, image_layer, result, model_name: str = "") -> None:
+    def _add_results(self, image_layer, result, model_name: str = "", downsample=()) -> None:
         """Add (or update our own untouched) result layers; never overwrite painted labels.
 
         The labels as the model gave them stay in the layer's metadata (``"labels"``): what the
-        user paints over them later are the corrections fine-tuning emphasises."""
-        labels, probs, loaded, warning = result
+        user paints over them later are the corrections fine-tuning emphasises. Labels written
+        to disk (a zarr array) always become a new layer, read lazily by napari."""
+        labels, probs, loaded, warning, n_objects = result
         if loaded is not None and self.state.model is None:
             self.state.set_model(loaded, model_name)
-        spatial = dict(scale=image_layer.scale, translate=image_layer.translate)
+        scale = np.asarray(image_layer.scale, float)
+        if len(downsample) == len(scale):  # a coarser level covers the same extent
+            scale = scale * np.asarray(downsample)
+        spatial = dict(scale=scale, translate=image_layer.translate)
         name = f"{image_layer.name} labels"
+        on_disk = not isinstance(labels, np.ndarray)
         existing = next((l for l in layers_of(self.viewer, "Labels") if l.name == name), None)
-        if existing is not None and _is_untouched_result(existing):
+        if existing is not None and not on_disk and _is_untouched_result(existing):
             existing.data = labels
             target = existing
         else:
             target = self.viewer.add_labels(labels, name=name, **spatial)
         target.metadata[RESULT_KEY] = {
-            "checksum": _checksum(labels), "source": image_layer.name, "model": model_name, "labels": labels.copy(),
+            "checksum": None if on_disk else _checksum(labels), "source": image_layer.name, "model": model_name,
+            "labels": None if on_disk else labels.copy(),
         }
-        if self.probability.isChecked():
+        if on_disk and self.probability.isChecked():
+            from napari.utils.notifications import show_info
+
+            show_info(f"{image_layer.name}: no probability layer for an image segmented to disk")
+        elif self.probability.isChecked():
             foreground = 1.0 - probs[0]
             pname = f"{image_layer.name} foreground probability"
             player = next((l for l in layers_of(self.viewer, "Image") if l.name == pname), None)
@@ -277,7 +364,10 @@ class SegmentWidget(QWidget):
                 player.metadata[RESULT_KEY] = {"source": image_layer.name}
         from napari.utils.notifications import show_info
 
-        message = f"{image_layer.name}: {int(labels.max())} objects, segmented with {model_name or 'the model'}"
+        message = f"{image_layer.name}: {n_objects} objects, segmented with {model_name or 'the model'}"
+        if on_disk:
+            where = str(getattr(labels, "store_path", "a temporary zarr folder")).replace("file://", "")
+            message += f" (labels stored in {where}; save the layer to keep them)"
         if warning:
             from napari.utils.notifications import show_warning
 

@@ -1,0 +1,89 @@
+"""From a napari layer to an array the core can work on (no Qt here).
+
+Every dock gets its pixels through :func:`layer_array`, so a multiscale level, an RGB layer or
+a stack's axis labels mean the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: Planes larger than this many pixels (or stacks larger than :data:`LARGE_PIXELS` in all) are
+#: segmented into a zarr array on disk rather than held in memory.
+LARGE_PIXELS = 8192 * 8192
+
+
+@dataclass(frozen=True)
+class LayerArray:
+    """A layer's pixels as the core reads them.
+
+    ``data`` is the layer's array at ``level`` (lazy arrays stay lazy); ``channel_axis`` is -1
+    for RGB layers; ``axes`` is ``"YX"``, ``"ZYX"`` or ``"TYX"`` when known, ``None`` for a
+    stack whose axis labels do not say what its first axis is.
+    """
+
+    data: object = field(repr=False)
+    level: int
+    channel_axis: int | None
+    axes: str | None
+    downsample: tuple[float, ...] = ()
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        shape = tuple(int(n) for n in self.data.shape)
+        return shape[: len(self.downsample)] if self.downsample else shape
+
+    @property
+    def is_stack(self) -> bool:
+        return len(self.spatial_shape) == 3
+
+    @property
+    def is_large(self) -> bool:
+        """Too large to hold labels and probabilities in memory comfortably."""
+        return float(np.prod(self.spatial_shape, dtype=np.float64)) > LARGE_PIXELS
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.data, np.ndarray) and not isinstance(self.data, np.memmap)
+
+
+def stack_axes_from_labels(axis_labels, n_spatial: int) -> str | None:
+    """``"YX"`` for a plane; for a stack ``"ZYX"``/``"TYX"`` when its first axis label names
+    z or time, else None."""
+    if n_spatial != 3:
+        return "YX" if n_spatial == 2 else None
+    if len(axis_labels) != 3:
+        return None
+    first = str(axis_labels[0]).strip().lower()
+    if first in ("z", "depth", "plane", "slice", "focus"):
+        return "ZYX"
+    if first in ("t", "time", "frame", "frames"):
+        return "TYX"
+    return None
+
+
+def layer_array(layer, level: int = 0) -> LayerArray:
+    """The pixels of an Image ``layer`` at multiscale ``level`` (0, the finest, by default;
+    clipped to the levels there are), never read whole."""
+    multiscale = bool(getattr(layer, "multiscale", False))
+    if multiscale:
+        level = max(0, min(int(level), len(layer.data) - 1))
+        data = layer.data[level]
+    else:
+        level, data = 0, layer.data
+    rgb = bool(getattr(layer, "rgb", False))
+    channel_axis = -1 if rgb else None
+    # the core's rule (inference.ImageLayout): a short last axis of a 3-D/4-D array is channels
+    channels = rgb or (len(data.shape) in (3, 4) and int(data.shape[-1]) <= 4)
+    n_spatial = len(data.shape) - channels
+    finest = layer.data[0].shape if multiscale else data.shape
+    downsample = tuple(float(a) / float(b) for a, b in zip(finest[:n_spatial], data.shape[:n_spatial]))
+    labels = tuple(getattr(layer, "axis_labels", ()) or ())  # one per displayed axis (not RGB)
+    return LayerArray(data, level, channel_axis, stack_axes_from_labels(labels, n_spatial), downsample)
+
+
+def n_levels(layer) -> int:
+    """How many multiscale levels ``layer`` has (1 when it is not multiscale)."""
+    return len(layer.data) if getattr(layer, "multiscale", False) else 1

@@ -1,0 +1,86 @@
+"""The Segment dock on stacks (3-D objects, time series, asking when the axis labels do not say),
+multiscale levels, and large lazy layers segmented into a zarr-backed Labels layer."""
+
+import numpy as np
+import pytest
+from test_blocks import objects_on_block_corners, pass_through, same_up_to_renumbering
+from test_widgets import errors, open_widget, run_and_wait  # noqa: F401 (errors is a fixture)
+
+from napari_unet_studio import segment
+from napari_unet_studio._widgets import _layers
+from napari_unet_studio._widgets._state import state_for
+
+pytestmark = pytest.mark.usefixtures("isolated_settings")
+
+
+def segment_dock(viewer, data, name="img", **layer_kwargs):
+    viewer.add_image(data, name=name, **layer_kwargs)
+    state_for(viewer).set_model(pass_through(), "pass-through")
+    widget = open_widget(viewer, "Segment")
+    widget.image.setCurrentText(name)
+    return widget
+
+
+def labels_of(viewer, name="img"):
+    return viewer.layers[f"{name} labels"]
+
+
+def test_a_stack_without_axis_labels_asks_then_links_or_keeps_frames(make_napari_viewer, qtbot, errors):
+    viewer = make_napari_viewer()
+    stack = np.stack([objects_on_block_corners((100, 120))] * 3)
+    widget = segment_dock(viewer, stack)
+    assert widget.stack.isEnabled() and not widget.level.isEnabled()
+    widget.stack.setCurrentText("from axis labels")
+    assert widget.run() is None  # napari's default labels (-3, -2, -1) do not say: ask
+    assert "Stack" in errors[-1] and "volume or frames" in widget.status.text()
+    widget.stack.setCurrentText("slices of a volume (3-D objects)")
+    run_and_wait(qtbot, widget)
+    volume = labels_of(viewer).data
+    n = int(volume[0].max())
+    assert n >= 3 and volume.max() == n and np.array_equal(volume[2], volume[0])
+    viewer.layers.remove(labels_of(viewer))
+    widget.stack.setCurrentText("time series (objects per frame)")
+    run_and_wait(qtbot, widget)
+    assert labels_of(viewer).data.max() == 3 * n
+
+
+def test_axis_labels_decide_without_asking(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    stack = np.stack([objects_on_block_corners((100, 120))] * 2)
+    widget = segment_dock(viewer, stack, axis_labels=("t", "y", "x"))
+    widget.stack.setCurrentText("from axis labels")
+    run_and_wait(qtbot, widget)
+    frames = labels_of(viewer).data
+    assert frames.max() == 2 * frames[0].max()
+
+
+def test_a_multiscale_level_is_segmented_at_its_resolution(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    fine = objects_on_block_corners((200, 240))
+    widget = segment_dock(viewer, [fine, fine[::2, ::2]], multiscale=True)
+    assert widget.level.isEnabled() and widget.level.count() == 2
+    widget.level.setCurrentIndex(1)
+    run_and_wait(qtbot, widget)
+    layer = labels_of(viewer)
+    assert layer.data.shape == (100, 120)
+    np.testing.assert_allclose(layer.scale, [2, 2])  # overlays the full-resolution image
+
+
+def test_a_large_lazy_layer_is_segmented_into_a_zarr_labels_layer(make_napari_viewer, qtbot, monkeypatch):
+    zarr = pytest.importorskip("zarr")
+    monkeypatch.setattr(_layers, "LARGE_PIXELS", 100 * 100)
+    image = objects_on_block_corners((300, 260))
+    source = zarr.create_array(store={}, shape=image.shape, chunks=(64, 64), dtype="float32")
+    source[:] = image
+    viewer = make_napari_viewer()
+    widget = segment_dock(viewer, source)
+    widget.probability.setChecked(True)
+    run_and_wait(qtbot, widget)
+    layer = labels_of(viewer)
+    assert isinstance(layer.data, zarr.Array)  # never a whole in-memory copy
+    expected = segment(pass_through(), image)
+    assert same_up_to_renumbering(layer.data[:], expected)
+    assert "img foreground probability" not in [l.name for l in viewer.layers]
+    # segmenting again never replaces labels on disk: a new layer
+    run_and_wait(qtbot, widget)
+    assert len([l for l in viewer.layers if l.name.startswith("img labels")]) == 2
