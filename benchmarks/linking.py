@@ -9,7 +9,8 @@ noise. The shipped model segments every slice (2-D), then the slices are linked 
   their IoU >= 0.25, else a new id (the approach of cellpose's ``stitch_threshold``);
 * ``global IoU``: one-to-one matching maximising summed IoU over pairs with IoU >= 0.25;
 * ``package``: :func:`napari_unet_studio.linking.link_slices` (one-to-one matching of shared
-  pixels, pairs where half of the smaller object lies in the larger, one-slice gap closing);
+  pixels, pairs where half of the smaller object lies in the larger, one-slice gap closing
+  after objects that end abruptly);
   also through ``segment(..., axes="ZYX")`` to check that both agree.
 
 Slices are normalised together (one volume, as ``segment(..., axes="ZYX")`` does); the

@@ -80,3 +80,15 @@ def test_bad_stacks_are_refused():
         link_slices(np.zeros((2, 5, 5), np.float32))
     with pytest.raises(InputError, match="min_overlap"):
         link_slices(np.zeros((2, 5, 5), np.int32), min_overlap=0)
+
+
+def test_a_tapering_object_is_not_linked_over_a_gap():
+    """Two nuclei stacked in z with one empty slice between: the first narrows to its end, so
+    it ends there; the same gap after an abrupt end is a missed slice and is bridged."""
+    stack = np.zeros((6, 40, 40), np.int32)
+    for z, r in enumerate((8, 8, 4)):  # tapers: 8, 8, then 4 px half-width
+        stack[z, 20 - r : 20 + r, 20 - r : 20 + r] = 1
+    stack[4:, 14:26, 14:26] = 1  # the next nucleus, after the empty slice 3
+    assert link_slices(stack).max() == 2
+    stack[2, 12:28, 12:28] = 1  # no longer tapering: slice 3 looks missed
+    assert link_slices(stack).max() == 1
