@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +99,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read a PNG or TIFF image into a numpy array; a file whose declared size does not fit
     in free memory is refused before reading (:class:`~.errors.InputError`)."""
     path = Path(path)
-    try:
+    with _reading(path):
         check_image_size(path)
         if path.suffix.lower() in TIFF_SUFFIXES:
             import tifffile
@@ -107,6 +108,13 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         import imageio.v3 as iio
 
         return np.asarray(iio.imread(path))
+
+
+@contextmanager
+def _reading(path: Path):
+    """Turn what goes wrong while reading ``path`` into a one-line InputError."""
+    try:
+        yield
     except InputError:
         raise
     except FileNotFoundError as exc:
@@ -166,7 +174,7 @@ def open_image(path: str | os.PathLike):
         return read_image(path), None
     import tifffile
 
-    try:
+    with _reading(path):
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             shape, axes = tuple(series.shape), _axes_letters(series.axes, len(series.shape))
@@ -178,13 +186,6 @@ def open_image(path: str | os.PathLike):
             import zarr
 
             return zarr.open(tifffile.imread(path, aszarr=True), mode="r"), axes
-    except InputError:
-        raise
-    except FileNotFoundError as exc:
-        raise InputError(f"no such file: {path}") from exc
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot read image {path}: {reason}") from exc
 
 
 def create_ome_zarr_labels(path: Path, shape: tuple[int, ...], axes: str, *, dtype="int32", chunk: int = 1024):
