@@ -139,3 +139,44 @@ def test_ids_number_objects_in_first_written_order():
     ids.union(4, 1)
     ids.written += [np.array([1, 2, 3]), np.array([4, 5])]
     assert ids.table().tolist() == [0, 1, 2, 3, 1, 2]
+
+
+@pytest.mark.parametrize("stage", ["labelling", "renumbering"])
+def test_an_interrupted_run_continues_where_it_stopped(tmp_path, stage):
+    zarr = pytest.importorskip("zarr")
+    from napari_unet_studio import Cancelled
+
+    model = pass_through()
+    image = np.stack([objects_on_block_corners((200, 230))] * 2)  # a stack: linking runs too
+    reference = segment(model, image, min_size=5, block_size=64, overlap=24)
+    n_blocks = 2 * 4 * 4
+    out = zarr.zeros(image.shape, chunks=(1, 64, 64), dtype="int32")
+    journal = tmp_path / "journal"
+
+    def cancel():  # stops after 5 finished blocks, or after 3 renumbered ones
+        if stage == "labelling":
+            return len(list(journal.glob("block-*.json"))) >= 5
+        return len(list(journal.glob("renumbered-*"))) >= 3
+
+    kwargs = dict(min_size=5, block_size=64, overlap=24, out=out, journal=journal)
+    with pytest.raises(Cancelled):
+        segment(model, image, cancel=cancel, **kwargs)
+    predicted = []
+    import napari_unet_studio.inference as inference
+
+    real_call = inference.WindowPredictor.__call__
+
+    def counting(self, *args, **kw):
+        predicted.append(1)
+        return real_call(self, *args, **kw)
+
+    inference.WindowPredictor.__call__ = counting
+    try:
+        segment(model, image, **kwargs)
+    finally:
+        inference.WindowPredictor.__call__ = real_call
+    assert np.array_equal(out[:], reference)  # the same ids, not just the same objects
+    assert len(predicted) == (n_blocks - 5 if stage == "labelling" else 0)  # finished blocks are not redone
+    # other settings: the journal is not reused
+    other = segment(model, image, min_size=50, block_size=64, overlap=24, out=out, journal=journal)
+    assert np.array_equal(other[:], segment(model, image, min_size=50, block_size=64, overlap=24))

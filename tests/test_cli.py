@@ -285,3 +285,34 @@ def test_big_tiffs_are_read_lazily(tmp_path, rng, monkeypatch):
     packed, _ = io.open_image(tmp_path / "packed.tif")
     assert isinstance(raw, np.memmap) and not isinstance(packed, np.ndarray)
     assert np.array_equal(raw, image) and np.array_equal(packed[:], image)
+
+
+def test_an_interrupted_zarr_run_continues(tmp_path, rng, capsys, monkeypatch):
+    import napari_unet_studio.postprocess as postprocess
+    from napari_unet_studio.io import open_image
+
+    image = _blobs(rng, (300, 260))
+    tifffile.imwrite(tmp_path / "scan.tif", image)
+    args = ["predict", tmp_path / "scan.tif", "-o", tmp_path / "out", "--format", "zarr", "--block-size", "64", "-q"]
+    code, _, err = run([*args[:2], "-o", tmp_path / "whole", *args[4:]], capsys)
+    assert code == 0, err
+    expected = open_image(tmp_path / "whole" / "scan.zarr")[0][:]
+    real, calls, stopped = postprocess.labels_from_probabilities, [], []
+
+    def interrupted(*a, **k):  # Ctrl-C once, while the 8th of 25 blocks is labelled
+        calls.append(1)
+        if len(calls) == 8 and not stopped:
+            stopped.append(1)
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(postprocess, "labels_from_probabilities", interrupted)
+    code, _, err = run(args, capsys)
+    assert code != 0 and "run the same command again to continue" in err
+    assert not (tmp_path / "out" / "scan.zarr").exists()  # no half result under the final name
+    calls.clear()
+    code, _, err = run(args, capsys)
+    assert code == 0, err
+    assert len(calls) == 25 - 7  # the 7 finished blocks were not done again
+    assert np.array_equal(open_image(tmp_path / "out" / "scan.zarr")[0][:], expected)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["scan.zarr"]  # no journal left

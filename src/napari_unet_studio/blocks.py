@@ -17,9 +17,18 @@ are linked as well, but their split may differ from the whole-image one near blo
 
 Memory depends on the block and tile size only: probabilities and labels of one window at a
 time, plus a few integers per object.
+
+With a :class:`Journal` (a folder), each finished block is recorded (its provisional ids and the
+links it made), then the final numbering, then each renumbered block: a run that was
+interrupted continues where it stopped, and a block that was half written is done again.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 
@@ -78,6 +87,7 @@ class Ids:
         self.count = 0
         self.parent: dict[int, int] = {}
         self.written: list[np.ndarray] = []
+        self.log: list[tuple[int, int]] | None = None  # unions made, when recording
 
     def reserve(self, n: int) -> int:
         """Reserve ``n`` new ids; returns the offset to add to local ids 1..n."""
@@ -95,6 +105,8 @@ class Ids:
         return a
 
     def union(self, a: int, b: int) -> None:
+        if self.log is not None:
+            self.log.append((int(a), int(b)))
         ra, rb = self.find(int(a)), self.find(int(b))
         if ra != rb:
             self.parent[max(ra, rb)] = min(ra, rb)  # the first id handed out names the object
@@ -120,6 +132,62 @@ class Ids:
         return table
 
 
+class Journal:
+    """What a block-wise run has finished, kept in ``folder`` so that an interrupted run
+    continues where it stopped. A journal written for other ``settings`` (another image, model
+    or option) is discarded."""
+
+    def __init__(self, folder, settings: dict) -> None:
+        self.folder = Path(folder)
+        text = json.dumps(settings, sort_keys=True, default=str)
+        stamp = self.folder / "settings.json"
+        if stamp.exists() and stamp.read_text() != text:
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not stamp.exists():
+            self._write(stamp, text)
+
+    @staticmethod
+    def _write(path: Path, text: str) -> None:
+        from .io import atomic_write
+
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+    def block(self, s: int, i: int) -> dict | None:
+        """The record of block ``i`` of slice ``s``, or None when it is not finished."""
+        path = self.folder / f"block-{s}-{i}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def record_block(self, s: int, i: int, offset: int, count: int, links, written: np.ndarray) -> None:
+        record = {"offset": offset, "count": count, "links": links, "written": written.tolist()}
+        self._write(self.folder / f"block-{s}-{i}.json", json.dumps(record))
+
+    def table(self) -> np.ndarray | None:
+        path = self.folder / "table.npy"
+        return np.load(path) if path.exists() else None
+
+    def record_table(self, table: np.ndarray) -> None:
+        from .io import atomic_write
+
+        atomic_write(self.folder / "table.npy", lambda tmp: np.save(open(tmp, "wb"), table))
+
+    def renumbered(self, s: int, i: int) -> bool:
+        return (self.folder / f"renumbered-{s}-{i}").exists()
+
+    def record_renumbered(self, s: int, i: int) -> None:
+        (self.folder / f"renumbered-{s}-{i}").touch()
+
+
+def model_fingerprint(model) -> str:
+    """A hash of ``model``'s weights and settings (a journal's settings name the model by it)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(json.dumps([model.encoding, getattr(model, "prune_level", None)], default=str).encode())
+    return digest.hexdigest()
+
+
 def _link_majority(ids: Ids, local: np.ndarray, offset: int, written: np.ndarray) -> None:
     """Union each local object with each written id whose shared pixels are the majority of
     either one's pixels in this region."""
@@ -143,6 +211,7 @@ def _slice_key(stack: bool, s: int, region: tuple[slice, slice]) -> tuple:
 def segment_blocks(
     predictor, options: dict, out, bounds: Bounds, *, block_size: int | None = None, overlap: int | None = None,
     link: bool = False, probabilities=None, progress=None, cancel=None, min_overlap: float | None = None,
+    journal=None,
 ) -> int:
     """Label the region ``bounds`` of every slice into ``out`` block by block (see the module's
     docstring); returns the number of objects.
@@ -152,6 +221,9 @@ def segment_blocks(
     region (with the slice axis first for a stack), ``probabilities`` an optional float array
     with a class axis first that receives the cores' probabilities. ``link`` joins objects of
     consecutive slices (:func:`.linking.link_stack`). ``progress(done, total)`` counts tiles.
+    ``journal`` (a folder) records what is finished, so that a run interrupted with the same
+    settings continues where it stopped (``probabilities`` are then not filled for the blocks
+    done before).
     """
     from .linking import DEFAULT_MIN_OVERLAP, link_stack
     from .postprocess import labels_from_probabilities
@@ -167,14 +239,33 @@ def segment_blocks(
     origin = (bounds[0][0], bounds[1][0])
     cores = block_grid(bounds, block_size)
     ids = Ids()
+    min_overlap = DEFAULT_MIN_OVERLAP if min_overlap is None else min_overlap
+    if journal is not None:
+        statistics = predictor.statistics(0)
+        journal = Journal(journal, {
+            "out": [list(map(int, out.shape)), str(np.dtype(out.dtype))], "bounds": bounds, "block": block_size,
+            "overlap": overlap, "options": options, "link": link, "min_overlap": min_overlap,
+            "image": [list(layout.shape), layout.channel_axis, [np.asarray(x).tolist() for x in statistics]],
+            "model": model_fingerprint(model),
+        })
     windows = [_grow(core, overlap, bounds) for core in cores]
     per_slice = [predictor.n_tiles(window) for window in windows]
     total, done = layout.n_slices * sum(per_slice), 0
     if progress is not None:
         progress(0, total)
-    for s in range(layout.n_slices):
+    table = None if journal is None else journal.table()
+    for s in range(layout.n_slices if table is None else 0):
         finished: list[Bounds] = []
-        for core, window, n_tiles in zip(cores, windows, per_slice):
+        for i, (core, window, n_tiles) in enumerate(zip(cores, windows, per_slice)):
+            record = None if journal is None else journal.block(s, i)
+            if record is not None:  # finished before an interruption
+                ids.count = max(ids.count, record["offset"] + record["count"])
+                for a, b in record["links"]:
+                    ids.union(a, b)
+                ids.written.append(np.asarray(record["written"], np.int64))
+                finished.append(core)
+                done += n_tiles
+                continue
             tiles = None if progress is None else (lambda d, n, base=done: progress(base + min(d, n_tiles), total))
             probs = predictor(window, [s], tiles, cancel)[:, 0]
             if cancel is not None and cancel():  # labelling a block takes a while too
@@ -184,6 +275,7 @@ def segment_blocks(
             if ids.count > limit:
                 raise InputError(f"out's dtype {np.dtype(out.dtype)} cannot hold {ids.count} object ids; use int32 or int64")
             w_origin = (window[0][0], window[1][0])
+            ids.log = []
             for other in finished:
                 shared = _intersect(window, other)
                 if shared is not None:
@@ -192,16 +284,28 @@ def segment_blocks(
             provisional = np.where(mine > 0, mine.astype(np.int64) + offset, 0)
             out[_slice_key(stack, s, _cut(core, origin))] = provisional
             ids.written.append(np.unique(provisional[provisional > 0]))
+            if journal is not None:
+                journal.record_block(s, i, offset, int(local.max()), ids.log, ids.written[-1])
+            ids.log = None
             if probabilities is not None:
                 probabilities[(slice(None), *_slice_key(stack, s, _cut(core, origin)))] = probs[(slice(None), *_cut(core, w_origin))]
             finished.append(core)
             done += n_tiles
-    if stack and link:
-        regions = [_cut(core, origin) for core in cores]
-        link_stack(out, regions, ids, min_overlap=DEFAULT_MIN_OVERLAP if min_overlap is None else min_overlap, cancel=cancel)
-    table = ids.table()
+    if table is None:
+        if stack and link:
+            regions = [_cut(core, origin) for core in cores]
+            link_stack(out, regions, ids, min_overlap=min_overlap, cancel=cancel)
+        table = ids.table()
+        if journal is not None:
+            journal.record_table(table)
     for s in range(layout.n_slices):
-        for core in cores:
+        for i, core in enumerate(cores):
+            if journal is not None and journal.renumbered(s, i):
+                continue
+            if cancel is not None and cancel():
+                raise Cancelled("segmentation cancelled")
             key = _slice_key(stack, s, _cut(core, origin))
             out[key] = table[np.asarray(out[key])]
+            if journal is not None:
+                journal.record_renumbered(s, i)
     return int(table.max())

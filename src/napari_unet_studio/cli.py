@@ -216,19 +216,23 @@ def run_predict(args: argparse.Namespace) -> int:
         target = out_dir / names[path]
         spatial = tuple(n for a, n in enumerate(image.shape) if a != channel_axis)
         whole = float(np.prod(spatial, dtype=np.float64)) <= WHOLE_CHECK_PIXELS
-        out = tmp = None
+        out = tmp = journal = None
         if target.suffix != ".zarr":
             _check_labels_fit(path, spatial)
         if target.suffix == ".zarr":
+            # written in a hidden folder with a journal of finished blocks: an interrupted run
+            # continues when the same command runs again; the result replaces the target when whole
             out_dir.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.tmp")
+            journal = target.with_name(f".{target.name}.journal")
             letters = (stack_axes or "ZYX")[0] + "YX" if len(spatial) == 3 else "YX"
-            out = create_ome_zarr_labels(tmp, spatial, letters)
+            out = create_ome_zarr_labels(tmp, spatial, letters, reuse=journal.is_dir())
+            whole = whole and not journal.is_dir()  # blocks done before an interruption have no probabilities
         bar, update = _progress_bar(args.quiet, path.name)
         try:
             result = segment(model, image, tile_size=args.tile_size, device=device, progress=update, channel_axis=channel_axis,
                              min_size=args.min_size, return_probabilities=whole, axes=stack_axes, track=args.track,
-                             block_size=args.block_size, out=out, **options)
+                             block_size=args.block_size, out=out, journal=journal, **options)
             if whole:
                 labels, probs = result
                 warning = unfamiliar(model, probs)
@@ -239,10 +243,14 @@ def run_predict(args: argparse.Namespace) -> int:
                 warning = None if len(spatial) != 2 else unfamiliar(model, predict(
                     model, image, channel_axis=channel_axis, device=device, window=_central(spatial)))
         except InputError as exc:
+            for folder in (tmp, journal):
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
             raise InputError(f"{path}: {exc}") from exc
         except BaseException:
             if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
+                print(f"unet-studio: {target.name}: the finished blocks are kept; run the same command again to continue",
+                      file=sys.stderr)
             raise
         finally:
             bar.close()
@@ -252,6 +260,7 @@ def run_predict(args: argparse.Namespace) -> int:
             n = _max_label(labels)
             labels.attrs["objects"] = n
             replace_folder(tmp, target)
+            shutil.rmtree(journal, ignore_errors=True)
         else:
             write_labels(target, labels)
             n = int(labels.max())

@@ -465,6 +465,7 @@ def segment(
     overlap: int | None = None,
     axes: str | None = None,
     track: bool = False,
+    journal=None,
     **postprocess_options,
 ):
     """Instance labels (0 = background, 1..N objects) of ``image``, same spatial shape.
@@ -496,6 +497,10 @@ def segment(
         normalised on their own and keep their own objects unless ``track`` is set.
     track
         For ``axes="TYX"``: link objects of consecutive frames by overlap (one id per track).
+    journal
+        A folder where the run records each finished block (with ``out`` on disk, e.g. zarr):
+        called again with the same journal, image, model and settings after an interruption,
+        it continues where it stopped (a half-written block is done again).
 
     Other keyword arguments (``threshold``, ``seed_threshold``, ``split``, ...) override the
     model's post-processing settings (checked before any work; ``seed_threshold=None`` turns
@@ -522,7 +527,7 @@ def segment(
     with predictor:
         segment_blocks(
             predictor, options, out, bounds, block_size=block_size, overlap=overlap, link=link,
-            probabilities=probs, progress=progress, cancel=cancel,
+            probabilities=probs, progress=progress, cancel=cancel, journal=journal,
         )
     return (out, probs) if return_probabilities else out
 

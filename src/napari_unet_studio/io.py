@@ -188,11 +188,22 @@ def open_image(path: str | os.PathLike):
             return zarr.open(tifffile.imread(path, aszarr=True), mode="r"), axes
 
 
-def create_ome_zarr_labels(path: Path, shape: tuple[int, ...], axes: str, *, dtype="int32", chunk: int = 1024):
+def create_ome_zarr_labels(
+    path: Path, shape: tuple[int, ...], axes: str, *, dtype="int32", chunk: int = 1024, reuse: bool = False,
+):
     """An empty OME-Zarr (0.4) image at ``path`` for labels of ``shape`` with axes letters
     ``axes`` (such as ``"YX"`` or ``"ZYX"``): one level, chunks of ``chunk`` pixels a side and
-    one slice deep. Returns the writable zarr array."""
+    one slice deep. Returns the writable zarr array. With ``reuse``, such an image already at
+    ``path`` (same shape and dtype) is opened as it is, to continue an interrupted run."""
     import zarr
+
+    if reuse and path.is_dir():
+        try:
+            array = zarr.open_group(str(path), mode="r+")["0"]
+            if tuple(array.shape) == tuple(shape) and np.dtype(array.dtype) == np.dtype(dtype):
+                return array
+        except Exception:  # not what we wrote: start again
+            pass
 
     kinds = {"T": "time", "Z": "space", "Y": "space", "X": "space"}
     root = zarr.open_group(str(path), mode="w", zarr_format=2)
