@@ -20,8 +20,13 @@ known, to show what that costs.
 Reports 3-D AP@0.5 and AP@0.75 against the ground truth (and the same with the true per-slice
 objects, to separate linking errors from 2-D segmentation errors).
 
-Run:  python benchmarks/linking.py [--stacks 3]
-Writes benchmarks/results/linking.json.
+``--true-only`` skips the model and measures the linking alone on the true per-slice objects:
+as they are, and with one slice dropped from every object that spans 5 or more (a missed
+section), for the package with and without gap closing and with gaps closed after every end
+(not only abrupt ones).
+
+Run:  python benchmarks/linking.py [--stacks 3] [--true-only]
+Writes benchmarks/results/linking.json (linking_true.json with --true-only).
 """
 
 from __future__ import annotations
@@ -128,6 +133,58 @@ def global_iou(slices, threshold=0.25):
     return np.vectorize(lambda v: lut[int(v)])(out)
 
 
+def drop_one_slice(ideal, truth, seed=0):
+    """``ideal`` with one inner section of every object that spans 5+ slices removed."""
+    rng = np.random.default_rng(seed)
+    dropped = ideal.copy()
+    for obj in range(1, truth.max() + 1):
+        zs = np.unique(np.nonzero(truth == obj)[0])
+        if len(zs) > 4:
+            z = rng.choice(zs[2:-2])
+            dropped[z][truth[z] == obj] = 0
+    return dropped
+
+
+def true_only(stacks: int) -> None:
+    import napari_unet_studio.linking as linking
+
+    def variant(labels, gap=True, tapering=linking.TAPERING_BELOW):
+        saved = linking.TAPERING_BELOW
+        linking.TAPERING_BELOW = tapering
+        if not gap:  # no candidates two slices apart: only consecutive slices link
+            real_overlaps = linking._overlaps
+            linking._overlaps = lambda out, regions, roots, z1, z2, *rest: (
+                real_overlaps(out, regions, roots, z1, z2, *rest) if z2 == z1 + 1 else (np.zeros(0, np.int64),) * 3)
+        try:
+            return link_slices(labels)
+        finally:
+            linking.TAPERING_BELOW = saved
+            if not gap:
+                linking._overlaps = real_overlaps
+
+    rows = []
+    for z_step in (2.0, 3.0, 4.0):
+        for seed in range(stacks):
+            _, truth = synthetic_stack(seed, z_step)
+            ideal = per_slice_truth(truth)
+            dropped = drop_one_slice(ideal, truth)
+            kept = np.where(dropped > 0, truth, 0)
+            row = {"z_step": z_step, "seed": seed}
+            for name, kwargs in (("package", {}), ("no gap closing", {"gap": False}), ("gaps after every end", {"tapering": 0.0})):
+                row[name] = scores(variant(ideal, **kwargs), truth)["AP50"]
+                row[name + ", slice dropped"] = scores(variant(dropped, **kwargs), kept)["AP50"]
+            row["greedy IoU"] = scores(greedy_iou(ideal), truth)["AP50"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    names = [k for k in rows[0] if k not in ("z_step", "seed")]
+    print(f"\n{'z step':>6} | " + " | ".join(f"{n:>30}" for n in names))
+    for z_step in (2.0, 3.0, 4.0):
+        sel = [r for r in rows if r["z_step"] == z_step]
+        print(f"{z_step:>6} | " + " | ".join(f"{np.mean([r[n] for r in sel]):>30.3f}" for n in names))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "linking_true.json").write_text(json.dumps(rows, indent=1))
+
+
 def scores(pred, truth):
     ap = average_precision(pred, truth, (0.5, 0.75))
     return {"AP50": round(ap[0.5], 3), "AP75": round(ap[0.75], 3), "objects": int(len(np.unique(pred)) - 1)}
@@ -136,7 +193,10 @@ def scores(pred, truth):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stacks", type=int, default=3, help="stacks per z step")
+    parser.add_argument("--true-only", action="store_true", help="linking of the true per-slice objects only (no model)")
     args = parser.parse_args()
+    if args.true_only:
+        return true_only(args.stacks)
     model = load_model("default")
     rows = []
     for z_step in (2.0, 3.0, 4.0):

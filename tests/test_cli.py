@@ -316,3 +316,21 @@ def test_an_interrupted_zarr_run_continues(tmp_path, rng, capsys, monkeypatch):
     assert len(calls) == 25 - 7  # the 7 finished blocks were not done again
     assert np.array_equal(open_image(tmp_path / "out" / "scan.zarr")[0][:], expected)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["scan.zarr"]  # no journal left
+
+
+def test_measure_writes_one_table_per_image(tmp_path, rng, capsys):
+    import csv
+
+    image = _blobs(rng, (120, 140))
+    iio.imwrite(tmp_path / "cells.png", image)
+    out = tmp_path / "out"
+    code, _, err = run(["predict", tmp_path / "cells.png", "-o", out, "--measure", "-q"], capsys)
+    assert code == 0, err
+    labels = iio.imread(out / "cells.png")
+    rows = list(csv.DictReader(open(out / "cells.csv")))
+    assert [int(r["label"]) for r in rows] == list(range(1, labels.max() + 1)) and len(rows) > 3
+    first = labels == 1
+    assert int(rows[0]["area"]) == first.sum()
+    assert float(rows[0]["intensity_mean"]) == pytest.approx(image[first].mean(), rel=1e-6)
+    code, _, err = run(["predict", tmp_path / "cells.png", "-o", tmp_path / "z", "--measure", "--format", "zarr"], capsys)
+    assert code == 2 and "--measure" in err

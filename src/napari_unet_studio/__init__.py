@@ -25,6 +25,8 @@ _API = {
     "train": "training",
     "TrainingSession": "training",
     "find_corrections": "corrections",
+    "link_slices": "linking",
+    "measure": "measurements",
     "Normalization": "normalize",
     "UnetStudioError": "errors",
     "InputError": "errors",
@@ -55,5 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .inference import predict, segment
     from .normalize import Normalization
     from .corrections import find_corrections
+    from .linking import link_slices
+    from .measurements import measure
     from .training import TrainingSession, train
     from .weightmap import weight_map

@@ -34,9 +34,10 @@ import numpy as np
 
 from .errors import Cancelled, InputError
 
-#: Default block edge (pixels). A window of 2048 + 2 x 128 px holds ~60 MB of 3-class
-#: probabilities in float32.
-DEFAULT_BLOCK = 2048
+#: Default block edge (pixels). Measured (benchmarks/blocks.py, 4-67 Mpx images): with 1024 px
+#: blocks the peak memory stayed at 0.75-1.2 GB above the loaded model, whatever the image size,
+#: and time was within 4 % of 2048 px blocks, whose larger windows took up to 1.9 GB.
+DEFAULT_BLOCK = 1024
 #: Default context around a block (pixels): objects or clusters of touching objects narrower
 #: than this are labelled exactly as in whole-image labelling.
 DEFAULT_OVERLAP = 128

@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the file's ImageJ/OME metadata, else ZYX)")
     p.add_argument("--track", action="store_true", help="with TYX: link objects of consecutive frames by overlap")
     p.add_argument("--block-size", type=_positive_int, default=None, metavar="PX",
-                   help="edge of the blocks segmented at a time (default: 2048); memory grows with it")
+                   help="edge of the blocks segmented at a time (default: 1024); memory grows with it")
+    p.add_argument("--measure", action="store_true",
+                   help="also write NAME.csv per image: each object's area, centroid, bounding box, shape and intensities")
     p.add_argument("--overwrite", action="store_true", help="replace label images that already exist in the output folder")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(run=run_predict)
@@ -202,7 +204,11 @@ def run_predict(args: argparse.Namespace) -> int:
     images = collect_images(args.inputs)
     _by_stem(images)  # one label image per base name
     names = {path: _output_name(path, args.format) for path in images}
+    if args.measure and any(name.endswith(".zarr") for name in names.values()):
+        raise InputError("--measure needs labels held in memory; it is not available with zarr output yet")
     out_dir = _output_folder(args.output, images, args.overwrite, names)
+    if args.measure:  # measurement tables are outputs too: never replaced without --overwrite
+        _output_folder(args.output, images, args.overwrite, {p: p.stem + ".csv" for p in images})
     device = resolve_device(args.device)
     model = load_model(args.model)
     options = {} if args.threshold is None else {"threshold": args.threshold}
@@ -264,6 +270,10 @@ def run_predict(args: argparse.Namespace) -> int:
         else:
             write_labels(target, labels)
             n = int(labels.max())
+            if args.measure:
+                from .measurements import measure, write_csv
+
+                write_csv(out_dir / f"{path.stem}.csv", measure(labels, image, channel_axis=channel_axis, axes=stack_axes))
         n_objects += n
     seconds = time.perf_counter() - start
     print(

@@ -210,15 +210,15 @@ class _Run:
             logits = self.model(x)
         return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
-    def run(self, out: np.ndarray, progress: Progress | None, cancel: Cancel | None) -> None:
+    def run(self, out: np.ndarray, progress: Progress | None, cancel: Cancel | None, pool: ThreadPoolExecutor) -> None:
+        """Predict every task into ``out``; ``pool`` (one thread) prepares the next batch meanwhile."""
         batches = [self.tasks[i : i + self.batch_size] for i in range(0, len(self.tasks), self.batch_size)]
         if progress is not None:
             progress(0, len(self.tasks))
         # On the CPU, torch's threads follow the cores other programs leave free.
         fitter = ThreadFitter() if self.device.type == "cpu" else None
         try:
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                self._run_batches(batches, pool, fitter, out, progress, cancel)
+            self._run_batches(batches, pool, fitter, out, progress, cancel)
         finally:
             if fitter is not None:
                 fitter.restore()
@@ -273,6 +273,9 @@ class WindowPredictor:
         self._was_training = model.training
 
     def __enter__(self) -> WindowPredictor:
+        # One preparing thread for every window: a fresh thread per window took a fresh malloc
+        # arena each time, and the peak memory of block-wise work grew with the image.
+        self._pool = ThreadPoolExecutor(max_workers=1)
         self._was_training = self.model.training
         self.model.eval().to(self.device)
         if self.device.type == "cuda":
@@ -280,6 +283,7 @@ class WindowPredictor:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self.model.train(self._was_training)
 
     def _aligned(self, bounds) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -306,7 +310,7 @@ class WindowPredictor:
             batch = _batch_size(model, self.device, plan, self.batch_size)
             try:
                 _Run(model, self.layout, self.device, plan, batch, self.statistics, (ay, ax), extent, slices).run(
-                    out, progress, cancel
+                    out, progress, cancel, self._pool
                 )
                 break
             except (RuntimeError, MemoryError) as exc:

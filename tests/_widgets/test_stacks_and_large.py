@@ -84,3 +84,22 @@ def test_a_large_lazy_layer_is_segmented_into_a_zarr_labels_layer(make_napari_vi
     # segmenting again never replaces labels on disk: a new layer
     run_and_wait(qtbot, widget)
     assert len([l for l in viewer.layers if l.name.startswith("img labels")]) == 2
+
+
+def test_results_carry_measurements_shown_on_hover_and_saved(make_napari_viewer, qtbot, tmp_path):
+    import csv
+
+    viewer = make_napari_viewer()
+    image = objects_on_block_corners((100, 120))
+    widget = segment_dock(viewer, image)
+    assert not widget.save_button.isEnabled()
+    run_and_wait(qtbot, widget)
+    layer = labels_of(viewer)
+    n = int(layer.data.max())
+    assert f"{n} objects" in widget.status.text() and widget.save_button.isEnabled()
+    assert list(layer.features["index"]) == list(range(1, n + 1))
+    y, x = np.argwhere(layer.data == 2)[0]
+    assert "area: " in layer.get_status((y, x))["coordinates"]  # napari shows them on hover
+    path = widget.save_measurements(str(tmp_path / "m.csv"))
+    rows = list(csv.DictReader(open(path)))
+    assert len(rows) == n and int(rows[1]["area"]) == (layer.data == 2).sum()

@@ -12,6 +12,7 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QLabel,
     QProgressBar,
+    QPushButton,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -48,7 +49,8 @@ def _is_untouched_result(layer) -> bool:
 def _segment_job(model, data, *, to_disk: str | None = None, **kwargs):
     """Worker body: segment ``data`` (loading the default model first when ``model`` is None);
     returns ``(labels, probabilities or None, the model loaded or None, a warning when the image
-    looks unlike the model's training data or None, the number of objects)``.
+    looks unlike the model's training data or None, the number of objects, the objects'
+    measurements or None)``.
 
     With ``to_disk`` (a name), the labels go block by block into a new OME-Zarr image in a
     temporary folder (never held whole in memory) and no probabilities are kept; the
@@ -61,8 +63,11 @@ def _segment_job(model, data, *, to_disk: str | None = None, **kwargs):
 
         model = loaded = load_model("default")
     if to_disk is None:
+        from ..measurements import measure
+
         labels, probs = segment(model, data, return_probabilities=True, **kwargs)
-        return labels, probs, loaded, unfamiliar(model, probs), int(labels.max())
+        table = measure(labels, np.asarray(data), channel_axis=kwargs.get("channel_axis"), axes=kwargs.get("axes"))
+        return labels, probs, loaded, unfamiliar(model, probs), int(labels.max()), table
     import tempfile
     from pathlib import Path
 
@@ -80,7 +85,7 @@ def _segment_job(model, data, *, to_disk: str | None = None, **kwargs):
                     channel_axis=kwargs.get("channel_axis"), device=kwargs.get("device"))
     n = max((int(np.asarray(out[i : i + out.chunks[0]]).max(initial=0)) for i in range(0, out.shape[0], out.chunks[0])), default=0)
     out.attrs["objects"] = n
-    return out, None, loaded, unfamiliar(model, probs), n
+    return out, None, loaded, unfamiliar(model, probs), n, None
 
 
 def segmented_labels(layer):
@@ -151,6 +156,11 @@ class SegmentWidget(QWidget):
         self.status = QLabel(parent=self)
         self.status.setWordWrap(True)
         layout.addWidget(self.status)
+        self.save_button = QPushButton("Save measurements...", parent=self)
+        self.save_button.setEnabled(False)
+        self.save_button.clicked.connect(lambda: self.save_measurements())
+        layout.addWidget(self.save_button)
+        self._measured = None  # the Labels layer whose measurements "Save" writes
         layout.addStretch()
 
         self.run_button.clicked.connect(self.run)
@@ -171,6 +181,8 @@ class SegmentWidget(QWidget):
                      "time series are normalised on their own and keep their own objects, or are tracked by overlap. "
                      "'from axis labels' reads the layer's first axis label (z or t)",
             "status": "What the last segmentation found, and a warning when the image looks unlike the model's training data",
+            "save_button": "Write the last result's per-object measurements (area, centroid, box, shape, intensities) "
+                           "to a CSV file; they also show when you hover over an object",
         })
         self.state.connect(self._refresh_model)
         self.destroyed.connect(lambda *_: self.state.disconnect(self._refresh_model))
@@ -293,6 +305,35 @@ class SegmentWidget(QWidget):
         )
         return self.job.track(self.worker)
 
+    def save_measurements(self, path: str | None = None):
+        """Write the last result's measurements to a CSV file (asks where when ``path`` is None);
+        returns the path written, or None."""
+        from qtpy.QtWidgets import QFileDialog
+
+        layer = self._measured
+        if layer is None or layer not in self.viewer.layers:
+            notify_error(UnetStudioError("segment an image first: there are no measurements to save"))
+            self.save_button.setEnabled(False)
+            return None
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(self, "Save measurements", f"{layer.name}.csv", "CSV files (*.csv)")
+            if not path:
+                return None
+        from ..measurements import write_csv
+
+        features = layer.features
+        table = {"label": np.asarray(features["index"])}
+        table.update({k: np.asarray(features[k]) for k in features.columns if k != "index"})
+        try:
+            write_csv(path, table)
+        except OSError as exc:
+            notify_error(UnetStudioError(f"cannot write {path}: {exc.strerror or exc}"))
+            return None
+        from napari.utils.notifications import show_info
+
+        show_info(f"{len(table['label'])} objects' measurements written to {path}")
+        return path
+
     def _chosen_options(self) -> dict:
         """The post-processing settings chosen here that override the model's own."""
         options = {}
@@ -329,7 +370,7 @@ class SegmentWidget(QWidget):
         The labels as the model gave them stay in the layer's metadata (``"labels"``): what the
         user paints over them later are the corrections fine-tuning emphasises. Labels written
         to disk (a zarr array) always become a new layer, read lazily by napari."""
-        labels, probs, loaded, warning, n_objects = result
+        labels, probs, loaded, warning, n_objects, table = result
         if loaded is not None and self.state.model is None:
             self.state.set_model(loaded, model_name)
         scale = np.asarray(image_layer.scale, float)
@@ -348,6 +389,10 @@ class SegmentWidget(QWidget):
             "checksum": None if on_disk else _checksum(labels), "source": image_layer.name, "model": model_name,
             "labels": None if on_disk else labels.copy(),
         }
+        if table is not None:  # napari shows them on hover; "index" ties a row to its label
+            target.features = {"index": table["label"], **{k: v for k, v in table.items() if k != "label"}}
+        self._measured = target if table is not None else None
+        self.save_button.setEnabled(table is not None)
         if on_disk and self.probability.isChecked():
             from napari.utils.notifications import show_info
 
@@ -372,7 +417,7 @@ class SegmentWidget(QWidget):
             from napari.utils.notifications import show_warning
 
             show_warning(f"{message}; but {warning}")
-            self.status.setText(f"Unfamiliar image: {warning}")
+            self.status.setText(f"{n_objects} objects. Unfamiliar image: {warning}")
         else:
             show_info(message)
-            self.status.setText("")
+            self.status.setText(f"{n_objects} objects in {image_layer.name}" + (" (measurements: hover, or Save)" if table is not None else ""))
