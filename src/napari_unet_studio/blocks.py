@@ -25,7 +25,6 @@ interrupted continues where it stopped, and a block that was half written is don
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -179,16 +178,6 @@ class Journal:
         (self.folder / f"renumbered-{s}-{i}").touch()
 
 
-def model_fingerprint(model) -> str:
-    """A hash of ``model``'s weights and settings (a journal's settings name the model by it)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(json.dumps([model.encoding, getattr(model, "prune_level", None)], default=str).encode())
-    return digest.hexdigest()
-
-
 def _link_majority(ids: Ids, local: np.ndarray, offset: int, written: np.ndarray) -> None:
     """Union each local object with each written id whose shared pixels are the majority of
     either one's pixels in this region."""
@@ -226,6 +215,7 @@ def segment_blocks(
     settings continues where it stopped (``probabilities`` are then not filled for the blocks
     done before).
     """
+    from .checkpoint import fingerprint
     from .linking import DEFAULT_MIN_OVERLAP, link_stack
     from .postprocess import labels_from_probabilities
 
@@ -247,7 +237,7 @@ def segment_blocks(
             "out": [list(map(int, out.shape)), str(np.dtype(out.dtype))], "bounds": bounds, "block": block_size,
             "overlap": overlap, "options": options, "link": link, "min_overlap": min_overlap,
             "image": [list(layout.shape), layout.channel_axis, [np.asarray(x).tolist() for x in statistics]],
-            "model": model_fingerprint(model),
+            "model": fingerprint(model),
         })
     windows = [_grow(core, overlap, bounds) for core in cores]
     per_slice = [predictor.n_tiles(window) for window in windows]

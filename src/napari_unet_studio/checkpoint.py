@@ -54,6 +54,17 @@ def checksum(config_json: str, state: dict) -> str:
     return digest.hexdigest()
 
 
+def fingerprint(model) -> str:
+    """SHA-256 (hex) of ``model``'s weights, encoding and U-Net++ level: names one version of a
+    model (a run's ``parent``, a block-wise journal's model)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(json.dumps([model.encoding, getattr(model, "prune_level", None)], default=str).encode())
+    return digest.hexdigest()
+
+
 def _check_finite(state: dict, source: str) -> None:
     for name, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():

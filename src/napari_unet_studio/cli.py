@@ -497,6 +497,7 @@ def run_train(args: argparse.Namespace) -> int:
             model,
             images,
             labels,
+            names=[image_path.name for image_path, _ in pairs],
             previous=previous,
             steps=steps,
             time_budget=args.time_budget,

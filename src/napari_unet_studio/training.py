@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 
+from . import __version__
 from .augment import affine_matrices, displacement_field, gray_value_augment, sampling_grid, warp
 from .corrections import find_corrections
 from .devices import ThreadFitter, resolve_device
@@ -42,6 +44,7 @@ from .inference import ImageLayout
 from .metrics import as_instances  # noqa: F401 (part of this module's API too)
 from .models import Geometry, widen_input
 from .normalize import adapt_channels
+from .provenance import hardware, image_record
 from .tiling import reflect_indices
 from .weightmap import weight_map
 
@@ -134,6 +137,7 @@ class TrainingPair:
     # (C + 1, H, W) float16: the starting model's class probabilities and, last, 1 where the user
     # left the model's labels as they were (trained towards those probabilities; see ``distill``).
     soft: np.ndarray | None = None
+    record: dict = field(default_factory=dict)  # what the run's provenance says of this image
 
 
 def _choose_holdout(instances: np.ndarray, ignore: np.ndarray, protected: np.ndarray, k: int, rng) -> HoldOut | None:
@@ -539,6 +543,9 @@ class TrainingSession:
         self._start_model = None  # a frozen copy of the starting weights, for soft targets
         self._soft_cache: dict = {}  # key -> (image, starting probabilities)
         self._initial_postprocess = dict(model.postprocess)
+        from .checkpoint import fingerprint
+
+        self._parent = fingerprint(model)[:16]  # the version this run starts from
         self.rng = np.random.default_rng(seed)
         self.generator = torch.Generator().manual_seed(int(self.rng.integers(2**62)))
         self._torch_state = None
@@ -592,12 +599,14 @@ class TrainingSession:
         self.stopped = "steps"
 
     # -- pairs -----------------------------------------------------------------------------
-    def set_pair(self, key: Hashable, image, labels, *, region=None, previous=None) -> None:
+    def set_pair(self, key: Hashable, image, labels, *, region=None, previous=None, name: str | None = None) -> None:
         """Add the pair ``key``, or replace it (the user painted more). Thread-safe; the pair is
-        prepared by the training thread before its next step (or by :meth:`prepare`)."""
+        prepared by the training thread before its next step (or by :meth:`prepare`). ``name``
+        (a file or layer name; ``key`` by default) is what the run's record calls the image."""
         labels = np.array(labels)  # a copy: the user may keep painting the layer
         with self._lock:
-            self._pending[key] = {"image": image, "labels": labels, "region": region, "previous": previous}
+            self._pending[key] = {"image": image, "labels": labels, "region": region, "previous": previous,
+                                  "name": str(key) if name is None else str(name)}
 
     def remove_pair(self, key: Hashable) -> None:
         """Stop training on the pair ``key`` (from the next step on). Thread-safe."""
@@ -648,6 +657,7 @@ class TrainingSession:
                 self._choose_lr(item["image"])
             if self.distill and pair.corrections is not None:
                 pair.soft = self._soft_targets(key, item["image"], pair)
+            pair.record = image_record(item["name"], item["image"], item["labels"], self.ignore_value)
             self.pairs[key] = pair
         self._sampler = None
         self._best_is_stale = self.best["state"] is not None  # scored on other regions than the next checkpoint
@@ -1034,7 +1044,10 @@ class TrainingSession:
         self._restore(model)
         runs = list(model.provenance.get("training", []))
         run = {
+            "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "images": len(self.pairs),
+            "data": [pair.record for pair in self.pairs.values()],
+            "objects": sum(pair.record.get("objects", 0) for pair in self.pairs.values()),
             "steps": self.step_count,
             "best_step": self.best["step"],
             "seconds": round(self.seconds, 1),
@@ -1057,6 +1070,7 @@ class TrainingSession:
             run["holdout_objects"] = self.holdout_objects
         if model.postprocess != self._initial_postprocess:
             run["postprocess"] = dict(model.postprocess)
+        run.update(parent=self._parent, package=__version__, hardware=hardware(self.device))
         run.update(extra)
         self._update_uncertainty_reference(model)
         runs.append(run)
@@ -1093,6 +1107,7 @@ def train(
     val_every: int | None = None,
     widen_for_rgb: bool = True,
     channel_axis: int | None = None,
+    names: Sequence[str] | None = None,
     **options,
 ):
     """Train (or fine-tune) ``model`` on (image, labels) pairs; returns ``(model, history)``.
@@ -1199,8 +1214,9 @@ def train(
     session = TrainingSession(model, channel_axis=channel_axis, **options)
     regions = regions if regions is not None else [None] * len(images)
     previous = previous if previous is not None else [None] * len(images)
-    for i, (im, lab, reg, prev) in enumerate(zip(images, labels, regions, previous)):
-        session.set_pair(i, im, lab, region=reg, previous=prev)
+    names = names if names is not None else [f"image {i + 1}" for i in range(len(images))]
+    for i, (im, lab, reg, prev, name) in enumerate(zip(images, labels, regions, previous, names)):
+        session.set_pair(i, im, lab, region=reg, previous=prev, name=name)
     session.prepare()
     session.run(steps=steps, time_budget=time_budget, progress=progress, cancel=cancel, val_every=val_every)
     model = session.finish(**({"input_widened": "1 -> 3 channels"} if widened else {}))

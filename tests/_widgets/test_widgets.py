@@ -603,3 +603,16 @@ def test_model_dock_loads_off_the_gui_thread(make_napari_viewer, qtbot, monkeypa
     wait_loaded(qtbot, widget)
     assert threads and threads[0] is not threading.main_thread()
     assert state_for(viewer).name == "default model" and "default model" in widget.info.text()
+
+
+def test_model_dock_shows_the_training_history(make_napari_viewer):
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, "Model")
+    model = small_model()
+    state_for(viewer).set_model(model, "untrained")
+    assert widget.history.toPlainText().startswith("untrained")
+    model = small_model()
+    model.provenance["training"] = [{"steps": 60, "seconds": 61.2, "images": 1, "fine_tune": True,
+                                     "data": [{"name": "cells", "shape": [96, 96]}], "objects": 9}]
+    state_for(viewer).set_model(model, "fine-tuned")
+    assert widget.history.toPlainText().startswith("1. fine-tune on 1 image(s): cells (96x96); 9 objects")

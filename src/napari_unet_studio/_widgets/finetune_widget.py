@@ -45,8 +45,8 @@ def _live_job(model, pairs, options, view, *, cancel, progress):
     if will_widen(model, [p[0] for p in pairs]):
         model = widen_input(model)
     session = TrainingSession(model, **options)
-    for key, (image, labels, region, previous) in enumerate(pairs):
-        session.set_pair(key, image, labels, region=region, previous=previous)
+    for key, (image, labels, region, previous, name) in enumerate(pairs):
+        session.set_pair(key, image, labels, region=region, previous=previous, name=name)
     yield {"session": session}
     return (yield from session.live(view, cancel=cancel, progress=progress))
 
@@ -456,6 +456,7 @@ class FineTuneWidget(QWidget):
             time_budget=None if steps else float(self.budget.value()),
             regions=regions,
             previous=previous,
+            names=[image_name for image_name, _, _ in self.pairs],
             progress=self.bridge,
             cancel=self.cancel_flag,
             lr=self.lr.value() or None,
@@ -549,7 +550,8 @@ class FineTuneWidget(QWidget):
             deep_supervision=self.deep.isChecked(), freeze_encoder=self.freeze.isChecked(),
             reserve_cores=0,  # measured: napari (0.2 core while painting) leaves room for two threads
         )
-        pairs = list(zip(images, labels, regions, previous))
+        names = [image_name for image_name, _, _ in self.pairs]
+        pairs = list(zip(images, labels, regions, previous, names))
         self._name = self.state.name
         self._live_on = True
         self._live_pending = set()
@@ -559,11 +561,12 @@ class FineTuneWidget(QWidget):
         for key, (image_name, labels_name, regions_name) in enumerate(self.pairs):
             layer = self._layer(labels_name)
 
-            def changed(*_, key=key, image=images[key], layer=layer, region=regions[key]):
+            def changed(*_, key=key, image=images[key], layer=layer, region=regions[key], name=image_name):
                 if self.live_session is None:
                     self._live_pending.add(key)
                 else:
-                    self.live_session.set_pair(key, image, layer.data, region=region, previous=segmented_labels(layer))
+                    self.live_session.set_pair(key, image, layer.data, region=region, previous=segmented_labels(layer),
+                                               name=name)
 
             layer.events.paint.connect(changed)
             layer.events.set_data.connect(changed)

@@ -9,6 +9,7 @@ from qtpy.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
+    QPlainTextEdit,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
@@ -76,6 +77,11 @@ class ModelWidget(QWidget):
         self.info = QLabel(parent=self)
         self.info.setWordWrap(True)
         layout.addWidget(self.info)
+        self.history = QPlainTextEdit(parent=self)
+        self.history.setReadOnly(True)
+        self.history.setMaximumHeight(140)
+        self.history.setPlaceholderText("Training history of the active model")
+        layout.addWidget(self.history)
 
         row = QHBoxLayout()
         self.default_button = QPushButton("Load default", parent=self)
@@ -135,6 +141,8 @@ class ModelWidget(QWidget):
         self.version.activated.connect(self._choose_version)
         set_tooltips(self, {
             "default_button": "The shipped nuclei model (fluorescence, U-Net, 2 classes)",
+            "history": "How the active model was made: each training run's images (names, sizes), painted objects and "
+                       "corrections, steps, time, machine and the version it started from (saved with the model)",
             "file_button": "A model saved by U-Net Studio (.safetensors), or a PyTorch state dict (.pt/.pth, tensors only)",
             "save_button": "Save the active model, its settings and its training history to one .safetensors file",
             "arch": "U-Net (Ronneberger 2015) or U-Net++ (Zhou 2018, prunable for speed)",
@@ -150,6 +158,12 @@ class ModelWidget(QWidget):
 
     def _refresh(self) -> None:
         self.info.setText(describe(self.state.model, self.state.name, self.state.device))
+        if self.state.model is None:
+            self.history.setPlainText("")
+        else:
+            from ..provenance import history_text
+
+            self.history.setPlainText(history_text(self.state.model))
         self.device.blockSignals(True)
         set_choices(self.device, available_devices())  # more once torch is loaded
         self.device.blockSignals(False)
