@@ -2,13 +2,17 @@
 
 Run:  python benchmarks/inference.py [--device cpu] [--size 4096] [--out benchmarks/results/inference.json]
 
-(a) raw forward throughput of the default U-Net on one maximal (auto-sized) tile, in output Mpx/s;
+(a) raw forward throughput of the default U-Net on one maximal (auto-sized) tile, in output Mpx/s,
+    as ``predict`` runs it (``models.inference_copy``: BatchNorm folded, channels_last) and, in
+    the same run, as the plain module (``a0``: what ``predict`` ran before);
 (b) end-to-end ``predict`` throughput on a SIZE x SIZE image (reading, mirroring, normalising,
     batching, writing) and its ratio to (a) (target >= 0.85);
 (c) peak memory above the input and output arrays for SIZE^2 vs 1024^2, each in a fresh process
     (it must not grow with the image);
 (d) U-Net++ pruned to L1..L4 vs the full network: end-to-end speed ratio;
-(e) tile-size sweep: end-to-end throughput against the input tile edge (justifies the auto cap).
+(e) tile-size sweep: end-to-end throughput against the input tile edge (justifies the auto cap);
+(f) the CPU's limit: fp32 matmul peak (measured in this run) over the network's FLOPs per output
+    pixel (counted by torch's FlopCounterMode at the auto tile), and (b) as a fraction of it.
 
 Weights are random: speed and memory do not depend on them.
 """
@@ -48,14 +52,16 @@ def best_of(fn, repeats):
     return min(times)
 
 
-def raw_forward(model, device, tile, repeats):
-    """Output Mpx/s of bare forward passes on one tile, inputs already on the device."""
-    model.eval().to(device)
+def raw_forward(model, device, tile, repeats, plain=False):
+    """Output Mpx/s of bare forward passes on one tile, inputs already on the device: the
+    inference copy ``predict`` runs, or (``plain``) the module as it is."""
+    from napari_unet_studio.models import inference_copy
+
+    model = model.eval().to(device) if plain else inference_copy(model).to(device)
     x = torch.randn(1, model.in_channels, tile, tile, device=device)
     out = model.geometry.output_size(tile)
     cuda = device.type == "cuda"
-    if cuda:
-        model.to(memory_format=torch.channels_last)
+    if not plain:
         x = x.contiguous(memory_format=torch.channels_last)
 
     def run():
@@ -125,7 +131,10 @@ def main():
     model = UNet()
     tile = auto_tile_size(model, device)
     results["tile"] = tile
+    plain_mpx, plain_s = raw_forward(model, device, tile, args.repeats, plain=True)
     raw_mpx, raw_s = raw_forward(model, device, tile, args.repeats)
+    results["a0_plain_forward_mpx_s"] = plain_mpx
+    rows.append((f"(a0) plain module forward, tile {tile}", f"{plain_mpx:.3f} Mpx/s", f"{plain_s:.2f} s/tile"))
     image = rng.integers(0, 255, (args.size, args.size), dtype=np.uint8)
     e2e_mpx, e2e_s = end_to_end(model, image, device, tile, 1)
     results["a_raw_forward_mpx_s"] = raw_mpx
@@ -136,7 +145,29 @@ def main():
         (f"(a) raw forward, tile {tile}", f"{raw_mpx:.3f} Mpx/s", f"{raw_s:.2f} s/tile"),
         (f"(b) predict {args.size}x{args.size}", f"{e2e_mpx:.3f} Mpx/s", f"{e2e_s:.1f} s"),
         ("(b)/(a)", f"{e2e_mpx / raw_mpx:.3f}", "target >= 0.85"),
+        ("(a)/(a0)", f"{raw_mpx / plain_mpx:.2f}", "inference copy vs plain module"),
     ]
+    results["a_over_a0"] = raw_mpx / plain_mpx
+    if device.type == "cpu":
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from training_speed import matmul_peak
+
+        peak = matmul_peak()
+        x = torch.randn(1, model.in_channels, tile, tile)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.inference_mode():
+            model.eval()(x)
+        per_px = counter.get_total_flops() / model.geometry.output_size(tile) ** 2
+        limit = peak / per_px / 1e6
+        results.update(f_matmul_peak_gflop_s=peak / 1e9, f_flop_per_output_px=per_px, f_limit_mpx_s=limit,
+                       f_fraction_of_limit=e2e_mpx / limit)
+        rows += [
+            ("(f) fp32 matmul peak", f"{peak / 1e9:.0f} GFLOP/s", "measured now"),
+            (f"(f) network, tile {tile}", f"{per_px / 1e3:.0f} kFLOP/px", "per output pixel"),
+            ("(f) limit = peak / FLOP per px", f"{limit:.2f} Mpx/s", ""),
+            ("(b) / limit", f"{e2e_mpx / limit:.2f}", "fraction of the CPU's limit"),
+        ]
 
     if "c" not in skip and device.type == "cpu":
         mem = {}

@@ -104,3 +104,19 @@ def test_default_size_is_cpu_friendly():
 def test_invalid_arguments(kwargs):
     with pytest.raises(ValueError):
         UNet(**kwargs)
+
+
+@pytest.mark.parametrize("arch", ["unet", "unetpp"])
+def test_inference_copy_folds_batchnorm_and_computes_the_same(arch):
+    from napari_unet_studio.models import inference_copy
+
+    model = tiny(arch, depth=2, base_channels=4).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = inference_copy(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    x = torch.randn(2, 1, model.geometry.input_for_output(24), model.geometry.input_for_output(24))
+    with torch.no_grad():
+        expected = model.eval()(x)
+        got = fast(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched

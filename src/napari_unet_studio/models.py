@@ -369,6 +369,26 @@ class UNetPlusPlus(_ValidUNetBase):
 ARCHITECTURES = {cls.arch: cls for cls in (UNet, UNetPlusPlus)}
 
 
+def inference_copy(model: _ValidUNetBase) -> _ValidUNetBase:
+    """A copy of ``model`` for inference: eval mode, every BatchNorm folded into the convolution
+    before it (the same function up to float rounding), channels_last memory. On the CPU the
+    copy runs about twice as fast (benchmarks/inference.py): oneDNN's fast channels_last
+    convolutions need the BatchNorm gone. The original is untouched."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    copy_ = copy.deepcopy(model).eval()
+    for block in copy_.modules():
+        if isinstance(block, ConvBlock):
+            layers = list(block)
+            for i in range(len(layers) - 1):
+                if isinstance(layers[i], nn.Conv2d) and isinstance(layers[i + 1], nn.BatchNorm2d):
+                    block[i] = fuse_conv_bn_eval(layers[i], layers[i + 1])
+                    block[i + 1] = nn.Identity()
+    for p in copy_.parameters():
+        p.requires_grad_(False)
+    return copy_.to(memory_format=torch.channels_last)
+
+
 def widen_input(model: _ValidUNetBase, in_channels: int = 3) -> _ValidUNetBase:
     """A copy of a one-channel ``model`` that takes RGB (``in_channels=3``) images.
 
