@@ -11,7 +11,9 @@ import pytest
 import napari_unet_studio
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ["models", "tiling", "inference", "postprocess", "checkpoint", "normalize", "devices", "io", "cli", "errors", "_sample_data", "weightmap", "augment", "training", "metrics", "corrections"]
+CORE = ["models", "tiling", "inference", "postprocess", "checkpoint", "normalize", "devices", "io", "cli", "errors",
+        "_sample_data", "weightmap", "augment", "training", "metrics", "corrections", "blocks", "linking",
+        "measurements", "provenance"]
 GUI_MODULES = ("qtpy", "superqt", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari", "magicgui", "vispy")
 
 
@@ -85,3 +87,42 @@ def test_manifest_is_valid():
     manifest = npe2.PluginManifest.from_distribution("napari-unet-studio")
     assert manifest.display_name == "U-Net Studio"
     assert {s.key for s in manifest.contributions.sample_data} == {"nuclei", "em"}
+
+
+EDITABLE_CHECK = r"""
+import sys
+from pathlib import Path
+import napari_unet_studio
+assert Path(napari_unet_studio.__file__).resolve().is_relative_to(Path(sys.argv[1]).resolve()), napari_unet_studio.__file__
+import npe2
+pm = npe2.PluginManager.instance()
+pm.discover()
+manifest = pm.get_manifest("napari-unet-studio")
+widgets = {w.display_name for w in manifest.contributions.widgets}
+assert {"Model", "Segment", "Fine-tune"} <= widgets, widgets
+from napari_unet_studio._sample_data import load_sample
+assert all(load_sample(k)[0].size for k in ("nuclei", "em"))
+from napari_unet_studio import load_model
+assert load_model("default").n_classes == 2
+print("editable install works")
+"""
+
+
+@pytest.mark.skipif(not (ROOT / "pyproject.toml").exists(), reason="needs the source tree")
+def test_an_editable_install_works(tmp_path):
+    """``pip install -e .`` (every contributor's first command): the manifest is found, napari
+    lists the docks, both samples and the default model load from the source tree."""
+    import os
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    python = venv / ("Scripts" if os.name == "nt" else "bin") / "python"
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(ROOT)],
+        capture_output=True, text=True,
+    )
+    assert install.returncode == 0, install.stderr
+    out = subprocess.run([str(python), "-c", EDITABLE_CHECK, str(ROOT / "src")], capture_output=True, text=True)
+    assert out.returncode == 0 and "editable install works" in out.stdout, out.stdout + out.stderr
+    validate = subprocess.run([str(python), "-m", "npe2", "validate", "napari-unet-studio"], capture_output=True, text=True)
+    assert validate.returncode == 0 and "valid" in validate.stdout, validate.stdout + validate.stderr

@@ -196,8 +196,8 @@ def run_predict(args: argparse.Namespace) -> int:
     """``unet-studio predict``: segment every input and write one label image each."""
     from .checkpoint import load_model
     from .devices import resolve_device
-    from .inference import predict, segment, unfamiliar
-    from .io import collect_images, create_ome_zarr_labels, open_image, replace_folder, write_labels
+    from .inference import segment, unfamiliar, unfamiliar_image
+    from .io import collect_images, create_ome_zarr_labels, max_label, open_image, replace_folder, write_labels
     from .postprocess import options_for
 
     start = time.perf_counter()
@@ -246,8 +246,7 @@ def run_predict(args: argparse.Namespace) -> int:
             else:
                 labels = result
                 # the probabilities were never held whole: the check looks at a central window
-                warning = None if len(spatial) != 2 else unfamiliar(model, predict(
-                    model, image, channel_axis=channel_axis, device=device, window=_central(spatial)))
+                warning = unfamiliar_image(model, image, channel_axis=channel_axis, device=device)
         except InputError as exc:
             for folder in (tmp, journal):
                 if folder is not None:
@@ -263,7 +262,7 @@ def run_predict(args: argparse.Namespace) -> int:
         if warning:
             print(f"unet-studio: warning: {path.name}: {warning}", file=sys.stderr)
         if tmp is not None:
-            n = _max_label(labels)
+            n = max_label(labels)
             labels.attrs["objects"] = n
             replace_folder(tmp, target)
             shutil.rmtree(journal, ignore_errors=True)
@@ -300,17 +299,6 @@ def _check_labels_fit(path: Path, spatial: tuple[int, ...]) -> None:
             f"{path} declares {' x '.join(map(str, spatial))} pixels: its labels alone need about {need / 2**30:.1f} GiB, "
             f"more than the {free / 2**30:.1f} GiB free; write them block by block with --format zarr"
         )
-
-
-def _central(plane: tuple[int, int], side: int = 1024) -> tuple[slice, slice]:
-    top, left = max(0, (plane[0] - side) // 2), max(0, (plane[1] - side) // 2)
-    return slice(top, top + side), slice(left, left + side)
-
-
-def _max_label(array) -> int:
-    """Largest label of a zarr array, read chunk row by chunk row."""
-    step = array.chunks[0] if len(array.shape) == 2 else 1
-    return max((int(np.asarray(array[i : i + step]).max(initial=0)) for i in range(0, array.shape[0], step)), default=0)
 
 
 def _output_folder(output: str, inputs: list[Path], overwrite: bool, names: dict | None = None) -> Path:

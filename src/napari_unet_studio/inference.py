@@ -574,14 +574,31 @@ UNFAMILIAR_FACTOR = 3.5
 UNFAMILIAR_MARGIN = 0.05
 
 
+def central_window(plane: tuple[int, int], side: int = 1024) -> tuple[slice, slice]:
+    """``(rows, cols)`` of the central region of at most ``side`` pixels a side of a plane."""
+    h, w = plane
+    top, left = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    return slice(top, min(h, top + side)), slice(left, min(w, left + side))
+
+
+def _middle_plane(image, channel_axis: int | None):
+    """``(plane, its channel axis)``: a 2-D image itself, or the middle slice of a stack."""
+    layout = ImageLayout(image, channel_axis)
+    if not layout.is_stack:
+        return image, layout.channel_axis
+    axis = layout.spatial_axes[0]
+    key = [slice(None)] * len(layout.shape)
+    key[axis] = layout.n_slices // 2
+    channel = layout.channel_axis
+    return image[tuple(key)], (None if channel is None else channel - (channel > axis))
+
+
 def image_uncertainty(model, image, *, channel_axis: int | None = None, device=None, max_side: int = 1024) -> float:
     """:func:`uncertainty` of ``model`` on ``image``, read in a central window of at most
-    ``max_side`` pixels a side (a 2-D image, or 2-D with channels)."""
-    layout = ImageLayout(image, channel_axis)
-    h, w = layout.plane
-    top, left = max(0, (h - max_side) // 2), max(0, (w - max_side) // 2)
-    window = (slice(top, min(h, top + max_side)), slice(left, min(w, left + max_side)))
-    return uncertainty(predict(model, image, channel_axis=channel_axis, device=device, window=window))
+    ``max_side`` pixels a side (of the middle slice of a stack)."""
+    plane, channel_axis = _middle_plane(image, channel_axis)
+    window = central_window(ImageLayout(plane, channel_axis).plane, max_side)
+    return uncertainty(predict(model, plane, channel_axis=channel_axis, device=device, window=window))
 
 
 def uncertainty_reference(model, images, *, channel_axis: int | None = None, device=None, max_side: int = 1024) -> dict:
@@ -614,3 +631,11 @@ def unfamiliar(model, probabilities) -> str | None:
     return (f"this image looks unlike the images the model learnt from: {value:.0%} of its pixels are "
             f"uncertain (typically {typical:.0%}); check the result, and paint a few corrections and "
             "fine-tune if it is poor")
+
+
+def unfamiliar_image(model, image, *, channel_axis: int | None = None, device=None, max_side: int = 1024) -> str | None:
+    """:func:`unfamiliar` for an image whose probabilities are not held whole (segmented block by
+    block): judged on a central window of at most ``max_side`` pixels (of the middle slice)."""
+    plane, channel_axis = _middle_plane(image, channel_axis)
+    window = central_window(ImageLayout(plane, channel_axis).plane, max_side)
+    return unfamiliar(model, predict(model, plane, channel_axis=channel_axis, device=device, window=window))

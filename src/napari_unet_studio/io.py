@@ -220,6 +220,13 @@ def create_ome_zarr_labels(
     return array
 
 
+def max_label(labels) -> int:
+    """Largest label of an array (numpy, zarr), read a chunk row (or slice) at a time."""
+    chunks = getattr(labels, "chunks", None)
+    step = 1 if len(labels.shape) > 2 else (int(chunks[0]) if chunks else max(1, int(labels.shape[0])))
+    return max((int(np.asarray(labels[i : i + step]).max(initial=0)) for i in range(0, labels.shape[0], step)), default=0)
+
+
 def replace_folder(tmp: Path, path: Path) -> None:
     """Move the finished folder ``tmp`` to ``path``, replacing what was there only now."""
     import shutil

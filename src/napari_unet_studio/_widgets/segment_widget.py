@@ -55,7 +55,7 @@ def _segment_job(model, data, *, to_disk: str | None = None, **kwargs):
     With ``to_disk`` (a name), the labels go block by block into a new OME-Zarr image in a
     temporary folder (never held whole in memory) and no probabilities are kept; the
     unfamiliar-image check then looks at a central window of a plane."""
-    from ..inference import ImageLayout, predict, segment, unfamiliar
+    from ..inference import ImageLayout, segment, unfamiliar, unfamiliar_image
 
     loaded = None
     if model is None:
@@ -71,21 +71,17 @@ def _segment_job(model, data, *, to_disk: str | None = None, **kwargs):
     import tempfile
     from pathlib import Path
 
-    from ..io import create_ome_zarr_labels
+    from ..io import create_ome_zarr_labels, max_label
 
     layout = ImageLayout(data, kwargs.get("channel_axis"))
     folder = Path(tempfile.mkdtemp(prefix="unet-studio-"))
     letters = (kwargs.get("axes") or "ZYX")[0] + "YX" if layout.is_stack else "YX"
     out = create_ome_zarr_labels(folder / f"{to_disk}.zarr", layout.spatial_shape, letters)
     segment(model, data, out=out, **kwargs)
-    h, w = layout.plane
-    top, left = max(0, (h - 1024) // 2), max(0, (w - 1024) // 2)
-    window = (slice(top, top + 1024), slice(left, left + 1024))
-    probs = predict(model, data if not layout.is_stack else data[layout.n_slices // 2], window=window,
-                    channel_axis=kwargs.get("channel_axis"), device=kwargs.get("device"))
-    n = max((int(np.asarray(out[i : i + out.chunks[0]]).max(initial=0)) for i in range(0, out.shape[0], out.chunks[0])), default=0)
+    warning = unfamiliar_image(model, data, channel_axis=kwargs.get("channel_axis"), device=kwargs.get("device"))
+    n = max_label(out)
     out.attrs["objects"] = n
-    return out, None, loaded, unfamiliar(model, probs), n, None
+    return out, None, loaded, warning, n, None
 
 
 def segmented_labels(layer):
