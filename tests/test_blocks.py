@@ -180,3 +180,49 @@ def test_an_interrupted_run_continues_where_it_stopped(tmp_path, stage):
     # other settings: the journal is not reused
     other = segment(model, image, min_size=50, block_size=64, overlap=24, out=out, journal=journal)
     assert np.array_equal(other[:], segment(model, image, min_size=50, block_size=64, overlap=24))
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402 (a testing dependency)
+from hypothesis import strategies as st  # noqa: E402
+
+def _seeded_pass_through():
+    """The pass-through model on raw values (no normalisation), labelling by seeds: objects
+    grow from regions above 0.9 of at least 4 px over pixels above 0.5. A block that sees only
+    part of an object may lose its seed and drop that part: context matters."""
+    from napari_unet_studio import Normalization
+
+    model = pass_through()
+    model.normalization = Normalization(kind="none")
+    return model
+
+
+_MODEL = _seeded_pass_through()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    shape=st.tuples(st.integers(70, 260), st.integers(70, 260)),
+    block=st.integers(64, 150),
+    overlap=st.integers(12, 40),
+)
+def test_any_blocks_give_whole_image_labels_for_objects_smaller_than_the_overlap(seed, shape, block, overlap):
+    """Random objects (a dim rim around a bright core) narrower than the overlap, anywhere
+    (touching ones form clusters, which must be narrower too), any block size: block-wise ==
+    whole image up to renumbering."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    image = np.zeros(shape, np.float32)
+    for _ in range(rng.integers(1, 30)):
+        h, w = rng.integers(3, overlap // 2 + 3, 2)
+        y, x = rng.integers(0, shape[0] - h), rng.integers(0, shape[1] - w)
+        image[y : y + h, x : x + w] = np.maximum(image[y : y + h, x : x + w], 0.6)
+        image[y + 1 : y + h - 1, x + 1 : x + w - 1] = 1.0
+    for s in ndi.find_objects(ndi.label(image > 0)[0]):  # clusters wider than the overlap: outside the claim
+        if max(s[0].stop - s[0].start, s[1].stop - s[1].start) >= overlap:
+            image[s] = 0
+    options = dict(min_size=4, threshold=0.5, seed_threshold=0.9)
+    whole = segment(_MODEL, image, block_size=4096, **options)
+    blocks = segment(_MODEL, image, block_size=block, overlap=overlap, **options)
+    assert same_up_to_renumbering(blocks, whole)
