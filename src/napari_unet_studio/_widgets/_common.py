@@ -119,6 +119,13 @@ def notify_error(exc: BaseException) -> None:
         show_error(f"{type(exc).__name__}: {exc}")
 
 
+def camera_of(viewer):
+    """The viewer's camera: ``viewer.scene.camera`` from napari 0.9 (``viewer.camera`` is
+    deprecated there), ``viewer.camera`` before."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
 def layers_of(viewer, kind: str) -> list:
     """Layers of ``viewer`` whose type name is ``kind`` ("Image", "Labels", ...)."""
     return [layer for layer in viewer.layers if type(layer).__name__ == kind]

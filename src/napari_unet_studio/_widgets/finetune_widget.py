@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import JobSlot, RunCancelRow, layers_of, notify_error, set_choices, set_tooltips
+from ._common import JobSlot, RunCancelRow, camera_of, layers_of, notify_error, set_choices, set_tooltips
 from ._settings import persist
 from ._state import state_for
 
@@ -577,8 +577,8 @@ class FineTuneWidget(QWidget):
         self._live_image = self._live_pairs[0][0]
         self._live_view = None
         self._update_live_view()
-        self.viewer.camera.events.center.connect(self._update_live_view)
-        self.viewer.camera.events.zoom.connect(self._update_live_view)
+        camera_of(self.viewer).events.center.connect(self._update_live_view)
+        camera_of(self.viewer).events.zoom.connect(self._update_live_view)
         self.viewer.layers.selection.events.active.connect(self._on_active_layer)
         self.cancel_flag.clear()
         self.plot.reset()
@@ -655,8 +655,8 @@ class FineTuneWidget(QWidget):
             layer.events.paint.disconnect(changed)
             layer.events.set_data.disconnect(changed)
         self._live_layers = []
-        self.viewer.camera.events.center.disconnect(self._update_live_view)
-        self.viewer.camera.events.zoom.disconnect(self._update_live_view)
+        camera_of(self.viewer).events.center.disconnect(self._update_live_view)
+        camera_of(self.viewer).events.zoom.disconnect(self._update_live_view)
         self.viewer.layers.selection.events.active.disconnect(self._on_active_layer)
         self.live_session = None
         self._live_on = False
