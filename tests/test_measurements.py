@@ -64,3 +64,23 @@ def test_csv_has_a_header_and_one_row_per_object(tmp_path):
     rows = list(csv.DictReader(open(path)))
     assert len(rows) == 2 and rows[1]["label"] == "7" and float(rows[0]["area"]) == 200
     assert list(rows[0]) == list(table)
+
+
+def test_block_wise_measurements_equal_the_whole_ones():
+    zarr = pytest.importorskip("zarr")
+    from napari_unet_studio.measurements import measure_blocks
+
+    labels, image = two_objects()
+    big = np.zeros((90, 110), np.int32)
+    big[20:60, 30:80] = labels  # objects cross the 32 px blocks
+    img = np.zeros(big.shape, np.float32)
+    img[20:60, 30:80] = image
+    stored = zarr.create_array(store={}, shape=big.shape, chunks=(32, 32), dtype="int32")
+    stored[:] = big
+    whole = measure(big, img)
+    blocks = measure_blocks(stored, img, block_size=32)
+    assert set(blocks) <= set(whole)
+    for key in blocks:
+        np.testing.assert_allclose(blocks[key], whole[key], rtol=1e-6, err_msg=key)  # skimage sums in float32
+    stack = np.stack([big, np.where(big == 7, 7, 0)])
+    np.testing.assert_allclose(measure_blocks(stack, block_size=32)["centroid_z"], measure(stack)["centroid_z"])

@@ -81,6 +81,7 @@ def test_a_large_lazy_layer_is_segmented_into_a_zarr_labels_layer(make_napari_vi
     expected = segment(pass_through(), image)
     assert same_up_to_renumbering(layer.data[:], expected)
     assert "img foreground probability" not in [l.name for l in viewer.layers]
+    assert len(layer.features) == expected.max() and widget.save_button.isEnabled()  # measured block by block
     # segmenting again never replaces labels on disk: a new layer
     run_and_wait(qtbot, widget)
     assert len([l for l in viewer.layers if l.name.startswith("img labels")]) == 2

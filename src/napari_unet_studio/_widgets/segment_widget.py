@@ -54,7 +54,8 @@ def _segment_job(model, data, *, to_disk: str | None = None, **kwargs):
 
     With ``to_disk`` (a name), the labels go block by block into a new OME-Zarr image in a
     temporary folder (never held whole in memory) and no probabilities are kept; the
-    unfamiliar-image check then looks at a central window of a plane."""
+    unfamiliar-image check then looks at a central window of a plane, and the measurements are
+    those that add up block by block (no eccentricity or solidity)."""
     from ..inference import ImageLayout, segment, unfamiliar, unfamiliar_image
 
     loaded = None
@@ -81,7 +82,10 @@ def _segment_job(model, data, *, to_disk: str | None = None, **kwargs):
     warning = unfamiliar_image(model, data, channel_axis=kwargs.get("channel_axis"), device=kwargs.get("device"))
     n = max_label(out)
     out.attrs["objects"] = n
-    return out, None, loaded, warning, n, None
+    from ..measurements import measure_blocks  # what adds up block by block
+
+    table = measure_blocks(out, data if kwargs.get("channel_axis") is None and layout.n_channels == 1 else None)
+    return out, None, loaded, warning, n, table
 
 
 def segmented_labels(layer):
