@@ -153,8 +153,8 @@ def true_only(stacks: int) -> None:
         linking.TAPERING_BELOW = tapering
         if not gap:  # no candidates two slices apart: only consecutive slices link
             real_overlaps = linking._overlaps
-            linking._overlaps = lambda out, regions, roots, z1, z2, *rest: (
-                real_overlaps(out, regions, roots, z1, z2, *rest) if z2 == z1 + 1 else (np.zeros(0, np.int64),) * 3)
+            linking._overlaps = lambda out, regions, roots, z1, z2, *rest, **kw: (
+                real_overlaps(out, regions, roots, z1, z2, *rest, **kw) if z2 == z1 + 1 else (np.zeros(0, np.int64),) * 3)
         try:
             return link_slices(labels)
         finally:

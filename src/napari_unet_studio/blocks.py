@@ -169,7 +169,7 @@ class Journal:
     def record_table(self, table: np.ndarray) -> None:
         from .io import atomic_write
 
-        atomic_write(self.folder / "table.npy", lambda tmp: np.save(open(tmp, "wb"), table))
+        atomic_write(self.folder / "table.npy", lambda tmp: np.save(tmp, table))  # tmp ends in .npy
 
     def renumbered(self, s: int, i: int) -> bool:
         return (self.folder / f"renumbered-{s}-{i}").exists()

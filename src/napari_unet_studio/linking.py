@@ -73,24 +73,23 @@ def _accumulate(keys: list[np.ndarray], counts: list[np.ndarray]) -> tuple[np.nd
     return unique, np.bincount(inverse, weights=np.concatenate(counts)).astype(np.int64)
 
 
-def _sizes(out, regions, roots, z) -> dict[int, int]:
-    keys, counts = [], []
-    for region in regions:
-        values = roots[np.asarray(out[(z, *region)])]
-        k, c = np.unique(values[values > 0], return_counts=True)
-        keys.append(k)
-        counts.append(c)
-    ids, sizes = _accumulate(keys, counts)
-    return dict(zip(ids.tolist(), sizes.tolist()))
-
-
-def _overlaps(out, regions, roots, z1, z2, only_a=None, only_b=None):
-    """(a ids, b ids, shared pixels) of objects of slice ``z1`` and ``z2`` that overlap."""
+def _overlaps(out, regions, roots, z1, z2, only_a=None, only_b=None, sizes: list | None = None):
+    """(a ids, b ids, shared pixels) of objects of slice ``z1`` and ``z2`` that overlap. With
+    ``sizes`` (two dicts, or None for a slice already counted), the slices' object sizes are
+    counted in the same read."""
     base = len(roots)
     keys, counts = [], []
+    found: list[tuple[list, list]] = [([], []), ([], [])]
     for region in regions:
         a = roots[np.asarray(out[(z1, *region)])]
         b = roots[np.asarray(out[(z2, *region)])]
+        if sizes is not None:
+            for (ids, n), values, target in zip(found, (a, b), sizes):
+                if target is None:
+                    continue
+                k, c = np.unique(values[values > 0], return_counts=True)
+                ids.append(k)
+                n.append(c)
         both = (a > 0) & (b > 0)
         if only_a is not None:
             both &= np.isin(a, only_a)
@@ -99,6 +98,10 @@ def _overlaps(out, regions, roots, z1, z2, only_a=None, only_b=None):
         k, c = np.unique(a[both] * base + b[both], return_counts=True)
         keys.append(k)
         counts.append(c)
+    if sizes is not None:
+        for target, (ids, n) in zip(sizes, found):
+            if target is not None:
+                target.update(zip(*(x.tolist() for x in _accumulate(ids, n))))
     pairs, shared = _accumulate(keys, counts)
     return pairs // base, pairs % base, shared
 
@@ -117,13 +120,14 @@ def link_stack(out, regions, ids, *, min_overlap: float = DEFAULT_MIN_OVERLAP, c
         raise InputError(f"min_overlap must lie in (0, 1], got {min_overlap}")
     n = int(out.shape[0])
     roots = ids.roots()
-    sizes = [_sizes(out, regions, roots, z) for z in range(n)]
+    sizes: list[dict] = [{} for _ in range(n)]  # object -> pixels, per slice, counted while matching
     has_next: list[set] = [set() for _ in range(n)]
     previous: list[dict] = [{} for _ in range(n)]  # object -> its match in the slice before
     for z in range(n - 1):
         if cancel is not None and cancel():
             raise Cancelled("segmentation cancelled")
-        a, b, shared = _overlaps(out, regions, roots, z, z + 1)
+        counted = [sizes[z] if z == 0 else None, sizes[z + 1]]  # slice z was counted as the last one's z + 1
+        a, b, shared = _overlaps(out, regions, roots, z, z + 1, sizes=counted)
         for x, y in match(a, b, shared, _allowed(a, b, shared, sizes[z], sizes[z + 1], min_overlap)):
             ids.union(x, y)
             has_next[z].add(x)

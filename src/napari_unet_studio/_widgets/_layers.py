@@ -44,10 +44,6 @@ class LayerArray:
         """Too large to hold labels and probabilities in memory comfortably."""
         return float(np.prod(self.spatial_shape, dtype=np.float64)) > LARGE_PIXELS
 
-    @property
-    def in_memory(self) -> bool:
-        return isinstance(self.data, np.ndarray) and not isinstance(self.data, np.memmap)
-
 
 def stack_axes_from_labels(axis_labels, n_spatial: int) -> str | None:
     """``"YX"`` for a plane; for a stack ``"ZYX"``/``"TYX"`` when its first axis label names
