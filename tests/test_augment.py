@@ -82,3 +82,30 @@ def test_zero_sigma_is_identity(rng):
 def test_shape_mismatch_is_an_error(rng):
     with pytest.raises(ValueError, match="does not match"):
         elastic_deform(np.zeros((10, 10)), labels=np.zeros((10, 11), int))
+
+
+def test_zoom_draws_factors_log_uniformly_within_the_range():
+    from napari_unet_studio.augment import affine_matrices
+
+    g = torch.Generator().manual_seed(0)
+    m = affine_matrices(4000, rotate=True, flip=True, scale=0.5, generator=g)
+    # Rotation and flip keep |det| = 1, so the zoom factor is sqrt(|det|).
+    factor = torch.sqrt(torch.linalg.det(m[:, :, :2]).abs())
+    assert factor.min() >= 1 / 1.5 - 1e-6 and factor.max() <= 1.5 + 1e-6
+    logs = torch.log(factor)
+    assert abs(float(logs.mean())) < 0.02  # as many zoomed in as out
+    assert float((factor > 1.4).float().mean()) > 0.05
+    plain = affine_matrices(100, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(torch.linalg.det(plain[:, :, :2]).abs(), torch.ones(100), atol=1e-5)
+
+
+def test_polarity_is_reversed_with_the_given_probability():
+    from napari_unet_studio.augment import gray_value_augment
+
+    x = torch.zeros(2000, 1, 4, 4)
+    x[:, :, 1:3, 1:3] = 1.0  # a bright object on a dark background
+    out = gray_value_augment(x, generator=torch.Generator().manual_seed(1), invert=0.3, strength=0.0)
+    dark_object = out[:, 0, 1, 1] < out[:, 0, 0, 0]
+    assert 0.26 < float(dark_object.float().mean()) < 0.34
+    same = gray_value_augment(x, generator=torch.Generator().manual_seed(1), strength=0.0)
+    assert torch.equal(same, x)

@@ -40,18 +40,24 @@ def affine_matrices(
     rotate: bool = True,
     flip: bool = True,
     shift: float = 0.0,
+    scale: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Random ``(batch, 2, 2)`` rotation/flip matrices and ``(batch, 2)`` shifts, stacked as ``(batch, 2, 3)``.
 
     Rotations are by any angle; flips are along x (with rotations this gives all 8
-    flips/90-degree rotations); shifts are uniform in ``[-shift, shift]`` pixels.
+    flips/90-degree rotations); shifts are uniform in ``[-shift, shift]`` pixels. With
+    ``scale > 0`` each sample is also zoomed by a factor drawn log-uniformly from
+    ``[1 / (1 + scale), 1 + scale]`` (objects of other sizes than the painted ones).
     """
     theta = torch.rand(batch, generator=generator) * 2 * math.pi if rotate else torch.zeros(batch)
     sign = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0) if flip else torch.ones(batch)
     cos, sin = torch.cos(theta), torch.sin(theta)
     m = torch.stack([torch.stack([cos, -sin * sign], -1), torch.stack([sin, cos * sign], -1)], -2)
     t = (torch.rand(batch, 2, generator=generator) * 2 - 1) * shift
+    if scale > 0:
+        # The grid reads the input at A p: a factor above 1 shows more of the input (objects shrink).
+        m = m * torch.exp((torch.rand(batch, generator=generator) * 2 - 1) * math.log1p(scale))[:, None, None]
     return torch.cat([m, t[..., None]], -1)
 
 
@@ -148,10 +154,17 @@ def elastic_deform(
     return Deformed(out_image, out_labels, out_weights, field[0].numpy())
 
 
-def gray_value_augment(x: torch.Tensor, *, generator: torch.Generator | None = None, strength: float = 1.0) -> torch.Tensor:
-    """Random gamma, contrast, brightness and Gaussian noise on normalised ``(B, C, H, W)`` images."""
+def gray_value_augment(
+    x: torch.Tensor, *, generator: torch.Generator | None = None, strength: float = 1.0, invert: float = 0.0
+) -> torch.Tensor:
+    """Random gamma, contrast, brightness and Gaussian noise on normalised ``(B, C, H, W)`` images;
+    with probability ``invert`` a sample's polarity is reversed first (``1 - x``: bright objects on a
+    dark background become dark on bright, and the reverse)."""
     b = x.shape[0]
     dev = x.device
+    if invert > 0:
+        flip = (torch.rand(b, 1, 1, 1, generator=generator) < invert).to(dev)
+        x = torch.where(flip, 1 - x, x)
 
     def uniform(lo, hi):
         return (torch.rand(b, 1, 1, 1, generator=generator) * (hi - lo) + lo).to(dev)

@@ -338,19 +338,22 @@ def augment_batch(
     generator: torch.Generator | None = None,
     gray: bool = True,
     soft: torch.Tensor | None = None,
+    scale: float = 0.0,
+    invert: float = 0.0,
 ):
-    """Elastic + rotation/flip with one field per sample for image, classes and weights (and
-    ``soft`` targets, bilinearly, when given); gray values. Returns ``(x, target, weights)``, or
+    """Elastic + rotation/flip (+ zoom by up to ``1 + scale``) with one field per sample for image,
+    classes and weights (and ``soft`` targets, bilinearly, when given); gray values (polarity
+    reversed with probability ``invert``). Returns ``(x, target, weights)``, or
     ``(x, target, weights, soft)`` when ``soft`` is given."""
     b, _, h, w = x.shape
     field_ = displacement_field(b, (h, w), grid=grid, sigma=sigma, generator=generator, device=x.device)
-    sgrid = sampling_grid(field_, affine_matrices(b, generator=generator))
+    sgrid = sampling_grid(field_, affine_matrices(b, scale=scale, generator=generator))
     x = warp(x, sgrid, "bicubic")
     target = warp(target[:, None].to(x.dtype), sgrid, "nearest")[:, 0].round().long()
     weights = warp(weights[:, None], sgrid, "bilinear")[:, 0]
     weights = torch.where(target == IGNORE_INDEX, torch.zeros_like(weights), weights)
     if gray:
-        x = gray_value_augment(x, generator=generator)
+        x = gray_value_augment(x, generator=generator, invert=invert)
     if soft is None:
         return x, target, weights
     return x, target, weights, warp(soft, sgrid, "bilinear")
@@ -485,7 +488,7 @@ class TrainingSession:
         sigma: float = 5.0,
         deep_supervision: bool = True,
         dice_weight: float = 0.0,
-        augment: bool = True,
+        augment: bool | dict = True,
         device=None,
         channel_axis: int | None = None,
         holdout: bool = True,
@@ -529,6 +532,10 @@ class TrainingSession:
         self.ignore_value = ignore_value
         self.w0, self.sigma = w0, sigma
         self.dice_weight = dice_weight
+        if isinstance(augment, dict):
+            unknown = set(augment) - {"scale", "invert"}
+            if unknown:
+                raise InputError(f"unknown augmentation options {sorted(unknown)} (known: scale, invert)")
         self.augment = augment
         self.channel_axis = channel_axis
         self.holdout = holdout
@@ -735,7 +742,8 @@ class TrainingSession:
                     module.eval()
         x, t, w, soft = (None if a is None else torch.from_numpy(a).to(device) for a in sampler.sample(self.batch_size))
         if self.augment:
-            x, t, w, *rest = augment_batch(x, t, w, generator=self.generator, soft=soft)
+            more = self.augment if isinstance(self.augment, dict) else {}
+            x, t, w, *rest = augment_batch(x, t, w, generator=self.generator, soft=soft, **more)
             soft = rest[0] if rest else None
         t, w = _center(t, self.out_size), _center(w, self.out_size)
         soft = None if soft is None else _center(soft, self.out_size)
@@ -1057,6 +1065,7 @@ class TrainingSession:
             "lr": self.lr,
             "fine_tune": self.fine_tune,
             **({"familiar": self.familiar} if self.familiar is not None else {}),
+            **({"augment": dict(self.augment)} if isinstance(self.augment, dict) else {}),
             "seed": self.seed,
         }
         corrections = [p.corrections for p in self.pairs.values() if p.corrections is not None]
@@ -1186,7 +1195,10 @@ def train(
     dice_weight
         Adds this times a soft Dice loss.
     augment
-        Elastic, rotation/flip and gray-value augmentation.
+        Elastic, rotation/flip and gray-value augmentation (``True``, the default), none
+        (``False``), or the default plus ``{"scale": s, "invert": p}``: zoom by up to ``1 + s``
+        and reversed polarity with probability ``p`` (for models meant for several kinds of
+        images, see ``training/transfer.py``).
     device
         As for :func:`~napari_unet_studio.predict`; CUDA uses mixed precision.
 
