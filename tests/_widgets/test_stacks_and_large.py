@@ -104,3 +104,15 @@ def test_results_carry_measurements_shown_on_hover_and_saved(make_napari_viewer,
     path = widget.save_measurements(str(tmp_path / "m.csv"))
     rows = list(csv.DictReader(open(path)))
     assert len(rows) == n and int(rows[1]["area"]) == (layer.data == 2).sum()
+
+
+def test_saving_measurements_says_why_it_cannot(make_napari_viewer, qtbot, tmp_path, errors):
+    """No result yet, or a folder that cannot be written: a plain message, no traceback."""
+    viewer = make_napari_viewer()
+    widget = segment_dock(viewer, objects_on_block_corners((100, 120)))
+    assert widget.save_measurements(str(tmp_path / "m.csv")) is None
+    assert len(errors) == 1 and "segment an image first" in errors[0]
+    run_and_wait(qtbot, widget)
+    (tmp_path / "a file").write_text("not a folder")
+    assert widget.save_measurements(str(tmp_path / "a file" / "m.csv")) is None
+    assert len(errors) == 2 and "cannot write" in errors[1]

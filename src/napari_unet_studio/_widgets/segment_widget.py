@@ -18,6 +18,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..errors import UnetStudioError
 from ._common import JobSlot, ProgressBridge, RunCancelRow, layers_of, notify_error, set_choices, set_tooltips
 from ._settings import persist
 from ._state import state_for
@@ -217,7 +218,9 @@ class SegmentWidget(QWidget):
             settings = options_for(model)
             self.threshold.setSpecialValueText(f"{MODELS} ({settings['threshold']})")
             self.seeds.setItemText(0, f"{MODELS} ({settings.get('seed_threshold') or 'off'})")
-        self.seeds.setEnabled(model is None or model.encoding == "foreground")
+        from ..card import card_of
+
+        self.seeds.setEnabled(model is None or card_of(model).encoding == "foreground")
         is_pp = model is not None and model.arch == "unetpp"
         self.prune.setEnabled(is_pp)
         if is_pp:  # keeps the user's level when it still exists (a device change keeps the model)
@@ -227,8 +230,6 @@ class SegmentWidget(QWidget):
     def run(self):
         """Start segmenting the chosen layer; returns the worker (or None when nothing started)."""
         from napari.qt.threading import create_worker
-
-        from ..errors import UnetStudioError
 
         from ._layers import layer_array
 
