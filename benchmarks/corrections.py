@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
+from napari_unet_studio.card import card_of
 from napari_unet_studio import load_model, segment, train
 from napari_unet_studio._sample_data import load_sample
 from napari_unet_studio.metrics import average_precision, iou_matrix
@@ -203,7 +204,7 @@ def main():
                     seconds = time.perf_counter() - start
                     new = [segment(model, im) for im in images]
                     kept = [still_corrected(n, t, e, p) for n, t, c, p in zip(new, truths, chosen, preds) for e in c]
-                    run = model.provenance["training"][-1]
+                    run = card_of(model).provenance["training"][-1]
                     row = {"kind": kind, "budget_s": budget, "painting": painting, "method": method, "steps": run["steps"],
                            "best_step": run["best_step"], "seconds": round(seconds, 1), "corrections": n_corrected,
                            "kept": float(np.mean(kept)) if kept else None, "ap50_before": before,

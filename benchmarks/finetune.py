@@ -25,7 +25,7 @@ import torch
 
 from napari_unet_studio import UNet, UNetPlusPlus, load_model, segment, train
 from napari_unet_studio.metrics import average_precision
-from napari_unet_studio.models import widen_input
+from napari_unet_studio.training import widen_input
 
 from encoding import load
 

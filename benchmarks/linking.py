@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from napari_unet_studio.card import card_of
 from napari_unet_studio import load_model, predict, segment
 from napari_unet_studio.linking import link_slices, match
 from napari_unet_studio.metrics import average_precision
@@ -206,7 +207,7 @@ def main() -> None:
             probs = predict(model, image)  # slices normalised together
             per_slice = np.zeros(image.shape, np.int32)
             for z in range(len(image)):  # 2-D objects, unique ids, no linking
-                lab = labels_from_probabilities(probs[:, z], encoding=model.encoding, **options_for(model))
+                lab = labels_from_probabilities(probs[:, z], encoding=card_of(model).encoding, **options_for(model))
                 per_slice[z] = np.where(lab > 0, lab + per_slice.max(), 0)
             t_segment = time.perf_counter() - t0
             frames = segment(model, image, axes="TYX")  # each slice normalised on its own

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_unet_studio.card import card_of
 from napari_unet_studio import load_model, segment
 from napari_unet_studio.inference import UNCERTAIN_BELOW, uncertainty, unfamiliar
 
@@ -43,7 +44,7 @@ def statistics(model, image) -> dict:
     uncertain = probs.max(0) < UNCERTAIN_BELOW
     p = np.clip(probs, 1e-7, 1)
     sizes = np.bincount(labels.ravel())[1:]
-    min_size = (model.postprocess or {}).get("min_size", 15)
+    min_size = (card_of(model).postprocess or {}).get("min_size", 15)
     return {
         "uncertain": uncertainty(probs),
         "uncertain_per_object": float(uncertain.sum() / max((labels > 0).sum(), 1)),
@@ -61,7 +62,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "unfamiliar.json")
     args = parser.parse_args()
     model = load_model(args.model)
-    reference = model.provenance.get("uncertainty")
+    reference = card_of(model).provenance.get("uncertainty")
     results = {}
     for kind, folder in KINDS.items():
         images, _ = load(folder, args.n, seed=1)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import tiny
 
+from napari_unet_studio.card import card_of
 from napari_unet_studio import InputError, load_model, predict, segment
 from napari_unet_studio._sample_data import load_sample
 from napari_unet_studio.blocks import Ids, block_grid
@@ -192,7 +193,7 @@ def _seeded_pass_through():
     from napari_unet_studio import Normalization
 
     model = pass_through()
-    model.normalization = Normalization(kind="none")
+    card_of(model).normalization = Normalization(kind="none")
     return model
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import tiny
 
+from napari_unet_studio.card import card_of
 from napari_unet_studio import ModelFileError, load_model, predict, save_model
 from napari_unet_studio.checkpoint import default_model_path
 
@@ -13,7 +14,7 @@ from napari_unet_studio.checkpoint import default_model_path
 @pytest.mark.parametrize("arch", ["unet", "unetpp"])
 def test_round_trip(arch, tmp_path, rng):
     model = tiny(arch, depth=3, base_channels=3)
-    model.provenance = {"trained_on": "synthetic", "steps": 3}
+    card_of(model).provenance = {"trained_on": "synthetic", "steps": 3}
     path = save_model(model, tmp_path / "m.safetensors")
     loaded = load_model(path)
     assert loaded.config() == model.config()
@@ -117,12 +118,12 @@ def test_import_state_dict_with_weights_only(tmp_path, rng):
 
 def test_bad_postprocess_settings_in_a_model_file_are_refused_at_load(tmp_path):
     model = tiny("unet", depth=2)
-    model.postprocess = {"threshold": 0.5, "seed_threshold": 0.2}
+    card_of(model).postprocess = {"threshold": 0.5, "seed_threshold": 0.2}
     path = save_model(model, tmp_path / "bad.safetensors")
     with pytest.raises(ModelFileError, match="invalid model config.*seed_threshold must lie"):
         load_model(path)
-    model.postprocess = {"threshold": 0.5, "seed_threshold": 0.9}
-    assert load_model(save_model(model, tmp_path / "good.safetensors")).postprocess == model.postprocess
+    card_of(model).postprocess = {"threshold": 0.5, "seed_threshold": 0.9}
+    assert load_model(save_model(model, tmp_path / "good.safetensors")).card.postprocess == card_of(model).postprocess
 
 
 def test_missing_file(tmp_path):
@@ -147,8 +148,8 @@ def test_default_model_segments_the_nuclei_sample():
     from napari_unet_studio.metrics import average_precision
 
     model = load_model("default")
-    assert model.in_channels == 1 and model.encoding == "foreground"
-    assert model.provenance["training"]
+    assert model.in_channels == 1 and card_of(model).encoding == "foreground"
+    assert card_of(model).provenance["training"]
     image, truth = load_sample("nuclei")
     labels = segment(model, image)
     assert labels.shape == image.shape

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from test_training import synthetic_cells
 
+from napari_unet_studio.card import card_of
 from napari_unet_studio import load_model
 from napari_unet_studio.cli import main
 
@@ -35,7 +36,7 @@ def test_train_then_predict_then_evaluate(tmp_path, dataset, capsys):
     text = capsys.readouterr().out
     assert code == 0 and text.startswith("trained 3 steps on 2 images")
     model = load_model(out)
-    assert model.provenance["training"][-1]["steps"] == 3 and model.depth == 2
+    assert card_of(model).provenance["training"][-1]["steps"] == 3 and model.depth == 2
     assert main(["predict", str(images), "-o", str(tmp_path / "pred"), "-m", str(out), "-q"]) == 0
     capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "pred"), str(labels)]) == 0
@@ -49,7 +50,7 @@ def test_fine_tune_from_a_model_file(tmp_path, dataset, capsys):
     common = ["--images", str(images), "--labels", str(labels), "--steps", "2", "--tile-size", "60", "-q"]
     assert main(["train", *common, "--out", str(first), "--depth", "2", "--base-channels", "4"]) == 0
     assert main(["train", *common, "--out", str(second), "--init", str(first)]) == 0
-    runs = load_model(second).provenance["training"]
+    runs = load_model(second).card.provenance["training"]
     # The second run's images are the first's: familiar to the model, so fine-tuned gently.
     assert len(runs) == 2 and runs[1]["fine_tune"] and runs[1]["familiar"] and runs[1]["lr"] == 3e-5
 
@@ -101,4 +102,4 @@ def test_ctrl_c_writes_the_best_model_so_far(tmp_path, dataset):
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert "cancelled" in stdout
-    assert load_model(out).provenance["training"][-1]["stopped"] == "cancelled"
+    assert load_model(out).card.provenance["training"][-1]["stopped"] == "cancelled"

@@ -6,7 +6,7 @@ import torch
 from conftest import tiny
 
 from napari_unet_studio import Geometry, UNet, UNetPlusPlus
-from napari_unet_studio.models import build_model
+from napari_unet_studio.models import build_network
 
 
 def test_paper_geometry_depth4():
@@ -85,10 +85,10 @@ def test_dropout_only_in_training(rng):
 
 @pytest.mark.parametrize("cls", [UNet, UNetPlusPlus])
 def test_config_round_trip(cls):
-    model = cls(in_channels=3, n_classes=2, depth=2, base_channels=4, batch_norm=False, provenance={"note": "x"})
+    model = cls(in_channels=3, n_classes=2, depth=2, base_channels=4, batch_norm=False)
     config = model.config()
-    assert config["encoding"] == "foreground"
-    rebuilt = build_model(config)
+    assert "encoding" not in config  # the card's, not the network's
+    rebuilt = build_network(config)
     assert type(rebuilt) is cls and rebuilt.config() == config
     assert rebuilt.state_dict().keys() == model.state_dict().keys()
 
@@ -99,7 +99,7 @@ def test_default_size_is_cpu_friendly():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(in_channels=0), dict(n_classes=1), dict(depth=0), dict(dropout=1.0), dict(n_classes=2, encoding="boundary")]
+    "kwargs", [dict(in_channels=0), dict(n_classes=1), dict(depth=0), dict(dropout=1.0)]
 )
 def test_invalid_arguments(kwargs):
     with pytest.raises(ValueError):

@@ -3,6 +3,7 @@ import pytest
 from conftest import tiny
 from scipy import ndimage as ndi
 
+from napari_unet_studio.card import card_of
 from napari_unet_studio import segment
 from napari_unet_studio.postprocess import check_options, labels_from_probabilities, remove_small
 
@@ -159,7 +160,7 @@ def ramp_model():
             return torch.cat([torch.zeros_like(x), torch.logit(x.clamp(1e-4, 1 - 1e-4))], 1)
 
     model.forward = Ramp().forward
-    model.normalization = type(model.normalization)(kind="none")
+    card_of(model).normalization = type(card_of(model).normalization)(kind="none")
     return model
 
 
@@ -169,10 +170,10 @@ def test_segment_uses_the_models_postprocess_settings():
     image[5:15, 5:15] = 0.6  # foreground probability 0.6
     image[25:35, 25:35] = 0.9
     assert segment(model, image).max() == 2
-    model.postprocess = {"threshold": 0.7}
+    card_of(model).postprocess = {"threshold": 0.7}
     assert segment(model, image).max() == 1
     assert segment(model, image, threshold=0.5).max() == 2  # an explicit argument wins
-    model.postprocess = {"min_size": 200}
+    card_of(model).postprocess = {"min_size": 200}
     assert segment(model, image).max() == 0
 
 
@@ -183,7 +184,7 @@ def test_segment_with_seeds_from_the_model_or_the_caller():
     image[12:28, 8:25] = 0.95  # ...with two confident cores
     image[12:28, 35:52] = 0.95
     assert segment(model, image).max() == 1
-    model.postprocess = {"seed_threshold": 0.9}
+    card_of(model).postprocess = {"seed_threshold": 0.9}
     labels = segment(model, image)
     assert labels.max() == 2 and ((labels > 0) == (image > 0.5)).all()
     assert segment(model, image, seed_threshold=None).max() == 1  # the caller turns seeds off
@@ -194,7 +195,7 @@ def test_segment_refuses_bad_settings_before_any_work():
 
     model = ramp_model()
     calls = []
-    model.postprocess = {"threshold": 0.5, "seed_threshold": 0.3}
+    card_of(model).postprocess = {"threshold": 0.5, "seed_threshold": 0.3}
     with pytest.raises(InputError, match="seed_threshold must lie"):
         segment(model, np.zeros((40, 40), np.float32), progress=lambda *a: calls.append(a))
     with pytest.raises(InputError, match="unknown post-processing option 'treshold'"):

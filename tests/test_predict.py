@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import tiny
 
+from napari_unet_studio.card import card_of
 from napari_unet_studio import Cancelled, Geometry, InputError, UnetStudioError, normalize, predict
 from napari_unet_studio.tiling import plan_axis, reflect_indices
 
@@ -19,8 +20,8 @@ def whole_image_probabilities(model, image, stats=None):
         image = image[..., None]
     if model.in_channels == 1 and image.shape[-1] == 3:
         image = (image * np.array([0.299, 0.587, 0.114], np.float32)).sum(-1, keepdims=True)
-    stats = model.normalization.statistics(image) if stats is None else stats
-    x = model.normalization.apply(image, stats)
+    stats = card_of(model).normalization.statistics(image) if stats is None else stats
+    x = card_of(model).normalization.apply(image, stats)
     g = model.geometry
     h, w = x.shape[:2]
     ih, iw = g.input_for_output(h), g.input_for_output(w)
@@ -123,7 +124,7 @@ def test_stack_normalisation_follows_its_axes(rng):
     frames = predict(model, stack, tile_size=60, batch_size=4, axes="TYX")
     assert frames.shape == (model.n_classes, 3, 40, 50)
     volume = predict(model, stack, tile_size=60, batch_size=4)  # ZYX by default
-    stats = model.normalization.statistics(stack.reshape(-1, 50, 1))  # a small stack is sampled whole
+    stats = card_of(model).normalization.statistics(stack.reshape(-1, 50, 1))  # a small stack is sampled whole
     for z in range(3):
         np.testing.assert_allclose(frames[:, z], predict(model, stack[z]), atol=TOL)
         np.testing.assert_allclose(volume[:, z], whole_image_probabilities(model, stack[z], stats), atol=TOL)

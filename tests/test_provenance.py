@@ -7,6 +7,7 @@ import numpy as np
 from conftest import tiny
 from test_training import synthetic_cells
 
+from napari_unet_studio.card import card_of
 from napari_unet_studio import load_model, save_model, train
 from napari_unet_studio.checkpoint import fingerprint
 from napari_unet_studio.provenance import describe_run, history_text, image_record
@@ -17,7 +18,7 @@ def test_a_run_records_its_images_machine_and_parent(tmp_path):
     image, labels = synthetic_cells(seed=0)
     parent = fingerprint(model)[:16]
     trained, _ = train(model, [image], [labels], names=["cells.png"], steps=2, seed=0)
-    run = trained.provenance["training"][-1]
+    run = card_of(trained).provenance["training"][-1]
     record = run["data"][0]
     assert record["name"] == "cells.png" and record["shape"] == list(image.shape)
     assert record["sha256"] == image_record("x", image, labels)["sha256"] and len(record["sha256"]) == 64
@@ -28,9 +29,9 @@ def test_a_run_records_its_images_machine_and_parent(tmp_path):
     # a second run names the first run's result as its parent, and the history survives saving
     version = fingerprint(trained)[:16]
     again, _ = train(trained, [image], [labels], names=["cells.png"], steps=1, seed=0)
-    assert again.provenance["training"][-1]["parent"] == version
+    assert card_of(again).provenance["training"][-1]["parent"] == version
     loaded = load_model(save_model(again, tmp_path / "m.safetensors"))
-    assert loaded.provenance["training"] == again.provenance["training"]
+    assert card_of(loaded).provenance["training"] == card_of(again).provenance["training"]
     history = history_text(loaded)
     assert history.startswith("1. ") and "\n2. " in history and "cells.png (" in history
 

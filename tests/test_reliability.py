@@ -222,7 +222,7 @@ def test_a_failed_save_falls_back_to_a_named_file(tmp_path, dataset, capsys, mon
     assert code == 2 and "No space left on device" in captured.err and "saved to" in captured.err
     fallback = list(tmp_path.glob("m.unsaved-*.safetensors"))
     assert len(fallback) == 1 and str(fallback[0]) in captured.err and str(fallback[0]) in captured.out
-    assert load_model(fallback[0]).provenance["training"][-1]["steps"] == 2
+    assert load_model(fallback[0]).card.provenance["training"][-1]["steps"] == 2
 
 
 def _train_process(images, labels, out, *extra):
@@ -245,7 +245,7 @@ def test_sigterm_and_sighup_save_the_best_model(tmp_path, dataset, signum):
     proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
-    assert load_model(out).provenance["training"][-1]["stopped"] == "cancelled"
+    assert load_model(out).card.provenance["training"][-1]["stopped"] == "cancelled"
 
 
 def test_ctrl_c_before_the_first_step_writes_nothing_and_keeps_an_existing_model(tmp_path, dataset, model_file):

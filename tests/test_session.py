@@ -8,6 +8,7 @@ import torch
 from scipy import ndimage as ndi
 from test_training import small_unet, synthetic_cells
 
+from napari_unet_studio.card import ModelCard, attach, card_of
 from napari_unet_studio import InputError, UNet, segment, train
 from napari_unet_studio import training as training_module
 from napari_unet_studio.metrics import iou_matrix
@@ -141,7 +142,7 @@ def test_objects_are_held_out_and_scored_when_there_is_no_validation():
     assert [r["step"] for r in records if "val_ap50" in r] == [2, 4]
     assert all(r["val_source"] == "held-out objects" for r in records if "val_ap50" in r)
     model = session.finish()
-    run = model.provenance["training"][-1]
+    run = card_of(model).provenance["training"][-1]
     assert run["holdout_objects"] == 3 and 0 <= run["choice_ap50"] <= 1 and run["chosen_by"] == "held-out objects"
 
 
@@ -200,7 +201,7 @@ def test_a_diverging_run_stops_and_keeps_finite_weights(monkeypatch):
 
     monkeypatch.setattr(training_module, "weighted_cross_entropy", loss)
     model, history = train(small_unet(), [image], [labels], steps=10, seed=0, tile_size=92, val_every=2, holdout=False)
-    run = model.provenance["training"][-1]
+    run = card_of(model).provenance["training"][-1]
     assert run["stopped"] == "diverged" and run["steps"] == 3 and run["best_step"] == 2
     assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
 
@@ -252,7 +253,7 @@ def test_when_the_starting_weights_win_a_widened_model_is_not_handed_back(monkey
     image, labels = synthetic_cells((320, 320), n=70, radius=(5, 8))
     rgb = np.repeat(image[..., None], 3, axis=-1)
     model = small_unet()
-    model.provenance["training"] = [{"steps": 1}]  # a trained model: fine-tuning
+    card_of(model).provenance["training"] = [{"steps": 1}]  # a trained model: fine-tuning
     start = {k: v.clone() for k, v in model.state_dict().items()}
     scores = iter([0.9, 0.1, 0.2])
     monkeypatch.setattr(TrainingSession, "scores", lambda self: (next(scores), 0.0))
@@ -260,8 +261,8 @@ def test_when_the_starting_weights_win_a_widened_model_is_not_handed_back(monkey
     assert tuned.in_channels == 1 and tuned is not model
     for k, v in tuned.state_dict().items():
         torch.testing.assert_close(v, start[k])
-    assert tuned.provenance["training"][-1]["best_step"] == 0 and "input_widened" not in tuned.provenance["training"][-1]
-    assert model.provenance["training"] == [{"steps": 1}]
+    assert card_of(tuned).provenance["training"][-1]["best_step"] == 0 and "input_widened" not in card_of(tuned).provenance["training"][-1]
+    assert card_of(model).provenance["training"] == [{"steps": 1}]
 
 
 def test_the_best_weights_are_rescored_when_the_pairs_change(monkeypatch):
@@ -307,7 +308,7 @@ def test_each_weights_are_scored_with_the_post_processing_that_suits_them(monkey
     """Fine-tuning can soften the probabilities under the model's seed threshold: the session
     scores the weights with the best of a few settings and hands the model back with them."""
     truth, probs = _two_squares_and_soft_probabilities(0.85)
-    model = UNet(depth=2, base_channels=4, postprocess={"threshold": 0.5, "seed_threshold": 0.95, "min_size": 5})
+    model = attach(UNet(depth=2, base_channels=4), ModelCard(postprocess={"threshold": 0.5, "seed_threshold": 0.95, "min_size": 5}))
     session = TrainingSession(model, val_images=[np.zeros((64, 64), np.float32)], val_labels=[truth],
                               tune_postprocess=tune)
     monkeypatch.setattr(session, "_probabilities", lambda image, window=None: probs)
@@ -320,22 +321,22 @@ def test_each_weights_are_scored_with_the_post_processing_that_suits_them(monkey
     assert key.postprocess == {"threshold": 0.5, "min_size": 5}
     session._checkpoint({})
     model = session.finish()
-    assert model.postprocess == {"threshold": 0.5, "min_size": 5}
-    assert model.provenance["training"][-1]["postprocess"] == {"threshold": 0.5, "min_size": 5}
+    assert card_of(model).postprocess == {"threshold": 0.5, "min_size": 5}
+    assert card_of(model).provenance["training"][-1]["postprocess"] == {"threshold": 0.5, "min_size": 5}
     assert segment(model, np.zeros((64, 64), np.float32)).shape == (64, 64)
 
 
 def test_ties_keep_the_model_s_own_post_processing(monkeypatch):
     truth, probs = _two_squares_and_soft_probabilities(0.99)  # every setting finds both objects
     own = {"threshold": 0.5, "seed_threshold": 0.95, "min_size": 5}
-    model = UNet(depth=2, base_channels=4, postprocess=own)
+    model = attach(UNet(depth=2, base_channels=4), ModelCard(postprocess=own))
     session = TrainingSession(model, val_images=[np.zeros((64, 64), np.float32)], val_labels=[truth],
                               tune_postprocess=True)
     monkeypatch.setattr(session, "_probabilities", lambda image, window=None: probs)
     assert session.scores() == (1.0, 1.0)
     session._checkpoint({})
     model = session.finish()
-    assert model.postprocess == own and "postprocess" not in model.provenance["training"][-1]
+    assert card_of(model).postprocess == own and "postprocess" not in card_of(model).provenance["training"][-1]
 
 
 def test_unedited_pixels_are_trained_towards_the_starting_probabilities():
@@ -378,9 +379,9 @@ def test_unedited_pixels_are_trained_towards_the_starting_probabilities():
 def test_fine_tuning_is_gentler_on_familiar_images(typical, expected):
     image, labels = synthetic_cells((128, 128), n=10)
     model = small_unet()  # random weights: most pixels uncertain
-    model.provenance["training"] = [{"steps": 1}]  # a trained model: fine-tuning
+    card_of(model).provenance["training"] = [{"steps": 1}]  # a trained model: fine-tuning
     if typical is not None:
-        model.provenance["uncertainty"] = {"typical": typical, "images": 1}
+        card_of(model).provenance["uncertainty"] = {"typical": typical, "images": 1}
     session = TrainingSession(model, seed=0, tile_size=92, holdout=False)
     session.set_pair(0, image, labels)
     session.prepare()

@@ -5,9 +5,11 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
+from napari_unet_studio.card import card_of
 from napari_unet_studio import InputError, UNet, UNetPlusPlus, segment, train
 from napari_unet_studio.metrics import average_precision
-from napari_unet_studio.training import IGNORE_INDEX, as_instances, encode_targets, weighted_cross_entropy
+from napari_unet_studio.encodings import get as encoding
+from napari_unet_studio.training import IGNORE_INDEX, as_instances, weighted_cross_entropy
 
 
 def synthetic_cells(shape=(128, 128), n=14, seed=0, radius=(6, 10)):
@@ -43,10 +45,10 @@ def test_targets_for_touching_objects():
     labels = np.zeros((12, 20), np.int32)
     labels[2:10, 2:10] = 1
     labels[2:10, 10:18] = 2
-    boundary, used = encode_targets(labels, "boundary")
+    boundary, used = encoding("boundary").targets(labels)
     assert used is labels
     assert boundary[5, 9] == 2 and boundary[5, 10] == 2 and boundary[5, 5] == 1 and boundary[0, 0] == 0
-    fg, separated = encode_targets(labels, "foreground")
+    fg, separated = encoding("foreground").targets(labels)
     assert fg[5, 9] == 0 and fg[5, 10] == 0 and fg[5, 5] == 1  # a gap between the touching pair
     assert fg[2, 2] == 1  # borders with background stay foreground
 
@@ -90,7 +92,7 @@ def test_loss_falls_and_runs_are_reproducible(arch):
     assert len(losses) == 60
     assert np.mean(losses[-10:]) < 0.75 * np.mean(losses[:10])
     assert histories[0] == histories[1]
-    assert model.provenance["training"][-1]["steps"] == 60 and not model.training
+    assert card_of(model).provenance["training"][-1]["steps"] == 60 and not model.training
 
 
 def test_cancel_and_time_budget_return_the_model():
@@ -98,10 +100,10 @@ def test_cancel_and_time_budget_return_the_model():
     records = []
     model, history = train(small_unet(), [image], [labels], steps=1000, seed=0, batch_size=1, tile_size=60,
                            progress=records.append, cancel=lambda: len(records) >= 3)
-    assert len(history) == 3 and model.provenance["training"][-1]["stopped"] == "cancelled"
+    assert len(history) == 3 and card_of(model).provenance["training"][-1]["stopped"] == "cancelled"
     assert {"step", "loss", "lr", "elapsed", "fraction"} <= set(records[0])
     model, history = train(small_unet(), [image], [labels], time_budget=1.5, seed=0, batch_size=1, tile_size=60)
-    assert model.provenance["training"][-1]["stopped"] == "time" and 0 < len(history) < 1000
+    assert card_of(model).provenance["training"][-1]["stopped"] == "time" and 0 < len(history) < 1000
 
 
 def test_validation_reports_ap_and_keeps_the_best():
@@ -111,7 +113,7 @@ def test_validation_reports_ap_and_keeps_the_best():
                            val_images=[vimage], val_labels=[vlabels])
     scores = [h["val_ap50"] for h in history if "val_ap50" in h]
     assert len(scores) == 3
-    assert model.provenance["training"][-1]["val_ap50"] == max(scores)
+    assert card_of(model).provenance["training"][-1]["val_ap50"] == max(scores)
 
 
 def test_sparse_labels_still_find_unpainted_cells():
@@ -193,7 +195,7 @@ def test_optimizer_and_schedule_choices():
 
 
 def test_a_gray_model_is_widened_for_rgb_training_images():
-    from napari_unet_studio.models import widen_input
+    from napari_unet_studio.training import widen_input
     from napari_unet_studio.training import will_widen
 
     gray, labels = synthetic_cells(seed=10)
@@ -208,7 +210,7 @@ def test_a_gray_model_is_widened_for_rgb_training_images():
     assert will_widen(model, [rgb]) and not will_widen(model, [rgb, gray]) and not will_widen(wide, [rgb])
     trained, _ = train(model, [rgb], [labels], steps=3, seed=0, batch_size=1, tile_size=60)
     assert trained is not model and trained.in_channels == 3 and model.in_channels == 1
-    assert trained.provenance["training"][-1]["input_widened"] == "1 -> 3 channels"
+    assert card_of(trained).provenance["training"][-1]["input_widened"] == "1 -> 3 channels"
     assert segment(trained, rgb).shape == labels.shape and segment(trained, gray).shape == labels.shape
     kept, _ = train(small_unet(), [rgb], [labels], steps=2, seed=0, batch_size=1, tile_size=60, widen_for_rgb=False)
     assert kept.in_channels == 1

@@ -6,6 +6,7 @@ import pytest
 from conftest import tiny
 from test_training import small_unet, synthetic_cells
 
+from napari_unet_studio.card import card_of
 from napari_unet_studio import load_model, predict, save_model, train
 from napari_unet_studio._sample_data import load_sample
 from napari_unet_studio.cli import main
@@ -38,18 +39,18 @@ def test_uncertainty_is_the_share_of_pixels_without_a_confident_class():
 )
 def test_warning_when_far_more_uncertain_than_typical(typical, share, warned):
     model = tiny(depth=2)
-    model.provenance["uncertainty"] = {"typical": typical, "images": 3}
+    card_of(model).provenance["uncertainty"] = {"typical": typical, "images": 3}
     message = unfamiliar(model, probabilities(share))
     assert (message is not None) == warned
     if warned:
         assert f"{share:.0%}" in message and "fine-tune" in message
-    del model.provenance["uncertainty"]
+    del card_of(model).provenance["uncertainty"]
     assert unfamiliar(model, probabilities(0.9)) is None  # no reference, no claim
 
 
 def test_the_shipped_model_flags_the_em_sample_and_not_the_nuclei_sample():
     model = load_model("default")
-    assert model.provenance["uncertainty"]["images"] == 15
+    assert card_of(model).provenance["uncertainty"]["images"] == 15
     nuclei, _ = load_sample("nuclei")
     em, _ = load_sample("em")
     assert unfamiliar(model, predict(model, nuclei)) is None
@@ -64,7 +65,7 @@ def test_the_command_line_warns_per_image(tmp_path, capsys):
     iio.imwrite(folder / "a.png", np.random.default_rng(0).integers(0, 255, (64, 80)).astype(np.uint8))
     model = tiny(depth=2)  # random weights: most pixels uncertain
     for typical, warned in ((0.0, True), (0.9, False)):
-        model.provenance["uncertainty"] = {"typical": typical, "images": 1}
+        card_of(model).provenance["uncertainty"] = {"typical": typical, "images": 1}
         path = save_model(model, tmp_path / f"m{typical}.safetensors")
         code = main(["predict", str(folder), "-o", str(tmp_path / f"out{typical}"), "-m", str(path), "-q"])
         _, err = capsys.readouterr()
@@ -76,7 +77,7 @@ def test_the_command_line_warns_per_image(tmp_path, capsys):
 def test_fine_tuning_makes_its_images_familiar(old):
     image, labels = synthetic_cells((128, 128), n=10)
     model = small_unet()
-    model.provenance["uncertainty"] = {"typical": old, "images": 15}
+    card_of(model).provenance["uncertainty"] = {"typical": old, "images": 15}
     model, _ = train(model, [image], [labels], steps=2, seed=0, tile_size=92, holdout=False)
     measured = uncertainty_reference(model, [image], max_side=768)["typical"]
-    assert model.provenance["uncertainty"] == {"typical": max(old, measured), "images": 16}
+    assert card_of(model).provenance["uncertainty"] == {"typical": max(old, measured), "images": 16}

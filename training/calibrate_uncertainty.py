@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+from napari_unet_studio.card import card_of
 from napari_unet_studio import load_model, save_model
 from napari_unet_studio.inference import uncertainty_reference
 from napari_unet_studio.io import collect_images, read_image
@@ -27,7 +28,7 @@ def main() -> None:
     model = load_model(args.model)
     files = collect_images([args.images])[:: args.every]
     reference = uncertainty_reference(model, [read_image(f) for f in files])
-    model.provenance["uncertainty"] = reference
+    card_of(model).provenance["uncertainty"] = reference
     save_model(model, args.model)
     print(f"{args.model}: typical uncertainty {reference['typical']:.4f} on {reference['images']} images")
 

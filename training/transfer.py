@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from napari_unet_studio.card import card_of
 from napari_unet_studio import load_model, save_model, segment, train
 from napari_unet_studio.io import collect_images, read_image
 from napari_unet_studio.metrics import average_precision
@@ -144,7 +145,7 @@ def main():
             tuned, history = train(copy.deepcopy(model), [p[0] for p in paint], [p[1] for p in paint],
                                    steps=args.finetune_steps, seed=args.seed, device="cpu")
             scores[name] = {"ap50": round(ap50(tuned, data[kind]["eval"]), 4), "steps": len(history),
-                            "best_step": tuned.provenance["training"][-1]["best_step"]}
+                            "best_step": card_of(tuned).provenance["training"][-1]["best_step"]}
             save()
             print(kind, name, "fine-tuned", scores[name], flush=True)
 

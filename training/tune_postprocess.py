@@ -2,7 +2,7 @@
 (hysteresis) threshold of the "foreground" encoding, and the minimum object size.
 
 Predicts each image once, scores every setting of the grid by mean AP@0.5, stores the best in
-the model's config (``model.postprocess``, used by ``segment``) and saves the model in place.
+the model's config (``card_of(model).postprocess``, used by ``segment``) and saves the model in place.
 
 Usage:  python training/tune_postprocess.py MODEL.safetensors IMAGES_DIR LABELS_DIR
 """
@@ -15,6 +15,7 @@ import json
 
 import numpy as np
 
+from napari_unet_studio.card import card_of
 from napari_unet_studio import load_model, predict, save_model
 from napari_unet_studio.io import collect_images, read_image
 from napari_unet_studio.metrics import average_precision
@@ -41,19 +42,19 @@ def main():
     files = collect_images([args.images])
     probs = [predict(model, read_image(f)) for f in files]
     truths = [as_instances(read_image(f"{args.labels}/{f.name}")) for f in files]
-    seeds = SEED_THRESHOLDS if model.encoding == "foreground" else (None,)
+    seeds = SEED_THRESHOLDS if card_of(model).encoding == "foreground" else (None,)
     scores = {}
     for threshold, seed, min_size in itertools.product(THRESHOLDS, seeds, MIN_SIZES):
         if seed is not None and threshold != SEED_EXTENT_THRESHOLD:
             continue
         options = {"threshold": threshold, "min_size": min_size} | ({} if seed is None else {"seed_threshold": seed})
-        preds = [labels_from_probabilities(p, encoding=model.encoding, **options) for p in probs]
+        preds = [labels_from_probabilities(p, encoding=card_of(model).encoding, **options) for p in probs]
         scores[(threshold, seed, min_size)] = (options, float(np.mean([average_precision(p, t)[0.5] for p, t in zip(preds, truths)])))
     options, best = max(scores.values(), key=lambda v: v[1])
     without_seeds = max(v[1] for k, v in scores.items() if k[1] is None)
     summary = {"images": len(files), "ap50": best, "ap50_at_defaults": scores[(0.5, None, 15)][1], "ap50_without_seeds": without_seeds}
-    model.postprocess = options
-    model.provenance["postprocess_tuning"] = summary
+    card_of(model).postprocess = options
+    card_of(model).provenance["postprocess_tuning"] = summary
     save_model(model, args.model)
     print(json.dumps(options | summary))
 

@@ -16,6 +16,7 @@ _API = {
     "UNet": "models",
     "UNetPlusPlus": "models",
     "Geometry": "models",
+    "ModelCard": "card",
     "predict": "inference",
     "segment": "inference",
     "save_model": "checkpoint",
@@ -51,6 +52,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .augment import elastic_deform
+    from .card import ModelCard
     from .checkpoint import load_model, save_model
     from .errors import Cancelled, InputError, ModelFileError, UnetStudioError
     from .models import Geometry, UNet, UNetPlusPlus

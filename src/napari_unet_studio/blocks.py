@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .card import card_of
 from .errors import Cancelled, InputError
 
 #: Default block edge (pixels). Measured (benchmarks/blocks.py, 4-67 Mpx images): with 1024 px
@@ -261,7 +262,7 @@ def segment_blocks(
             probs = predictor(window, [s], tiles, cancel)[:, 0]
             if cancel is not None and cancel():  # labelling a block takes a while too
                 raise Cancelled("segmentation cancelled")
-            local = labels_from_probabilities(probs, encoding=model.encoding, **options)
+            local = labels_from_probabilities(probs, encoding=card_of(model).encoding, **options)
             offset = ids.reserve(local.max())
             if ids.count > limit:
                 raise InputError(f"out's dtype {np.dtype(out.dtype)} cannot hold {ids.count} object ids; use int32 or int64")

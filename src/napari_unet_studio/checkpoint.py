@@ -1,6 +1,7 @@
 """Saving and loading models: one ``.safetensors`` file, weights plus a JSON config.
 
-The config (architecture, channels, classes, normalisation, encoding, provenance) sits in the
+The config (the network's architecture, channels and classes, and the model card's normalisation,
+encoding, post-processing and provenance, :mod:`.card`) sits in the
 safetensors metadata under :data:`CONFIG_KEY`, and a SHA-256 of the config and of every tensor's
 bytes under :data:`CHECKSUM_KEY`. Loading parses a JSON header and raw tensors: no code from the
 file is ever executed. The config is checked against a schema (types and bounded ranges), and a
@@ -24,8 +25,9 @@ import torch
 
 from .errors import ModelFileError
 from .io import atomic_write
-from .models import ARCHITECTURES, ENCODINGS, build_model
-from .postprocess import check_options
+from . import encodings
+from .card import build_model, card_of, model_config
+from .models import ARCHITECTURES, build_network
 
 #: Metadata key of the JSON config inside our safetensors files.
 CONFIG_KEY = "napari_unet_studio.config"
@@ -61,7 +63,7 @@ def fingerprint(model) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(json.dumps([model.encoding, getattr(model, "prune_level", None)], default=str).encode())
+    digest.update(json.dumps([card_of(model).encoding, getattr(model, "prune_level", None)], default=str).encode())
     return digest.hexdigest()
 
 
@@ -83,7 +85,7 @@ def save_model(model, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ModelFileError(f"model files end in .safetensors, not {path.suffix or 'nothing'!r}: {path}")
-    config = json.dumps(dict(model.config(), format_version=FORMAT_VERSION))
+    config = json.dumps(dict(model_config(model), format_version=FORMAT_VERSION))
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     _check_finite(state, "refused to save the model")
     metadata = {CONFIG_KEY: config, CHECKSUM_KEY: checksum(config, state)}
@@ -140,16 +142,22 @@ def validate_config(config, source: str = "model config") -> dict:
     if "dropout" in config and not 0 <= config["dropout"] < 1:
         raise ModelFileError(f"{source}: dropout {config['dropout']} is outside [0, 1)")
     encoding = config.get("encoding")
-    if encoding in ENCODINGS and config.get("n_classes", ENCODINGS[encoding]) != ENCODINGS[encoding]:
-        raise ModelFileError(f"{source}: encoding {encoding!r} needs {ENCODINGS[encoding]} classes")
+    if encoding is not None:
+        if encoding not in encodings.ENCODINGS:
+            raise ModelFileError(f"{source}: unknown encoding {encoding!r}")
+        needed = encodings.ENCODINGS[encoding].n_classes
+        if needed is not None and config.get("n_classes", needed) != needed:
+            raise ModelFileError(f"{source}: encoding {encoding!r} needs {needed} classes")
     return config
 
 
 def estimated_bytes(config: dict) -> int:
     """Bytes of the weights of the model a config describes (built on torch's meta device,
     which allocates nothing)."""
+    from .card import split_config
+
     with torch.device("meta"):
-        model = build_model({k: v for k, v in config.items() if k != "format_version"})
+        model = build_network(split_config({k: v for k, v in config.items() if k != "format_version"})[0])
     return sum(p.numel() * p.element_size() for p in model.state_dict().values())
 
 
@@ -170,8 +178,7 @@ def _check_fits(config: dict, source: str) -> None:
 def _model_from(config: dict, state: dict, source: str):
     config = {k: v for k, v in validate_config(config, source).items() if k != "format_version"}
     try:
-        model = build_model(config)
-        check_options(model.encoding, model.postprocess)
+        model = build_model(config)  # checks the card against the network
     except (TypeError, ValueError) as exc:
         raise ModelFileError(f"{source}: invalid model config ({exc})") from exc
     try:

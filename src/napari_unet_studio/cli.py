@@ -436,7 +436,8 @@ def run_train(args: argparse.Namespace) -> int:
     (Ctrl-C, SIGTERM, SIGHUP, recorded by :func:`main`); nothing is written when no step was made."""
     from .checkpoint import load_model
     from .devices import resolve_device
-    from .models import ENCODINGS, build_model
+    from .card import build_model, card_of
+    from .encodings import TRAINABLE
     from .training import train
 
     out = Path(args.out)
@@ -457,7 +458,7 @@ def run_train(args: argparse.Namespace) -> int:
             {
                 "arch": args.arch,
                 "in_channels": args.channels,
-                "n_classes": ENCODINGS[args.encoding],
+                "n_classes": TRAINABLE[args.encoding],
                 "depth": args.depth,
                 "base_channels": args.base_channels,
                 "encoding": args.encoding,
@@ -507,7 +508,7 @@ def run_train(args: argparse.Namespace) -> int:
         )
     finally:
         bar.close()
-    run = model.provenance["training"][-1]
+    run = card_of(model).provenance["training"][-1]
     how = run["stopped"]
     if run["steps"] == 0 or (run["stopped"] == "diverged" and run["best_step"] == 0):
         why = "the loss was not finite from the start (try a lower --lr)" if run["stopped"] == "diverged" else how

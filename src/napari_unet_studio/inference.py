@@ -16,6 +16,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from .card import card_of
 from .devices import ThreadFitter, available_memory, is_out_of_memory, resolve_device
 from .errors import Cancelled, InputError, UnetStudioError
 from . import normalize
@@ -125,7 +126,7 @@ class _SliceStatistics:
             k = subsample_step(self.layout.plane, normalize.STATISTICS_SAMPLE_PIXELS // len(slices))
             sample = np.concatenate([self.layout.read(s, slice(None, None, k), slice(None, None, k)) for s in slices])
             sample = adapt_channels(sample, self.model.in_channels)
-            self.cache[key] = self.model.normalization.statistics(sample)
+            self.cache[key] = card_of(self.model).normalization.statistics(sample)
         return self.cache[key]
 
 
@@ -196,7 +197,7 @@ class _Run:
             block = layout.read(s, slice(r0, int(rows.max()) + 1), slice(c0, int(cols.max()) + 1))
             block = block[np.ix_(rows - r0, cols - c0)]
             block = adapt_channels(block, self.model.in_channels)
-            block = self.model.normalization.apply(block, self.statistics(s))
+            block = card_of(self.model).normalization.apply(block, self.statistics(s))
             batch[b] = np.moveaxis(block, -1, 0)
         return batch
 
@@ -475,7 +476,7 @@ def segment(
     """Instance labels (0 = background, 1..N objects) of ``image``, same spatial shape.
 
     Runs :func:`predict` and then :func:`~napari_unet_studio.postprocess.labels_from_probabilities`
-    with the model's output encoding and post-processing settings (``model.postprocess``),
+    with the model's output encoding and post-processing settings (the model card's ``postprocess``),
     block by block (see :mod:`napari_unet_studio.blocks`): each block is labelled with
     ``overlap`` pixels of context, and objects that cross block borders get one id. Ids are
     1..N over the whole image (or stack). Arguments as for :func:`predict`, and:
@@ -604,7 +605,7 @@ def image_uncertainty(model, image, *, channel_axis: int | None = None, device=N
 def uncertainty_reference(model, images, *, channel_axis: int | None = None, device=None, max_side: int = 1024) -> dict:
     """The model card's record of how uncertain ``model`` is on images like its training data:
     ``{"typical": median uncertainty, "images": n}`` (see :func:`image_uncertainty`). Store it
-    as ``model.provenance["uncertainty"]``; then :func:`unfamiliar` can tell images unlike them."""
+    as ``model.card.provenance["uncertainty"]``; then :func:`unfamiliar` can tell images unlike them."""
     values = [image_uncertainty(model, im, channel_axis=channel_axis, device=device, max_side=max_side) for im in images]
     return {"typical": float(np.median(values)) if values else 0.0, "images": len(values)}
 
@@ -612,7 +613,7 @@ def uncertainty_reference(model, images, *, channel_axis: int | None = None, dev
 def is_unfamiliar(model, value: float) -> bool | None:
     """Whether an uncertainty ``value`` is far above ``model``'s typical one (None: the model's
     card has no record)."""
-    reference = (getattr(model, "provenance", None) or {}).get("uncertainty")
+    reference = card_of(model).provenance.get("uncertainty")
     if not reference:
         return None
     typical = float(reference.get("typical", 0.0))
@@ -627,7 +628,7 @@ def unfamiliar(model, probabilities) -> str | None:
     value = uncertainty(probabilities)
     if not is_unfamiliar(model, value):
         return None
-    typical = float(model.provenance["uncertainty"]["typical"])
+    typical = float(card_of(model).provenance["uncertainty"]["typical"])
     return (f"this image looks unlike the images the model learnt from: {value:.0%} of its pixels are "
             f"uncertain (typically {typical:.0%}); check the result, and paint a few corrections and "
             "fine-tune if it is poor")

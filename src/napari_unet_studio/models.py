@@ -9,6 +9,10 @@ Default width: ``base_channels=16`` instead of the paper's 64. Parameters grow w
 of the width, so 16 gives 1.9 M parameters (7.8 MB in float32) instead of 31 M and a forward
 pass about 16x cheaper, which is what makes CPU inference take seconds and CPU fine-tuning
 take minutes. Wider models remain one argument away.
+
+This file is the networks and nothing else: it imports only torch (and the standard library),
+so it travels as the architecture source of an exported model. What the classes mean, how
+inputs are normalised and how the weights were made are the model's card (:mod:`.card`).
 """
 
 from __future__ import annotations
@@ -20,14 +24,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .normalize import LUMINANCE, Normalization
-
-#: Output encodings understood by :func:`napari_unet_studio.segment`, by number of classes.
-ENCODINGS = {
-    "foreground": 2,  # background / foreground (the paper's two classes)
-    "boundary": 3,  # background / interior / boundary
-}
-DEFAULT_ENCODING = {n: name for name, n in ENCODINGS.items()}
 
 
 @dataclass(frozen=True)
@@ -134,7 +130,8 @@ def center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 class _ValidUNetBase(nn.Module):
-    """What U-Net and U-Net++ share: configuration, geometry, config dict."""
+    """What U-Net and U-Net++ share: configuration, geometry, config dict (the architecture only;
+    the model's card is :mod:`.card`)."""
 
     arch: str = ""
 
@@ -147,10 +144,6 @@ class _ValidUNetBase(nn.Module):
         *,
         dropout: float = 0.5,
         batch_norm: bool = True,
-        normalization: Normalization | dict | None = None,
-        encoding: str | None = None,
-        postprocess: dict | None = None,
-        provenance: dict | None = None,
     ) -> None:
         super().__init__()
         if in_channels < 1 or n_classes < 2 or depth < 1 or base_channels < 1:
@@ -160,22 +153,12 @@ class _ValidUNetBase(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if encoding is None:
-            encoding = DEFAULT_ENCODING.get(n_classes, "semantic")
-        if encoding in ENCODINGS and ENCODINGS[encoding] != n_classes:
-            raise ValueError(f"encoding {encoding!r} needs {ENCODINGS[encoding]} classes, not {n_classes}")
         self.in_channels = int(in_channels)
         self.n_classes = int(n_classes)
         self.depth = int(depth)
         self.base_channels = int(base_channels)
         self.dropout_p = float(dropout)
         self.batch_norm = bool(batch_norm)
-        if not isinstance(normalization, Normalization):
-            normalization = Normalization.from_dict(normalization)
-        self.normalization = normalization
-        self.encoding = encoding
-        self.postprocess = dict(postprocess or {})
-        self.provenance = dict(provenance or {})
 
     def channels(self, level: int) -> int:
         """Feature channels at a resolution level (doubling with each pooling)."""
@@ -192,7 +175,7 @@ class _ValidUNetBase(nn.Module):
         return Geometry(self.active_depth)
 
     def config(self) -> dict:
-        """JSON-serialisable description that :func:`~napari_unet_studio.load_model` rebuilds from."""
+        """JSON-serialisable description of the architecture (:func:`build_network` rebuilds it)."""
         return {
             "arch": self.arch,
             "in_channels": self.in_channels,
@@ -201,10 +184,6 @@ class _ValidUNetBase(nn.Module):
             "base_channels": self.base_channels,
             "dropout": self.dropout_p,
             "batch_norm": self.batch_norm,
-            "normalization": self.normalization.to_dict(),
-            "encoding": self.encoding,
-            "postprocess": self.postprocess,
-            "provenance": self.provenance,
         }
 
     def extra_repr(self) -> str:
@@ -226,9 +205,10 @@ class UNet(_ValidUNetBase):
         1 for grayscale, 3 for RGB.
     n_classes
         Output classes: 2 (default) is the paper's background / foreground, with touching
-        cells kept apart by a weight-map-trained gap; 3 is background / interior / boundary.
-        At equal training budget on DSB 2018 nuclei the two scored AP@0.5 0.719 and 0.703
-        (``benchmarks/encoding.py``), so the paper's encoding is the default.
+        cells kept apart by a weight-map-trained gap; 3 is background / interior / boundary
+        (the meaning is the model card's encoding, :mod:`.encodings`). At equal training budget
+        on DSB 2018 nuclei the two scored AP@0.5 0.719 and 0.703 (``benchmarks/encoding.py``),
+        so the paper's encoding is the default.
     depth
         Number of poolings (paper: 4).
     base_channels
@@ -237,16 +217,6 @@ class UNet(_ValidUNetBase):
         Dropout probability at the end of the contracting path.
     batch_norm
         BatchNorm after each convolution.
-    normalization
-        Input normalisation used by :func:`~napari_unet_studio.predict` and training.
-    encoding
-        Meaning of the classes: ``"foreground"`` (2 classes), ``"boundary"`` (3 classes).
-    postprocess
-        Keyword arguments of :func:`~napari_unet_studio.postprocess.labels_from_probabilities`
-        (``threshold``, ``min_size``, ...) that suit this model; :func:`~napari_unet_studio.segment`
-        uses them unless told otherwise.
-    provenance
-        Free-form record of how the weights were made, saved with the model.
     """
 
     arch = "unet"
@@ -389,28 +359,8 @@ def inference_copy(model: _ValidUNetBase) -> _ValidUNetBase:
     return copy_.to(memory_format=torch.channels_last)
 
 
-def widen_input(model: _ValidUNetBase, in_channels: int = 3) -> _ValidUNetBase:
-    """A copy of a one-channel ``model`` that takes RGB (``in_channels=3``) images.
-
-    The first convolution's weights are split over the channels by the luminance coefficients,
-    so the copy starts out computing (up to per-channel normalisation) what ``model`` computes
-    on the image's luminance, and fine-tuning can then learn to use colour. Everything else,
-    including the training history, is copied.
-    """
-    if model.in_channels != 1 or in_channels != 3:
-        raise ValueError(f"can widen a one-channel model to 3 channels, not {model.in_channels} to {in_channels}")
-    wide = build_model(dict(copy.deepcopy(model.config()), in_channels=in_channels))
-    state = model.state_dict()
-    first = "encoder.0.0.weight"  # the first convolution (no bias: BatchNorm follows, or zeros)
-    state[first] = state[first] * torch.as_tensor(LUMINANCE, dtype=state[first].dtype)[None, :, None, None]
-    wide.load_state_dict(state)
-    if isinstance(model, UNetPlusPlus):
-        wide.prune_level = model.prune_level
-    return wide.train(model.training)
-
-
-def build_model(config: dict) -> _ValidUNetBase:
-    """Build an untrained model from a :meth:`~UNet.config` dict."""
+def build_network(config: dict) -> _ValidUNetBase:
+    """Build an untrained network from a :meth:`~UNet.config` dict."""
     config = dict(config)
     arch = config.pop("arch", "unet")
     if arch not in ARCHITECTURES:

@@ -82,7 +82,9 @@ def describe_run(run: dict, number: int | None = None) -> str:
 
 def history_text(model) -> str:
     """Every training run of ``model``'s card, numbered, in plain words; "untrained" if none."""
-    runs = (getattr(model, "provenance", None) or {}).get("training", [])
+    from .card import card_of
+
+    runs = card_of(model).provenance.get("training", [])
     if not runs:
         return "untrained: no training run recorded"
     return "\n".join(describe_run(run, i + 1) for i, run in enumerate(runs))

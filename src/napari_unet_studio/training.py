@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
-from skimage.segmentation import find_boundaries
 
 from . import __version__
 from .augment import affine_matrices, displacement_field, gray_value_augment, sampling_grid, warp
@@ -42,8 +41,10 @@ from .devices import ThreadFitter, resolve_device
 from .errors import InputError
 from .inference import ImageLayout
 from .metrics import as_instances  # noqa: F401 (part of this module's API too)
-from .models import Geometry, widen_input
-from .normalize import adapt_channels
+from .card import build_model, card_of, model_config
+from . import encodings
+from .models import Geometry, UNetPlusPlus
+from .normalize import LUMINANCE, adapt_channels
 from .provenance import hardware, image_record
 from .tiling import reflect_indices
 from .weightmap import weight_map
@@ -76,34 +77,6 @@ FINE_TUNE_LR, FAMILIAR_LR = 3e-4, 3e-5
 UNCERTAINTY_IMAGES = 3
 #: Share of crops drawn from replay pairs (examples of what the model already knew).
 REPLAY_SHARE = 0.2
-
-
-def encode_targets(labels: np.ndarray, encoding: str) -> tuple[np.ndarray, np.ndarray]:
-    """Classes for ``encoding`` from instance labels, and the labels the weight map is made of.
-
-    ``"boundary"``: 0 background, 1 interior, 2 the objects' inner boundary pixels.
-    ``"foreground"``: 0 background, 1 foreground, where pixels of an object that touch another
-    object become background, so touching objects are separated by a gap the network learns
-    (with the weight map's help) to predict.
-    """
-    labels = np.asarray(labels)
-    if encoding == "boundary":
-        boundary = find_boundaries(labels, mode="inner") & (labels > 0)
-        target = np.where(labels > 0, np.where(boundary, 2, 1), 0)
-        return target.astype(np.int64), labels
-    if encoding == "foreground":
-        separated = np.where(_touches_other_object(labels), 0, labels)
-        return (separated > 0).astype(np.int64), separated
-    raise ValueError(f"cannot train the {encoding!r} encoding")
-
-
-def _touches_other_object(labels: np.ndarray) -> np.ndarray:
-    """Object pixels with a different object among their 8 neighbours."""
-    lab = labels.astype(np.int64)
-    big = int(lab.max(initial=0)) + 1  # stands in for background in the minimum (no overflow)
-    hi = ndi.maximum_filter(lab, size=3)
-    lo = ndi.minimum_filter(np.where(lab > 0, lab, big), size=3)
-    return (lab > 0) & ((hi != lab) | (lo != lab))
 
 
 @dataclass
@@ -217,7 +190,7 @@ def prepare_pair(
     if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
         raise InputError(f"labels must be integers, got {labels.dtype}")
     pixels = adapt_channels(layout.read(0, slice(None), slice(None)), model.in_channels)
-    pixels = model.normalization.apply(pixels, model.normalization.statistics(pixels))
+    pixels = card_of(model).normalization.apply(pixels, card_of(model).normalization.statistics(pixels))
     ignore = np.zeros(labels.shape, bool) if ignore_value is None else labels == ignore_value
     if region is not None:
         region = np.asarray(region, bool)
@@ -233,7 +206,7 @@ def prepare_pair(
             raise InputError(f"previous labels of shape {previous.shape} do not match the labels' {labels.shape}")
         corrections = find_corrections(previous, np.where(ignore, 0, labels), ignore=ignore)
         corrected = corrections.mask
-    target, separated = encode_targets(instances, model.encoding)
+    target, separated = encodings.get(card_of(model).encoding).targets(instances)
     # Class balance counts annotated pixels only; ignored pixels get weight 0.
     weights = weight_map(np.where(ignore, -1, separated), w0=w0, sigma=sigma, ignore_value=-1)
     if corrected.any():
@@ -399,6 +372,26 @@ def _learning_rate(base: float, fraction: float, step: int, warmup: int = 20) ->
     return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(max(fraction, 0.0), 1.0))))
 
 
+def widen_input(model, in_channels: int = 3):
+    """A copy of a one-channel ``model`` that takes RGB (``in_channels=3``) images.
+
+    The first convolution's weights are split over the channels by the luminance coefficients,
+    so the copy starts out computing (up to per-channel normalisation) what ``model`` computes
+    on the image's luminance, and fine-tuning can then learn to use colour. Everything else,
+    the model card with its training history included, is copied.
+    """
+    if model.in_channels != 1 or in_channels != 3:
+        raise ValueError(f"can widen a one-channel model to 3 channels, not {model.in_channels} to {in_channels}")
+    wide = build_model(dict(model_config(model), in_channels=in_channels))
+    state = model.state_dict()
+    first = "encoder.0.0.weight"  # the first convolution (no bias: BatchNorm follows, or zeros)
+    state[first] = state[first] * torch.as_tensor(LUMINANCE, dtype=state[first].dtype)[None, :, None, None]
+    wide.load_state_dict(state)
+    if isinstance(model, UNetPlusPlus):
+        wide.prune_level = model.prune_level
+    return wide.train(model.training)
+
+
 def will_widen(model, images: Sequence, channel_axis: int | None = None) -> bool:
     """Whether :func:`train` (with ``widen_for_rgb=True``) widens ``model`` for ``images``:
     a one-channel model and only RGB(A) images."""
@@ -520,7 +513,7 @@ class TrainingSession:
             raise InputError(f"correction share must be in [0, 1], got {correction_share}")
         self.model = model
         self.device = resolve_device(device)
-        self.fine_tune = bool(model.provenance.get("training")) if fine_tune is None else bool(fine_tune)
+        self.fine_tune = bool(card_of(model).provenance.get("training")) if fine_tune is None else bool(fine_tune)
         # A fine-tune's learning rate, when not given, is chosen when the first pairs are
         # prepared: gentler on images the model finds familiar (see _choose_lr).
         self._lr_given = lr is not None
@@ -549,7 +542,7 @@ class TrainingSession:
         self.distill = distill
         self._start_model = None  # a frozen copy of the starting weights, for soft targets
         self._soft_cache: dict = {}  # key -> (image, starting probabilities)
-        self._initial_postprocess = dict(model.postprocess)
+        self._initial_postprocess = dict(card_of(model).postprocess)
         from .checkpoint import fingerprint
 
         self._parent = fingerprint(model)[:16]  # the version this run starts from
@@ -971,7 +964,7 @@ class TrainingSession:
         from .postprocess import candidate_options, labels_from_probabilities, options_for
 
         current = options_for(self.model)
-        candidates = candidate_options(self.model.encoding, current) if self.tune_postprocess else [current]
+        candidates = candidate_options(card_of(self.model).encoding, current) if self.tune_postprocess else [current]
 
         def mean_aps(preds, truths, weights=None):
             aps = [average_precision(p, t, COCO_THRESHOLDS) for p, t in zip(preds, truths)]
@@ -996,7 +989,7 @@ class TrainingSession:
             for items in parts:
                 preds = []
                 for probs, _, scored, _ in items:
-                    pred = labels_from_probabilities(probs, encoding=self.model.encoding, **options)
+                    pred = labels_from_probabilities(probs, encoding=card_of(self.model).encoding, **options)
                     if scored is not None:
                         # Predicted objects that lie mostly in the scored area are scored.
                         ids, inside = np.unique(pred[scored], return_counts=True)
@@ -1036,7 +1029,7 @@ class TrainingSession:
         if self.best.get("postprocess") is not None:
             from .postprocess import OPTIONS
 
-            model.postprocess = {k: v for k, v in self.best["postprocess"].items() if k in OPTIONS}
+            card_of(model).postprocess = {k: v for k, v in self.best["postprocess"].items() if k in OPTIONS}
         for p in model.parameters():
             p.requires_grad_(True)
         if self._prune_level is not None:
@@ -1050,7 +1043,7 @@ class TrainingSession:
         if self.best["state"] is not None:
             model.load_state_dict(self.best["state"])
         self._restore(model)
-        runs = list(model.provenance.get("training", []))
+        runs = list(card_of(model).provenance.get("training", []))
         run = {
             "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "images": len(self.pairs),
@@ -1077,13 +1070,13 @@ class TrainingSession:
             run["chosen_by"] = self.chosen_by
             run["choice_ap50"] = self.best["score"]
             run["holdout_objects"] = self.holdout_objects
-        if model.postprocess != self._initial_postprocess:
-            run["postprocess"] = dict(model.postprocess)
+        if card_of(model).postprocess != self._initial_postprocess:
+            run["postprocess"] = dict(card_of(model).postprocess)
         run.update(parent=self._parent, package=__version__, hardware=hardware(self.device))
         run.update(extra)
         self._update_uncertainty_reference(model)
         runs.append(run)
-        model.provenance["training"] = runs
+        card_of(model).provenance["training"] = runs
         return model
 
 
@@ -1097,8 +1090,8 @@ class TrainingSession:
         if not sources or self.step_count == 0:
             return
         measured = uncertainty_reference(model, sources, channel_axis=self.channel_axis, device=self.device, max_side=768)
-        old = model.provenance.get("uncertainty") or {"typical": 0.0, "images": 0}
-        model.provenance["uncertainty"] = {"typical": max(float(old["typical"]), measured["typical"]),
+        old = card_of(model).provenance.get("uncertainty") or {"typical": 0.0, "images": 0}
+        card_of(model).provenance["uncertainty"] = {"typical": max(float(old["typical"]), measured["typical"]),
                                            "images": int(old["images"]) + measured["images"]}
 
 
@@ -1166,7 +1159,7 @@ def train(
         Whether the model starts from trained weights (default: it has a training provenance).
     widen_for_rgb
         When a one-channel model meets only RGB(A) training images, train a copy whose first
-        convolution is widened to three channels (:func:`~napari_unet_studio.models.widen_input`,
+        convolution is widened to three channels (:func:`widen_input`,
         starting from the luminance weights) so it can learn colour; the returned model then
         takes RGB. Measured on stained tissue (README): better than training on the luminance.
         With ``False`` (or mixed gray and colour images) RGB images are used as their luminance.
@@ -1207,7 +1200,7 @@ def train(
     model, history
         The trained model with the best weights seen (``model`` itself, trained in place, or
         its widened copy, see ``widen_for_rgb``), in eval mode; and one record per step.
-        The run's record in ``model.provenance["training"]`` says why it stopped
+        The run's record in ``model.card.provenance["training"]`` says why it stopped
         (``"steps"``, ``"time"``, ``"cancelled"``, ``"diverged"``).
     """
     if len(images) != len(labels):
@@ -1235,9 +1228,9 @@ def train(
     if widened and session.best["step"] == 0 and session.best["state"] is not None:
         # The starting weights won: hand back the model as it was (segmenting colour images by
         # their luminance), not its widened copy, which normalises each channel apart.
-        run = dict(model.provenance["training"][-1])
+        run = dict(card_of(model).provenance["training"][-1])
         run.pop("input_widened")
         run.pop("postprocess", None)  # chosen for the widened copy; the original keeps its own
         model = copy.deepcopy(original).eval()  # the caller's model stays untouched
-        model.provenance["training"] = list(model.provenance.get("training", [])) + [run]
+        card_of(model).provenance["training"] = list(card_of(model).provenance.get("training", [])) + [run]
     return model, session.history

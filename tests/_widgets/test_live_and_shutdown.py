@@ -7,6 +7,7 @@ from qtpy.QtCore import QThreadPool
 from test_training import synthetic_cells
 from test_widgets import errors, fine_tune_dock, open_widget, small_model  # noqa: F401 (errors is a fixture)
 
+from napari_unet_studio.card import card_of
 from napari_unet_studio._widgets._state import state_for
 from napari_unet_studio._widgets.segment_widget import RESULT_KEY, segmented_labels
 
@@ -74,7 +75,7 @@ def test_live_mode_picks_up_strokes_and_previews_the_view(make_napari_viewer, qt
     widget.live.setChecked(False)
     qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=60_000)
     assert state.name == "test model (live)"
-    run = state.model.provenance["training"][-1]
+    run = card_of(state.model).provenance["training"][-1]
     assert run["live"] and run["steps"] >= steps_then + 2
     assert widget.live_session is None and not widget.live.isChecked()
     assert not errors

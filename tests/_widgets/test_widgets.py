@@ -8,6 +8,7 @@ import pytest
 import torch
 from qtpy.QtCore import QTimer
 
+from napari_unet_studio.card import card_of
 from napari_unet_studio import UNet, save_model
 from napari_unet_studio._widgets import _common
 from napari_unet_studio._widgets._state import state_for
@@ -234,7 +235,7 @@ def test_model_widget_create_save_load(make_napari_viewer, qtbot, tmp_path):
     assert state.model.depth == 2 and str(path) in widget.info.text() and widget.default_button.isEnabled()
     assert "post-processing: threshold 0.5, min size 15 px" in widget.info.text()
     model = small_model()
-    model.postprocess = {"threshold": 0.5, "seed_threshold": 0.9, "min_size": 10}
+    card_of(model).postprocess = {"threshold": 0.5, "seed_threshold": 0.9, "min_size": 10}
     state.set_model(model, "seeded")
     assert "post-processing: seeds above 0.9 grown over 0.5, min size 10 px" in widget.info.text()
 
@@ -299,7 +300,7 @@ def test_fine_tune_lowers_the_loss_and_replaces_the_active_model(make_napari_vie
     run_and_wait(qtbot, widget, timeout=120_000)
     assert state.model is not before and state.name == "test model (fine-tuned)"
     assert all(torch.equal(v, before.state_dict()[k]) for k, v in weights_before.items())  # original untouched
-    run = state.model.provenance["training"][-1]
+    run = card_of(state.model).provenance["training"][-1]
     assert run["steps"] == 60 and run["stopped"] == "steps"
     losses = [r["loss"] for r in records]
     assert len(losses) >= 5 and np.mean(losses[-3:]) < np.mean(losses[:3])
@@ -322,7 +323,7 @@ def test_fine_tune_cancel_keeps_the_best_so_far(make_napari_viewer, qtbot):
     widget.cancel_button.click()
     qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=30_000)
     assert time.perf_counter() - started < 5
-    assert state.model.provenance["training"][-1]["stopped"] == "cancelled"
+    assert card_of(state.model).provenance["training"][-1]["stopped"] == "cancelled"
 
 
 def test_fine_tune_user_errors(make_napari_viewer, qtbot, errors):
@@ -545,7 +546,7 @@ def test_segment_threshold_and_seed_choices_override_the_models(make_napari_view
     image[20:50, 30:70] = 1
     viewer.add_image(image, name="cells")
     model = small_model()
-    model.postprocess = {"threshold": 0.5, "seed_threshold": 0.9}
+    card_of(model).postprocess = {"threshold": 0.5, "seed_threshold": 0.9}
     state_for(viewer).set_model(model, "test model")
     widget = open_widget(viewer, "Segment")
     assert widget.threshold.text() == "model's (0.5)" and widget.seeds.currentText() == "model's (0.9)"
@@ -579,10 +580,10 @@ def test_segment_warns_when_the_image_is_unlike_the_training_data(make_napari_vi
     model = small_model()  # random weights: most pixels uncertain
     state_for(viewer).set_model(model, "test model")
     widget = open_widget(viewer, "Segment")
-    model.provenance["uncertainty"] = {"typical": 0.9, "images": 1}  # as uncertain as ever: familiar
+    card_of(model).provenance["uncertainty"] = {"typical": 0.9, "images": 1}  # as uncertain as ever: familiar
     run_and_wait(qtbot, widget)
     assert not warned and "unlike" not in widget.status.text() and "objects in noise" in widget.status.text()
-    model.provenance["uncertainty"] = {"typical": 0.0, "images": 1}
+    card_of(model).provenance["uncertainty"] = {"typical": 0.0, "images": 1}
     run_and_wait(qtbot, widget)
     assert len(warned) == 1 and "looks unlike the images the model learnt from" in warned[0]
     assert "noise" in warned[0] and "unlike" in widget.status.text()
@@ -612,7 +613,7 @@ def test_model_dock_shows_the_training_history(make_napari_viewer):
     state_for(viewer).set_model(model, "untrained")
     assert widget.history.toPlainText().startswith("untrained")
     model = small_model()
-    model.provenance["training"] = [{"steps": 60, "seconds": 61.2, "images": 1, "fine_tune": True,
+    card_of(model).provenance["training"] = [{"steps": 60, "seconds": 61.2, "images": 1, "fine_tune": True,
                                      "data": [{"name": "cells", "shape": [96, 96]}], "objects": 9}]
     state_for(viewer).set_model(model, "fine-tuned")
     assert widget.history.toPlainText().startswith("1. fine-tune on 1 image(s): cells (96x96); 9 objects")

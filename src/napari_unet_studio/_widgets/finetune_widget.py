@@ -39,8 +39,7 @@ def _live_job(model, pairs, options, view, *, cancel, progress):
     """Worker body of live mode: build the training session (yielded first, as
     ``{"session": session}``), then train and preview until cancelled (see
     :meth:`~napari_unet_studio.training.TrainingSession.live`); returns its best model."""
-    from ..models import widen_input
-    from ..training import TrainingSession, will_widen
+    from ..training import TrainingSession, widen_input, will_widen
 
     if will_widen(model, [p[0] for p in pairs]):
         model = widen_input(model)
@@ -643,7 +642,9 @@ class FineTuneWidget(QWidget):
     def _on_live_done(self, model) -> None:
         from napari.utils.notifications import show_info
 
-        run = model.provenance["training"][-1]
+        from ..card import card_of
+
+        run = card_of(model).provenance["training"][-1]
         self.plot.best_step = run["best_step"]  # the last check is not a progress record
         self.plot.update()
         self.state.set_model(model, f"{self._name} (live)")
@@ -685,7 +686,9 @@ class FineTuneWidget(QWidget):
 
     def _on_done(self, result) -> None:
         model, history = result
-        run = model.provenance["training"][-1]
+        from ..card import card_of
+
+        run = card_of(model).provenance["training"][-1]
         self.plot.best_step = run["best_step"]
         self.plot.update()
         self.state.set_model(model, f"{self._name} (fine-tuned)")

@@ -40,11 +40,12 @@ def describe(model, name: str, device: str) -> str:
     """One short multi-line summary of a model for the info label."""
     if model is None:
         return "No model loaded. 'Segment' loads the default model."
+    from ..card import card_of
     from ..devices import resolve_device
 
     n_params = sum(p.numel() for p in model.parameters())
     arch = {"unet": "U-Net", "unetpp": "U-Net++"}.get(model.arch, model.arch)
-    runs = model.provenance.get("training", [])
+    runs = card_of(model).provenance.get("training", [])
     trained = f"{sum(r.get('steps', 0) for r in runs)} steps in {len(runs)} run(s)" if runs else "untrained"
     try:
         dev = resolve_device(device).type
@@ -59,7 +60,7 @@ def describe(model, name: str, device: str) -> str:
     post += f", min size {settings['min_size']} px"
     return (
         f"{name}\n{arch}, depth {model.depth}, width {model.base_channels}, {n_params / 1e6:.2f} M parameters\n"
-        f"{model.in_channels} input channel(s), {model.n_classes} classes ({model.encoding})\n"
+        f"{model.in_channels} input channel(s), {model.n_classes} classes ({card_of(model).encoding})\n"
         f"halo {model.geometry.halo} px, device {dev}\npost-processing: {post}\ntraining: {trained}"
     )
 
@@ -212,13 +213,14 @@ class ModelWidget(QWidget):
             self.info.setText(message)
 
     def create_new(self) -> None:
-        from ..models import ENCODINGS, build_model
+        from ..card import build_model
+        from ..encodings import TRAINABLE
 
         encoding = self.encoding.currentText().split()[0]
         config = {
             "arch": "unetpp" if self.arch.currentText() == "U-Net++" else "unet",
             "in_channels": self.channels.value(),
-            "n_classes": ENCODINGS[encoding],
+            "n_classes": TRAINABLE[encoding],
             "encoding": encoding,
             "depth": self.depth.value(),
             "base_channels": self.width.value(),
