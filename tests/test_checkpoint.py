@@ -155,3 +155,25 @@ def test_default_model_segments_the_nuclei_sample():
     assert labels.shape == image.shape
     assert 0.8 * truth.max() <= labels.max() <= 1.2 * truth.max()
     assert average_precision(labels, truth)[0.5] >= 0.7
+
+
+def test_a_pruned_u_net_plus_plus_keeps_its_level_and_a_wrong_level_is_refused(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from napari_unet_studio.checkpoint import CONFIG_KEY
+
+    model = tiny("unetpp", depth=3)
+    model.prune_level = 2
+    path = save_model(model, tmp_path / "pruned.safetensors")
+    assert load_model(path).prune_level == 2
+    with safe_open(str(path), "pt") as fh:
+        config = json.loads(fh.metadata()[CONFIG_KEY])
+    for level, message in ((5, "outside"), (0, "outside")):
+        config.update(prune_level=level, format_version=1)
+        bad = tmp_path / f"bad{level}.safetensors"
+        save_file(load_file(path), bad, metadata={CONFIG_KEY: json.dumps(config)})
+        with pytest.raises(ModelFileError, match=message):
+            load_model(bad)

@@ -114,7 +114,7 @@ LIMITS = {"in_channels": (1, 64), "n_classes": (2, 64), "depth": (1, 8), "base_c
 _TYPES = {
     "arch": str, "in_channels": int, "n_classes": int, "depth": int, "base_channels": int, "dropout": float,
     "batch_norm": bool, "normalization": dict, "encoding": str, "postprocess": dict, "provenance": dict,
-    "format_version": int,
+    "format_version": int, "prune_level": int,
 }
 
 
@@ -132,13 +132,18 @@ def validate_config(config, source: str = "model config") -> dict:
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
         if kind is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if not ok and not (value is None and key in ("normalization", "postprocess", "provenance", "encoding")):
+        if not ok and not (value is None and key in ("normalization", "postprocess", "provenance", "encoding", "prune_level")):
             raise ModelFileError(f"{source}: config entry {key!r} must be {kind.__name__}, got {value!r:.40}")
     if config.get("arch", "unet") not in ARCHITECTURES:
         raise ModelFileError(f"{source}: unknown architecture {config.get('arch')!r}")
     for key, (lo, hi) in LIMITS.items():
         if key in config and not lo <= config[key] <= hi:
             raise ModelFileError(f"{source}: config entry {key!r} = {config[key]} is outside [{lo}, {hi}]")
+    if config.get("prune_level") is not None:
+        if config.get("arch") != "unetpp":
+            raise ModelFileError(f"{source}: only a U-Net++ has a prune level")
+        if not 1 <= config["prune_level"] <= config.get("depth", 4):
+            raise ModelFileError(f"{source}: prune level {config['prune_level']} is outside [1, depth]")
     if "dropout" in config and not 0 <= config["dropout"] < 1:
         raise ModelFileError(f"{source}: dropout {config['dropout']} is outside [0, 1)")
     encoding = config.get("encoding")
@@ -246,13 +251,16 @@ def _load_state_dict_file(path: Path, config: dict | None):
 
 
 def load_model(path: str | os.PathLike = DEFAULT_MODEL, *, config: dict | None = None):
-    """Load a model saved by :func:`save_model`, the shipped default, or a foreign state dict.
+    """Load a model saved by :func:`save_model`, the shipped default, a bioimage.io package made by
+    this plugin, or a foreign state dict.
 
     Parameters
     ----------
     path
         A ``.safetensors`` file written by :func:`save_model`; ``"default"`` for the shipped
-        default model; or a ``.pt``/``.pth`` state dict, read with
+        default model; a bioimage.io package (``.zip``) written by
+        :func:`~napari_unet_studio.bioimageio.export_bioimageio` (the same model comes back; a
+        package from elsewhere is refused); or a ``.pt``/``.pth`` state dict, read with
         ``torch.load(weights_only=True)`` (a dict ``{"state_dict": ..., "config": ...}`` or a
         bare state dict together with ``config``).
     config
@@ -279,4 +287,8 @@ def load_model(path: str | os.PathLike = DEFAULT_MODEL, *, config: dict | None =
         raise ModelFileError(f"not a model file: {path}")
     if path.suffix in (".pt", ".pth"):
         return _load_state_dict_file(path, config)
+    if path.suffix.lower() == ".zip":
+        from .bioimageio import read_bioimageio
+
+        return read_bioimageio(path)
     return _load_safetensors(path)

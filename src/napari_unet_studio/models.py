@@ -260,12 +260,15 @@ class UNetPlusPlus(_ValidUNetBase):
     :attr:`prune_level` to ``L < depth`` makes :meth:`forward` compute only the nodes that
     ``X[0][L]`` needs (a depth-``L`` network: faster, smaller halo) and use that head.
 
-    Takes the same arguments as :class:`UNet`.
+    Takes the same arguments as :class:`UNet`, and ``prune_level`` (saved with the model).
     """
 
     arch = "unetpp"
 
-    def __init__(self, in_channels: int = 1, n_classes: int = 2, depth: int = 4, base_channels: int = 16, **kwargs) -> None:
+    def __init__(
+        self, in_channels: int = 1, n_classes: int = 2, depth: int = 4, base_channels: int = 16,
+        prune_level: int | None = None, **kwargs,
+    ) -> None:
         super().__init__(in_channels, n_classes, depth, base_channels, **kwargs)
         bn = self.batch_norm
         self._prune_level: int | None = None
@@ -285,6 +288,10 @@ class UNetPlusPlus(_ValidUNetBase):
         for head in self.heads:
             _he_normal_(head.weight, self.channels(0))
             nn.init.zeros_(head.bias)
+        self.prune_level = prune_level
+
+    def config(self) -> dict:
+        return {**super().config(), "prune_level": self.prune_level}
 
     @property
     def prune_level(self) -> int | None:
@@ -366,3 +373,16 @@ def build_network(config: dict) -> _ValidUNetBase:
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r} (known: {', '.join(ARCHITECTURES)})")
     return ARCHITECTURES[arch](**config)
+
+
+class Probabilities(nn.Module):
+    """A network whose output is per-class probabilities (softmax over the classes) instead of
+    logits: what an exported model computes. ``config`` is a network's :meth:`~UNet.config`.
+    The weights live under ``network.``."""
+
+    def __init__(self, **config) -> None:
+        super().__init__()
+        self.network = build_network(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.network(x), dim=1)
