@@ -210,3 +210,11 @@ def test_command_line_export_then_predict_with_the_package(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "cells.png"), "--model", str(out), "--output", str(tmp_path / "a"), "-q"]) == 0
     assert main(["predict", str(tmp_path / "cells.png"), "--output", str(tmp_path / "b"), "-q"]) == 0
     assert np.array_equal(iio.imread(tmp_path / "a" / "cells.png"), iio.imread(tmp_path / "b" / "cells.png"))
+
+
+def test_a_blank_test_image_or_an_unknown_licence_is_refused_plainly(tmp_path):
+    with pytest.raises(InputError, match="blank"):
+        export_bioimageio(load_model(), tmp_path / "a.zip", test_image=np.zeros((300, 300), np.uint8))
+    with pytest.raises(InputError, match="unknown licence 'mine'"):
+        export_bioimageio(load_model(), tmp_path / "b.zip", license="mine")
+    assert not list(tmp_path.iterdir())

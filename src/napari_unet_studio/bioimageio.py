@@ -323,6 +323,13 @@ def export_bioimageio(
     from .postprocess import options_for
 
     v = _spec()
+    from pydantic import ValidationError
+
+    try:
+        licence = v.LicenseId(license)
+    except (ValidationError, ValueError) as exc:
+        raise InputError(f"unknown licence {license!r}: give an SPDX identifier such as CC-BY-4.0, CC0-1.0, MIT "
+                         "or BSD-3-Clause") from exc
     path = Path(path)
     if path.suffix.lower() != ".zip":
         raise InputError(f"bioimage.io packages are .zip files, not {path.suffix or 'nothing'!r}: {path}")
@@ -337,6 +344,8 @@ def export_bioimageio(
         test_image, test_name = load_sample("nuclei")[0], test_name or "the napari-unet-studio nuclei sample (DSB 2018, CC0)"
     plane, crop, corner = test_crop(model, test_image, channel_axis)
     test_name = test_name or f"an image of {' x '.join(map(str, np.shape(test_image)))} px"
+    if not np.abs(crop).max() >= 1e-4:
+        raise InputError("the test image is blank where it is cropped (all values 0): choose an image with objects in it")
     stats = card.normalization.statistics(crop)
     inverted = bool(np.any(stats[1] < 0))
     expected = _expected_output(model, plane, crop, corner, stats)
@@ -407,29 +416,33 @@ def export_bioimageio(
         )
         cite = [v.CiteEntry(text=t, doi=v.Doi(d)) for t, d in
                 [CITATIONS["unet"]] + ([CITATIONS["unetpp"]] if model.arch == "unetpp" else []) + [(t, d) for _, t, d in data]]
-        descr = v.ModelDescr(
-            name=name,
-            description=description or f"{card.encoding} segmentation of {model.in_channels}-channel microscopy images "
-            "(class probabilities; instance labels by napari-unet-studio's post-processing)",
-            authors=[v.Author(name=a) for a in (authors or ["unknown (exported with napari-unet-studio)"])],
-            cite=cite,
-            license=v.LicenseId(license) if license else None,
-            documentation=v.FileDescr(source=tmp / "README.md"),
-            covers=[v.FileDescr(source=tmp / "cover.png")],
-            tags=["unet", "unetpp" if model.arch == "unetpp" else "unet2d", "segmentation", "instance-segmentation",
-                  "2d", "pytorch", "napari-unet-studio"],
-            inputs=inputs,
-            outputs=outputs,
-            weights=weights,
-            attachments=[v.FileDescr(source=tmp / ATTACHMENT)],
-            config={CONFIG_KEY: {
-                "version": __version__,
-                "model": model_config(model),
-                "postprocess": options,
-                "inverted": inverted,
-                "attachment": ATTACHMENT,
-            }},
-        )
+        try:
+            descr = v.ModelDescr(
+                name=name,
+                description=description or f"{card.encoding} segmentation of {model.in_channels}-channel microscopy images "
+                "(class probabilities; instance labels by napari-unet-studio's post-processing)",
+                authors=[v.Author(name=a) for a in (authors or ["unknown (exported with napari-unet-studio)"])],
+                cite=cite,
+                license=licence,
+                documentation=v.FileDescr(source=tmp / "README.md"),
+                covers=[v.FileDescr(source=tmp / "cover.png")],
+                tags=["unet", "unetpp" if model.arch == "unetpp" else "unet2d", "segmentation", "instance-segmentation",
+                      "2d", "pytorch", "napari-unet-studio"],
+                inputs=inputs,
+                outputs=outputs,
+                weights=weights,
+                attachments=[v.FileDescr(source=tmp / ATTACHMENT)],
+                config={CONFIG_KEY: {
+                    "version": __version__,
+                    "model": model_config(model),
+                    "postprocess": options,
+                    "inverted": inverted,
+                    "attachment": ATTACHMENT,
+                }},
+            )
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise InputError(f"bioimage.io does not accept the package: {first['msg'][:300]}") from exc
         from bioimageio.spec import save_bioimageio_package
 
         def write(target) -> None:

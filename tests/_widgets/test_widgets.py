@@ -617,3 +617,32 @@ def test_model_dock_shows_the_training_history(make_napari_viewer):
                                      "data": [{"name": "cells", "shape": [96, 96]}], "objects": 9}]
     state_for(viewer).set_model(model, "fine-tuned")
     assert widget.history.toPlainText().startswith("1. fine-tune on 1 image(s): cells (96x96); 9 objects")
+
+
+def test_model_dock_exports_a_bioimageio_package_and_opens_it_again(make_napari_viewer, qtbot, tmp_path, errors):
+    pytest.importorskip("bioimageio.spec")
+    from napari_unet_studio.checkpoint import fingerprint
+
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, "Model")
+    assert not widget.export_button.isEnabled()  # no model yet
+    state = state_for(viewer)
+    model = small_model()
+    state.set_model(model, "tiny")
+    assert widget.export_button.isEnabled()
+    viewer.add_image(np.ones((30, 30), np.float32), name="too small")
+    widget.export(tmp_path / "small.zip")
+    wait_loaded(qtbot, widget)
+    assert "smaller than the model's smallest input" in errors[-1] and not (tmp_path / "small.zip").exists()
+    viewer.add_image(np.random.default_rng(0).random((300, 320)).astype(np.float32), name="cells")  # selected
+    path = tmp_path / "tiny.zip"
+    widget.export(path)
+    assert not widget.export_button.isEnabled() and "exporting" in widget.info.text()
+    wait_loaded(qtbot, widget)
+    assert path.is_file() and len(errors) == 1
+    import zipfile
+
+    assert "napari layer 'cells'" in zipfile.ZipFile(path).read("README.md").decode()
+    widget.load(path)
+    wait_loaded(qtbot, widget)
+    assert state.name == str(path) and fingerprint(state.model) == fingerprint(model)

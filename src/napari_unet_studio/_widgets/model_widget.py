@@ -88,7 +88,8 @@ class ModelWidget(QWidget):
         self.default_button = QPushButton("Load default", parent=self)
         self.file_button = QPushButton("Load file…", parent=self)
         self.save_button = QPushButton("Save…", parent=self)
-        for b in (self.default_button, self.file_button, self.save_button):
+        self.export_button = QPushButton("Export…", parent=self)
+        for b in (self.default_button, self.file_button, self.save_button, self.export_button):
             row.addWidget(b)
         layout.addLayout(row)
 
@@ -137,6 +138,7 @@ class ModelWidget(QWidget):
         self.default_button.clicked.connect(self.load_default)
         self.file_button.clicked.connect(self._choose_file)
         self.save_button.clicked.connect(self._choose_save)
+        self.export_button.clicked.connect(self._choose_export)
         self.new_button.clicked.connect(self.create_new)
         self.device.currentTextChanged.connect(self.state.set_device)
         self.version.activated.connect(self._choose_version)
@@ -144,8 +146,11 @@ class ModelWidget(QWidget):
             "default_button": "The shipped nuclei model (fluorescence, U-Net, 2 classes)",
             "history": "How the active model was made: each training run's images (names, sizes), painted objects and "
                        "corrections, steps, time, machine and the version it started from (saved with the model)",
-            "file_button": "A model saved by U-Net Studio (.safetensors), or a PyTorch state dict (.pt/.pth, tensors only)",
+            "file_button": "A model saved by U-Net Studio (.safetensors), a bioimage.io package exported by it (.zip), "
+                           "or a PyTorch state dict (.pt/.pth, tensors only)",
             "save_button": "Save the active model, its settings and its training history to one .safetensors file",
+            "export_button": "Write the active model as a bioimage.io package (.zip) for deepImageJ, ilastik, QuPath or "
+                             "bioimageio.core; its test image is the selected image layer (or the nuclei sample)",
             "arch": "U-Net (Ronneberger 2015) or U-Net++ (Zhou 2018, prunable for speed)",
             "channels": "1 for grayscale images, 3 for RGB",
             "encoding": "foreground: the paper's 2 classes with trained gaps; boundary: background/interior/boundary",
@@ -176,6 +181,7 @@ class ModelWidget(QWidget):
         self.version.setCurrentIndex(active)
         self.version.blockSignals(False)
         self.save_button.setEnabled(self.state.model is not None)
+        self.export_button.setEnabled(self.state.model is not None)
         if self.device.currentText() != self.state.device:
             self.device.setCurrentText(self.state.device)
 
@@ -206,7 +212,8 @@ class ModelWidget(QWidget):
     def _set_loading(self, message: str | None) -> None:
         for button in (self.default_button, self.file_button, self.new_button):
             button.setEnabled(message is None)
-        self.save_button.setEnabled(message is None and self.state.model is not None)
+        for button in (self.save_button, self.export_button):
+            button.setEnabled(message is None and self.state.model is not None)
         if message is None:
             self._refresh()
         else:
@@ -242,8 +249,45 @@ class ModelWidget(QWidget):
         show_info(f"Saved the model to {path}")
         return True
 
+    def export(self, path):
+        """Write the active model as a bioimage.io package at ``path`` (a worker: tracing and
+        validating take seconds). The test image is the selected Image layer, else the first one,
+        else the shipped nuclei sample. Returns the worker, or None when nothing started."""
+        from napari.layers import Image
+        from napari.qt.threading import create_worker
+
+        from ..bioimageio import export_bioimageio
+        from ._layers import layer_array
+
+        model = self.state.model
+        if model is None:
+            return None
+        active = self.viewer.layers.selection.active
+        layer = active if isinstance(active, Image) else next((l for l in self.viewer.layers if isinstance(l, Image)), None)
+        kwargs = {}
+        if layer is not None:
+            pixels = layer_array(layer)
+            kwargs = {"test_image": pixels.data, "channel_axis": pixels.channel_axis, "test_name": f"napari layer {layer.name!r}"}
+
+        def done(written) -> None:
+            from napari.utils.notifications import show_info
+
+            show_info(f"Exported the model as a bioimage.io package: {written}")
+
+        self._set_loading(f"exporting to {path}…")
+        self.worker = create_worker(
+            export_bioimageio, model, path, overwrite=True, **kwargs,
+            _connect={"returned": done, "errored": notify_error, "finished": lambda: self._set_loading(None)},
+        )
+        return self.job.track(self.worker)
+
+    def _choose_export(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export to bioimage.io", "model.zip", "bioimage.io packages (*.zip)")
+        if path:  # the dialog has asked before replacing a file
+            self.export(path if path.lower().endswith(".zip") else path + ".zip")
+
     def _choose_file(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Load model", "", "Models (*.safetensors *.pt *.pth)")
+        path, _ = QFileDialog.getOpenFileName(self, "Load model", "", "Models (*.safetensors *.zip *.pt *.pth)")
         if path:
             self.load(path)
 
