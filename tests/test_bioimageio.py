@@ -68,6 +68,7 @@ def test_the_default_model_s_package_is_valid_and_passes_bioimageio_core_s_model
     with zipfile.ZipFile(default_package) as zf:
         readme = zf.read("README.md").decode()
     assert "training on 285 image(s)" in readme and "instance labels" in readme.lower() and "CC0" in readme
+    assert "Caution" not in readme  # the sample is of the model's kind
 
 
 def test_the_package_computes_what_predict_computes_on_another_image(default_package):
@@ -218,3 +219,9 @@ def test_a_blank_test_image_or_an_unknown_licence_is_refused_plainly(tmp_path):
     with pytest.raises(InputError, match="unknown licence 'mine'"):
         export_bioimageio(load_model(), tmp_path / "b.zip", license="mine")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_test_image_unlike_the_model_s_kind_is_noted_in_the_readme(tmp_path):
+    path = export_bioimageio(load_model(), tmp_path / "em.zip", test_image=load_sample("em")[0], test_name="EM sample")
+    readme = zipfile.ZipFile(path).read("README.md").decode()
+    assert "EM sample (a central crop). Caution: this image looks unlike the images the model learnt from" in readme

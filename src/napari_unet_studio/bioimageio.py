@@ -171,7 +171,7 @@ def _expected_output(model, plane: np.ndarray, crop: np.ndarray, corner, stats) 
     return out.astype(np.float32)
 
 
-def _readme(model, name: str, options: dict, inverted: bool, test_name: str, data: list[tuple]) -> str:
+def _readme(model, name: str, options: dict, inverted: bool, test_name: str, data: list[tuple], caution: str | None) -> str:
     from .card import card_of
     from .encodings import get as encoding_named
     from .provenance import history_text
@@ -193,7 +193,7 @@ def _readme(model, name: str, options: dict, inverted: bool, test_name: str, dat
         "on each side (the valid-convolution border).",
         f"- Pre-processing: {norm.kind} normalisation per channel"
         + (f" (percentiles {norm.low} and {norm.high} to 0 and 1)" if norm.kind == "percentile" else "")
-        + (". The images are then inverted (1 - x): the model's own images have a bright background."
+        + (". The images are then inverted (1 - x), as the test image was (it has a bright background)."
            if inverted else "."),
     ]
     if norm.invert == "auto":
@@ -219,7 +219,8 @@ def _readme(model, name: str, options: dict, inverted: bool, test_name: str, dat
         history_text(model),
         "```",
         "",
-        f"Test image: {test_name} (a central crop).",
+        f"Test image: {test_name} (a central crop)."
+        + (f" Caution: {caution}." if caution else ""),
         "",
         "## Validation",
         "",
@@ -371,7 +372,10 @@ def export_bioimageio(
         architecture = tmp / "unet_studio_models.py"
         architecture.write_text(Path(__file__).with_name("models.py").read_text())
         save_model(model, tmp / ATTACHMENT)
-        (tmp / "README.md").write_text(_readme(model, name, options, inverted, test_name, data))
+        from .inference import unfamiliar
+
+        caution = unfamiliar(model, expected[0])
+        (tmp / "README.md").write_text(_readme(model, name, options, inverted, test_name, data, caution))
         _cover(crop, expected[0], tmp / "cover.png")
 
         preprocessing = [v.EnsureDtypeDescr(kwargs=v.EnsureDtypeKwargs(dtype="float32"))]

@@ -58,7 +58,9 @@ def describe_run(run: dict, number: int | None = None) -> str:
     if run.get("corrections"):
         painted.append(f"{run['corrections']} corrections")
     hw = run.get("hardware") or {}
-    where = f" on {hw.get('device', '?')}" + (f" ({hw['cores']} cores)" if hw.get("device") == "cpu" and hw.get("cores") else "")
+    where = ""  # runs recorded before the hardware was (the shipped model's) say nothing
+    if hw.get("device"):
+        where = f" on {hw['device']}" + (f" ({hw['cores']} cores)" if hw["device"] == "cpu" and hw.get("cores") else "")
     lines = [f"{head}{when + ', ' if when else ''}{kind} on {images}" + (f"; {', '.join(painted)}" if painted else "")]
     steps = f"   {run.get('steps', 0)} steps in {run.get('seconds', 0)} s{where}, learning rate {run.get('lr')}"
     reasons = {"steps": "all steps done", "time": "time budget reached", "cancelled": "cancelled",
