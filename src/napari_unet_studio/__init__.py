@@ -19,6 +19,7 @@ _API = {
     "ModelCard": "card",
     "predict": "inference",
     "segment": "inference",
+    "segment_on_cluster": "cluster",
     "save_model": "checkpoint",
     "load_model": "checkpoint",
     "weight_map": "weightmap",
@@ -57,6 +58,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import Cancelled, InputError, ModelFileError, UnetStudioError
     from .models import Geometry, UNet, UNetPlusPlus
     from .inference import predict, segment
+    from .cluster import segment_on_cluster
     from .normalize import Normalization
     from .corrections import find_corrections
     from .linking import link_slices

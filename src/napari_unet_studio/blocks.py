@@ -179,19 +179,25 @@ class Journal:
         (self.folder / f"renumbered-{s}-{i}").touch()
 
 
-def _link_majority(ids: Ids, local: np.ndarray, offset: int, written: np.ndarray) -> None:
-    """Union each local object with each written id whose shared pixels are the majority of
-    either one's pixels in this region."""
+def _majority_pairs(local: np.ndarray, written: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(local ids, written ids)`` of the pairs of objects whose shared pixels are the majority
+    of either one's pixels in this region."""
     both = (local > 0) & (written > 0)
     if not both.any():
-        return
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     a_ids, a_sizes = np.unique(local[local > 0], return_counts=True)
     p_ids, p_sizes = np.unique(written[written > 0], return_counts=True)
     a, p = local[both].astype(np.int64), written[both].astype(np.int64)
     keys, shared = np.unique(a * (int(p.max()) + 1) + p, return_counts=True)
     pa, pp = keys // (int(p.max()) + 1), keys % (int(p.max()) + 1)
     smaller = np.minimum(a_sizes[np.searchsorted(a_ids, pa)], p_sizes[np.searchsorted(p_ids, pp)])
-    for x, y in zip(pa[2 * shared > smaller], pp[2 * shared > smaller]):
+    return pa[2 * shared > smaller], pp[2 * shared > smaller]
+
+
+def _link_majority(ids: Ids, local: np.ndarray, offset: int, written: np.ndarray) -> None:
+    """Union each local object with each written id whose shared pixels are the majority of
+    either one's pixels in this region."""
+    for x, y in zip(*_majority_pairs(local, written)):
         ids.union(int(x) + offset, int(y))
 
 

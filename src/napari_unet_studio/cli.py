@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import sys
 import time
@@ -96,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write NAME.csv per image: each object's area, centroid, bounding box, shape and intensities "
                         "(with --format zarr, measured block by block: no eccentricity or solidity)")
     p.add_argument("--overwrite", action="store_true", help="replace label images that already exist in the output folder")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run the blocks as tasks on the dask.distributed cluster at ADDRESS (tcp://host:8786); needs "
+                   "--format zarr, and the model, inputs and output folder at the same paths on every worker")
+    p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                   help="run the blocks on a local dask.distributed cluster of N worker processes (needs --format zarr)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(run=run_predict)
 
@@ -220,8 +226,7 @@ def run_predict(args: argparse.Namespace) -> int:
     """``unet-studio predict``: segment every input and write one label image each."""
     from .checkpoint import load_model
     from .devices import resolve_device
-    from .inference import segment, unfamiliar, unfamiliar_image
-    from .io import collect_images, create_ome_zarr_labels, max_label, open_image, replace_folder, write_labels
+    from .io import collect_images
     from .postprocess import options_for
 
     start = time.perf_counter()
@@ -237,77 +242,119 @@ def run_predict(args: argparse.Namespace) -> int:
     if "seed_threshold" in vars(args):
         options["seed_threshold"] = args.seed_threshold
     options_for(model, **options)  # refuse bad settings before reading any image
+    on_cluster = args.scheduler is not None or args.workers is not None
+    if on_cluster:
+        from .blocks import check_block_size
+        from .cluster import connect
+
+        if args.scheduler is not None and args.workers is not None:
+            raise InputError("--scheduler and --workers are alternatives: an existing cluster, or a local one")
+        if not all(names[p].endswith(".zarr") for p in images):
+            raise InputError("--scheduler and --workers write zarr: add --format zarr")
+        check_block_size(args.block_size)
+        client, close_client = connect(args.scheduler, args.workers)
     n_objects = 0
-    for path in images:
-        image, axes = open_image(path)
-        channel_axis, stack_axes = _layout_axes(image, axes, args.axes, path.name)
-        target = out_dir / names[path]
-        spatial = tuple(n for a, n in enumerate(image.shape) if a != channel_axis)
-        whole = float(np.prod(spatial, dtype=np.float64)) <= WHOLE_CHECK_PIXELS
-        out = tmp = journal = None
-        if target.suffix != ".zarr":
-            _check_labels_fit(path, spatial)
-        if target.suffix == ".zarr":
-            # written in a hidden folder with a journal of finished blocks: an interrupted run
-            # continues when the same command runs again; the result replaces the target when whole
-            out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp")
-            journal = target.with_name(f".{target.name}.journal")
-            letters = (stack_axes or "ZYX")[0] + "YX" if len(spatial) == 3 else "YX"
-            out = create_ome_zarr_labels(tmp, spatial, letters, reuse=journal.is_dir())
-            whole = whole and not journal.is_dir()  # blocks done before an interruption have no probabilities
-        bar, update = _progress_bar(args.quiet, path.name)
-        try:
-            result = segment(model, image, tile_size=args.tile_size, device=device, progress=update, channel_axis=channel_axis,
-                             min_size=args.min_size, return_probabilities=whole, axes=stack_axes, track=args.track,
-                             block_size=args.block_size, out=out, journal=journal, **options)
-            if whole:
-                labels, probs = result
-                warning = unfamiliar(model, probs)
-                del probs
-            else:
-                labels = result
-                # the probabilities were never held whole: the check looks at a central window
-                warning = unfamiliar_image(model, image, channel_axis=channel_axis, device=device)
-        except InputError as exc:
-            for folder in (tmp, journal):
-                if folder is not None:
-                    shutil.rmtree(folder, ignore_errors=True)
-            raise InputError(f"{path}: {exc}") from exc
-        except BaseException:
-            if tmp is not None:
-                print(f"unet-studio: {target.name}: the finished blocks are kept; run the same command again to continue",
-                      file=sys.stderr)
-            raise
-        finally:
-            bar.close()
-        if warning:
-            print(f"unet-studio: warning: {path.name}: {warning}", file=sys.stderr)
-        if tmp is not None:
-            n = max_label(labels)
-            labels.attrs["objects"] = n
-            replace_folder(tmp, target)
-            shutil.rmtree(journal, ignore_errors=True)
-            if args.measure:  # what adds up block by block: no eccentricity or solidity here
-                from .measurements import measure_blocks, write_csv
-
-                labels = open_image(target)[0]
-                grey = image if channel_axis is None else None
-                write_csv(out_dir / f"{path.stem}.csv", measure_blocks(labels, grey))
-        else:
-            write_labels(target, labels)
-            n = int(labels.max())
-            if args.measure:
-                from .measurements import measure, write_csv
-
-                write_csv(out_dir / f"{path.stem}.csv", measure(labels, image, channel_axis=channel_axis, axes=stack_axes))
-        n_objects += n
+    try:
+        for path in images:
+            n_objects += _predict_one(args, path, model, device, options, names, out_dir, client if on_cluster else None)
+    finally:
+        if on_cluster:
+            close_client()
     seconds = time.perf_counter() - start
     print(
         f"{len(images)} image{'s' * (len(images) != 1)}, {n_objects} objects, {seconds:.1f} s "
         f"(model {args.model}, {device.type}) -> {out_dir}"
     )
     return 0
+
+
+def _predict_one(args, path: Path, model, device, options: dict, names: dict, out_dir: Path, client) -> int:
+    """Segment one input of ``unet-studio predict`` and write its labels (and measurements);
+    returns its number of objects. ``client``: run its blocks on that dask cluster."""
+    from .inference import segment, unfamiliar, unfamiliar_image
+    from .io import create_ome_zarr_labels, max_label, open_image, replace_folder, write_labels
+
+    image, axes = open_image(path)
+    channel_axis, stack_axes = _layout_axes(image, axes, args.axes, path.name)
+    target = out_dir / names[path]
+    spatial = tuple(n for a, n in enumerate(image.shape) if a != channel_axis)
+    whole = float(np.prod(spatial, dtype=np.float64)) <= WHOLE_CHECK_PIXELS
+    out = tmp = journal = None
+    if target.suffix != ".zarr":
+        _check_labels_fit(path, spatial)
+    if target.suffix == ".zarr":
+        # written in a hidden folder with a journal of finished blocks: an interrupted run
+        # continues when the same command runs again; the result replaces the target when whole
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        journal = target.with_name(f".{target.name}.journal")
+        letters = (stack_axes or "ZYX")[0] + "YX" if len(spatial) == 3 else "YX"
+        if client is not None:  # chunks tile the blocks: no two workers write one chunk
+            shutil.rmtree(journal, ignore_errors=True)
+            from .blocks import DEFAULT_BLOCK
+
+            out = create_ome_zarr_labels(tmp, spatial, letters, chunk=args.block_size or DEFAULT_BLOCK)
+        else:
+            out = create_ome_zarr_labels(tmp, spatial, letters, reuse=journal.is_dir())
+        whole = whole and not journal.is_dir() and client is None  # blocks done before have no probabilities
+    bar, update = _progress_bar(args.quiet, path.name)
+    try:
+        if client is not None:
+            from .cluster import segment_on_cluster
+
+            segment_on_cluster(
+                args.model, path, out, scheduler=client, tile_size=args.tile_size,
+                device=None if args.device == "auto" else args.device, progress=update, channel_axis=channel_axis,
+                min_size=args.min_size, axes=stack_axes, track=args.track, block_size=args.block_size,
+                threads=max(1, (os.cpu_count() or 1) // args.workers) if args.workers else None, **options,
+            )
+            result = out
+        else:
+            result = segment(model, image, tile_size=args.tile_size, device=device, progress=update,
+                             channel_axis=channel_axis, min_size=args.min_size, return_probabilities=whole,
+                             axes=stack_axes, track=args.track, block_size=args.block_size, out=out, journal=journal,
+                             **options)
+        if whole:
+            labels, probs = result
+            warning = unfamiliar(model, probs)
+            del probs
+        else:
+            labels = result
+            # the probabilities were never held whole: the check looks at a central window
+            warning = unfamiliar_image(model, image, channel_axis=channel_axis, device=device)
+    except InputError as exc:
+        for folder in (tmp, journal):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+        raise InputError(f"{path}: {exc}") from exc
+    except BaseException:
+        if tmp is not None and client is None:
+            print(f"unet-studio: {target.name}: the finished blocks are kept; run the same command again to continue",
+                  file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+    if warning:
+        print(f"unet-studio: warning: {path.name}: {warning}", file=sys.stderr)
+    if tmp is not None:
+        n = max_label(labels)
+        labels.attrs["objects"] = n
+        replace_folder(tmp, target)
+        shutil.rmtree(journal, ignore_errors=True)
+        if args.measure:  # what adds up block by block: no eccentricity or solidity here
+            from .measurements import measure_blocks, write_csv
+
+            labels = open_image(target)[0]
+            grey = image if channel_axis is None else None
+            write_csv(out_dir / f"{path.stem}.csv", measure_blocks(labels, grey))
+    else:
+        write_labels(target, labels)
+        n = int(labels.max())
+        if args.measure:
+            from .measurements import measure, write_csv
+
+            write_csv(out_dir / f"{path.stem}.csv", measure(labels, image, channel_axis=channel_axis, axes=stack_axes))
+    return n
 
 
 #: Bytes per pixel of labels held whole for a PNG/TIFF output: int32 labels and a uint16 copy.
