@@ -255,8 +255,11 @@ def run_predict(args: argparse.Namespace) -> int:
         client, close_client = connect(args.scheduler, args.workers)
     n_objects = 0
     try:
-        for path in images:
-            n_objects += _predict_one(args, path, model, device, options, names, out_dir, client if on_cluster else None)
+        if on_cluster and len(images) > 1:
+            n_objects = _predict_many(args, images, model, device, options, names, out_dir, client)
+        else:
+            for path in images:
+                n_objects += _predict_one(args, path, model, device, options, names, out_dir, client if on_cluster else None)
     finally:
         if on_cluster:
             close_client()
@@ -266,6 +269,30 @@ def run_predict(args: argparse.Namespace) -> int:
         f"(model {args.model}, {device.type}) -> {out_dir}"
     )
     return 0
+
+
+#: Images whose blocks are in flight on a cluster at once (each image's tasks are submitted by
+#: one client thread): small images (one block each) then keep every worker busy too.
+CONCURRENT_IMAGES = 8
+
+
+def _predict_many(args, images, model, device, options, names, out_dir, client) -> int:
+    """``_predict_one`` for several images at once on a cluster, one progress bar over images."""
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    from tqdm import tqdm
+
+    quiet = argparse.Namespace(**{**vars(args), "quiet": True})  # one bar over images, not one per image
+    bar = tqdm(total=len(images), desc="images", unit="image", disable=args.quiet, file=sys.stderr, leave=False)
+    with ThreadPoolExecutor(max_workers=min(CONCURRENT_IMAGES, len(images))) as pool:
+        futures = [pool.submit(_predict_one, quiet, path, model, device, options, names, out_dir, client) for path in images]
+        for f in futures:
+            f.add_done_callback(lambda _: bar.update())
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for f in pending:
+            f.cancel()
+        bar.close()
+        return sum(f.result() for f in futures if not f.cancelled())
 
 
 def _predict_one(args, path: Path, model, device, options: dict, names: dict, out_dir: Path, client) -> int:
