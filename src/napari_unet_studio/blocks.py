@@ -15,8 +15,11 @@ that core's window without touching the window's edge, so every block that write
 labels it exactly as the whole image would, and the overlap links its parts. Larger objects
 are linked as well, but their split may differ from the whole-image one near block borders.
 
-Memory depends on the block and tile size only: probabilities and labels of one window at a
-time, plus a few integers per object.
+Each pixel is predicted once: a window's context strips on the left and on top are what the
+windows before it predicted (probabilities do not depend on how an image is tiled), so only its
+bottom-right part is new (:class:`_Strips`). Memory depends on the block and tile size and on
+the image's width: probabilities and labels of one window at a time, a strip of
+``2 * overlap`` rows of probabilities across the image, plus a few integers per object.
 
 With a :class:`Journal` (a folder), each finished block is recorded (its provisional ids and the
 links it made), then the final numbering, then each renumbered block: a run that was
@@ -201,6 +204,89 @@ def _link_majority(ids: Ids, local: np.ndarray, offset: int, written: np.ndarray
         ids.union(int(x) + offset, int(y))
 
 
+class _Strips:
+    """Probabilities that the windows of one slice share, so that each pixel is predicted once.
+
+    Blocks go row by row. The window of a block overlaps the window of the block to its left in a
+    strip of ``2 * overlap`` columns, and the windows of the block row above in a strip of
+    ``2 * overlap`` rows: both were predicted before, and are kept (the rows as one strip across
+    the region, valid where this run predicted them). :meth:`window` predicts only the rest, a
+    rectangle, and assembles the window.
+    """
+
+    def __init__(self, predictor, bounds: Bounds, overlap: int, n_classes: int) -> None:
+        self.predictor = predictor
+        self.bounds = bounds
+        self.overlap = overlap
+        (self.y0, _), (self.x0, x1) = bounds
+        self.width = x1 - self.x0
+        self.rows = None  # (classes, rows of the strip, width), its first row, valid columns
+        self.row_top = 0
+        self.valid = np.zeros(self.width, bool)
+        self.next_rows = None
+        self.next_valid = np.zeros(self.width, bool)
+        self.left = None  # (probabilities, window) of the block just done, in this block row
+        self.block_row = None
+        self.n_classes = n_classes
+
+    def new_part(self, core: Bounds, window: Bounds) -> Bounds:
+        """The part of ``window`` that is not kept from earlier windows: its bottom-right rectangle."""
+        (wy0, wy1), (wx0, wx1) = window
+        top, left = wy0, wx0
+        if self._rows_cover(core, window):
+            top = min(core[0][0] + self.overlap, wy1)
+        if self._left_covers(core, window):
+            left = min(core[1][0] + self.overlap, wx1)
+        return ((top, wy1), (left, wx1))
+
+    def _rows_cover(self, core: Bounds, window: Bounds) -> bool:
+        (wy0, _), (wx0, wx1) = window
+        return (self.rows is not None and wy0 < core[0][0] and self.row_top <= wy0
+                and bool(self.valid[wx0 - self.x0 : wx1 - self.x0].all()))
+
+    def _left_covers(self, core: Bounds, window: Bounds) -> bool:
+        return self.left is not None and self.left[1][0] == window[0] and window[1][0] < core[1][0]
+
+    def start_row(self, core: Bounds) -> None:
+        if self.block_row != core[0]:
+            if self.block_row is not None:
+                self.rows, self.valid, self.row_top = self.next_rows, self.next_valid, self.next_top
+            self.next_rows, self.next_valid = None, np.zeros(self.width, bool)
+            self.block_row, self.left = core[0], None
+            self.next_top = core[0][1] - self.overlap
+
+    def skip(self, core: Bounds) -> None:
+        """A block done before an interruption: nothing of it is kept for its neighbours."""
+        self.start_row(core)
+        self.left = None
+
+    def window(self, s: int, core: Bounds, window: Bounds, progress, cancel) -> np.ndarray:
+        """Probabilities ``(classes, h, w)`` of ``window`` in slice ``s``."""
+        self.start_row(core)
+        (wy0, wy1), (wx0, wx1) = window
+        new = self.new_part(core, window)
+        probs = np.empty((self.n_classes, wy1 - wy0, wx1 - wx0), np.float32)
+        (ny0, ny1), (nx0, nx1) = new
+        if ny1 > ny0 and nx1 > nx0:
+            probs[:, ny0 - wy0 :, nx0 - wx0 :] = self.predictor(new, [s], progress, cancel)[:, 0]
+        if ny0 > wy0:  # the top strip, from the block row above
+            probs[:, : ny0 - wy0] = self.rows[:, wy0 - self.row_top : ny0 - self.row_top, wx0 - self.x0 : wx1 - self.x0]
+        if nx0 > wx0:  # the left strip, from the block before
+            before, (rows, cols) = self.left
+            probs[:, ny0 - wy0 :, : nx0 - wx0] = before[:, ny0 - rows[0] :, wx0 - cols[0] : nx0 - cols[0]]
+        # Kept for the neighbours: this window, and its bottom rows for the next block row.
+        self.left = (probs, window)
+        bottom = max(wy0, self.next_top)
+        if wy1 > bottom:
+            if self.next_rows is None:
+                self.next_rows = np.empty((self.n_classes, 2 * self.overlap, self.width), np.float32)
+            n = min(wy1 - bottom, 2 * self.overlap)
+            self.next_rows[:, bottom - self.next_top : bottom - self.next_top + n, wx0 - self.x0 : wx1 - self.x0] = \
+                probs[:, bottom - wy0 : bottom - wy0 + n]
+            self.next_valid[wx0 - self.x0 : wx1 - self.x0] = True
+        return probs
+
+
 def _slice_key(stack: bool, s: int, region: tuple[slice, slice]) -> tuple:
     return ((s,) if stack else ()) + region
 
@@ -247,16 +333,25 @@ def segment_blocks(
             "model": fingerprint(model),
         })
     windows = [_grow(core, overlap, bounds) for core in cores]
-    per_slice = [predictor.n_tiles(window) for window in windows]
+    # What each window predicts in a run from the start: its strips on top and on the left come
+    # from the windows before it (see _Strips).
+    news = [
+        ((min(c[0][0] + overlap, w[0][1]) if w[0][0] < c[0][0] else w[0][0], w[0][1]),
+         (min(c[1][0] + overlap, w[1][1]) if w[1][0] < c[1][0] else w[1][0], w[1][1]))
+        for c, w in zip(cores, windows)
+    ]
+    per_slice = [predictor.n_tiles(new) if new[0][1] > new[0][0] and new[1][1] > new[1][0] else 0 for new in news]
     total, done = layout.n_slices * sum(per_slice), 0
     if progress is not None:
         progress(0, total)
     table = None if journal is None else journal.table()
     for s in range(layout.n_slices if table is None else 0):
         finished: list[Bounds] = []
+        strips = _Strips(predictor, bounds, overlap, model.n_classes)
         for i, (core, window, n_tiles) in enumerate(zip(cores, windows, per_slice)):
             record = None if journal is None else journal.block(s, i)
             if record is not None:  # finished before an interruption
+                strips.skip(core)
                 ids.count = max(ids.count, record["offset"] + record["count"])
                 for a, b in record["links"]:
                     ids.union(a, b)
@@ -265,7 +360,7 @@ def segment_blocks(
                 done += n_tiles
                 continue
             tiles = None if progress is None else (lambda d, n, base=done: progress(base + min(d, n_tiles), total))
-            probs = predictor(window, [s], tiles, cancel)[:, 0]
+            probs = strips.window(s, core, window, tiles, cancel)
             if cancel is not None and cancel():  # labelling a block takes a while too
                 raise Cancelled("segmentation cancelled")
             local = labels_from_probabilities(probs, encoding=card_of(model).encoding, **options)
