@@ -43,7 +43,7 @@ from .inference import ImageLayout
 from .metrics import as_instances  # noqa: F401 (part of this module's API too)
 from .card import build_model, card_of, model_config
 from . import encodings
-from .models import Geometry, UNetPlusPlus
+from .models import Geometry
 from .normalize import LUMINANCE, adapt_channels
 from .provenance import hardware, image_record
 from .tiling import reflect_indices
@@ -386,9 +386,7 @@ def widen_input(model, in_channels: int = 3):
     state = model.state_dict()
     first = "encoder.0.0.weight"  # the first convolution (no bias: BatchNorm follows, or zeros)
     state[first] = state[first] * torch.as_tensor(LUMINANCE, dtype=state[first].dtype)[None, :, None, None]
-    wide.load_state_dict(state)
-    if isinstance(model, UNetPlusPlus):
-        wide.prune_level = model.prune_level
+    wide.load_state_dict(state)  # a U-Net++'s prune level is part of its config
     return wide.train(model.training)
 
 
