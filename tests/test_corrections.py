@@ -80,3 +80,35 @@ def test_ignored_pixels_are_never_corrections():
 def test_bad_inputs_are_one_line_errors(previous, painted, message):
     with pytest.raises(InputError, match=message):
         find_corrections(previous, painted)
+
+
+def test_corrections_are_found_around_the_strokes_whatever_the_image_around_them():
+    """Only the box around the touched objects is examined: the same strokes in a larger image,
+    anywhere, give the same corrections there and nothing elsewhere."""
+    from skimage.measure import label
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        previous = label(rng.random((60, 70)) > 0.6)
+        painted = previous.copy()
+        for _ in range(rng.integers(1, 4)):
+            y, x = rng.integers(0, 55), rng.integers(0, 65)
+            painted[y : y + rng.integers(1, 10), x : x + rng.integers(1, 10)] = rng.integers(0, previous.max() + 3)
+        small = find_corrections(previous, painted)
+        top, left = rng.integers(3, 40, size=2)
+        big_prev = np.zeros((160, 170), np.int32)
+        big_paint = np.zeros((160, 170), np.int32)
+        big_prev[top : top + 60, left : left + 70] = previous
+        big_paint[top : top + 60, left : left + 70] = painted
+        big = find_corrections(big_prev, big_paint)
+        inside = (slice(top, top + 60), slice(left, left + 70))
+        assert (big.merged, big.split, big.added, big.erased) == (small.merged, small.split, small.added, small.erased)
+        expected = np.zeros(big_prev.shape, bool)
+        # the small image's edge cuts the band of dilation: compare where both see the same pixels
+        expected[inside] = small.mask
+        core = np.zeros(big_prev.shape, bool)
+        core[top + 3 : top + 57, left + 3 : left + 67] = True
+        assert np.array_equal(big.mask & core, expected & core), trial
+        outside = np.ones(big_prev.shape, bool)
+        outside[top - 3 : top + 63, left - 3 : left + 73] = False
+        assert not (big.mask & outside).any()  # nothing far from the strokes

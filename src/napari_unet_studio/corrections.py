@@ -50,9 +50,12 @@ class Corrections:
         return f"{text} ({changed:,} px changed)"
 
 
-def _overlaps(a: np.ndarray, b: np.ndarray) -> dict[int, set[int]]:
-    """For each non-zero id of ``a``, the non-zero ids of ``b`` that share a pixel with it."""
+def _overlaps(a: np.ndarray, b: np.ndarray, only: np.ndarray | None = None) -> dict[int, set[int]]:
+    """For each non-zero id of ``a`` (of those in ``only``), the non-zero ids of ``b`` that share a
+    pixel with it."""
     both = (a > 0) & (b > 0)
+    if only is not None:
+        both &= np.isin(a, only)
     pairs = np.unique(np.stack([a[both], b[both]]), axis=1) if both.any() else np.zeros((2, 0), np.int64)
     found: dict[int, set[int]] = {}
     for i, j in pairs.T:
@@ -88,25 +91,35 @@ def find_corrections(previous, painted, *, ignore: np.ndarray | None = None, ban
     for name, a in (("previous", previous), ("painted", painted)):
         if not (np.issubdtype(a.dtype, np.integer) or a.dtype == bool):
             raise InputError(f"{name} labels must be integers, got {a.dtype}")
-    previous = previous.astype(np.int64)
-    painted = painted.astype(np.int64)
     changed = previous != painted
     if ignore is not None:
         changed &= ~ignore
-    # Objects touched by a change, before and after.
+    full_changed = changed
+    # Everything below concerns the objects a change touched: it is computed in the box around
+    # them (grown by the band and one pixel for the boundaries), which is all a stroke costs.
     touched_new = np.unique(painted[changed & (painted > 0)])
     touched_old = np.unique(previous[changed & (previous > 0)])
+    box = _box(changed | np.isin(painted, touched_new) & (painted > 0) | np.isin(previous, touched_old) & (previous > 0),
+               margin=2 * band + 2)
+    if box is None:
+        return Corrections(np.zeros(previous.shape, bool), full_changed, 0, 0, 0, 0)
+    previous = previous[box].astype(np.int64)
+    painted = painted[box].astype(np.int64)
+    changed = changed[box]
+    ignore_box = None if ignore is None else np.asarray(ignore)[box]
     objects = np.isin(painted, touched_new) & (painted > 0) | np.isin(previous, touched_old) & (previous > 0)
     edges = find_boundaries(np.where(np.isin(painted, touched_new), painted, 0), mode="thick")
     edges |= find_boundaries(np.where(np.isin(previous, touched_old), previous, 0), mode="thick")
     if band > 0 and edges.any():
         edges = ndi.binary_dilation(edges, iterations=band)
-    mask = changed | (edges & (objects | ndi.binary_dilation(objects, iterations=band)))
-    if ignore is not None:
-        mask &= ~ignore
+    mask_box = changed | (edges & (objects | ndi.binary_dilation(objects, iterations=band)))
+    if ignore_box is not None:
+        mask_box &= ~ignore_box
+    mask = np.zeros(full_changed.shape, bool)
+    mask[box] = mask_box
 
-    new_over_old = _overlaps(painted, previous)
-    old_over_new = _overlaps(previous, painted)
+    new_over_old = _overlaps(painted, previous, touched_new)
+    old_over_new = _overlaps(previous, painted, touched_old)
     merged = sum(1 for i in touched_new if len(new_over_old.get(int(i), ())) >= 2)
     split = sum(1 for j in touched_old if len(old_over_new.get(int(j), ())) >= 2)
     added = sum(1 for i in touched_new if not new_over_old.get(int(i)))
@@ -115,4 +128,14 @@ def find_corrections(previous, painted, *, ignore: np.ndarray | None = None, ban
         region = previous == j
         if (painted[region] > 0).mean() < 0.1:
             erased += 1
-    return Corrections(mask, changed, merged, split, added, erased)
+    return Corrections(mask, full_changed, merged, split, added, erased)
+
+
+def _box(mask: np.ndarray, margin: int) -> tuple[slice, slice] | None:
+    """The bounding box of ``mask`` grown by ``margin`` (clipped), or None when it is empty."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    h, w = mask.shape
+    return (slice(max(rows[0] - margin, 0), min(rows[-1] + 1 + margin, h)),
+            slice(max(cols[0] - margin, 0), min(cols[-1] + 1 + margin, w)))
