@@ -10,6 +10,7 @@ from test_training import small_unet, synthetic_cells
 
 from napari_unet_studio.card import ModelCard, attach, card_of
 from napari_unet_studio import InputError, UNet, segment, train
+from napari_unet_studio._sample_data import load_sample
 from napari_unet_studio import training as training_module
 from napari_unet_studio.metrics import iou_matrix
 from napari_unet_studio.training import IGNORE_INDEX, CropSampler, TrainingSession, prepare_pair
@@ -390,3 +391,77 @@ def test_fine_tuning_is_gentler_on_familiar_images(typical, expected):
     given.set_pair(0, image, labels)
     given.prepare()
     assert given.lr == 1e-2 and given.familiar is None  # a given rate is the user's
+
+
+@pytest.mark.parametrize("case", ["plain", "ignore and region", "boundary"])
+def test_a_new_stroke_prepares_only_its_region_and_gives_the_full_preparation(case):
+    """Painting more on the same image: the pair is updated where the strokes reach and equals a
+    preparation from scratch exactly (targets, weights, corrections, the pixels crops come from)."""
+    from napari_unet_studio.card import ModelCard, attach
+    from napari_unet_studio.training import prepare_pair
+
+    rng = np.random.default_rng(1)
+    image, truth = load_sample("nuclei")
+    image, truth = image[:300, :360], truth[:300, :360].astype(np.int32)
+    model = UNet(depth=2, base_channels=4, n_classes=3 if case == "boundary" else 2)
+    if case == "boundary":
+        attach(model, ModelCard(encoding="boundary"))
+    previous = truth.copy()
+    previous[previous == 5] = 0  # the model missed one nucleus and merged two
+    previous[previous == 7] = 8
+    region = None
+    ignore_value = None
+    if case == "ignore and region":
+        region = np.ones(truth.shape, bool)
+        region[:, 330:] = False
+        ignore_value = 65535
+    kwargs = dict(previous=previous, region=region, ignore_value=ignore_value, check_corrections=True)
+    painted = previous.copy()
+    pair = prepare_pair(model, image, painted, **kwargs)
+    for stroke in range(6):
+        painted = painted.copy()
+        y, x = rng.integers(0, 280), rng.integers(0, 340)
+        value = [0, int(truth.max()) + 1 + stroke, int(painted[y, x]), 65535 if ignore_value else 0][stroke % 4]
+        painted[y : y + rng.integers(3, 20), x : x + rng.integers(3, 20)] = value
+        if stroke == 3:
+            painted[truth == 5] = 5  # the missed nucleus painted back whole
+        updated = prepare_pair(model, image, painted, before=pair, **kwargs)
+        assert updated.painted is painted  # the update path, not a fresh preparation
+        full = prepare_pair(model, image, painted, **kwargs)
+        assert updated.image is pair.image  # the normalised pixels are kept
+        np.testing.assert_array_equal(updated.target, full.target)
+        np.testing.assert_array_equal(updated.weights, full.weights)
+        np.testing.assert_array_equal(updated.annotated, full.annotated)
+        np.testing.assert_array_equal(updated.corrected, full.corrected)
+        assert updated.corrections.summary() == full.corrections.summary()
+        assert [(c.window, c.n_objects) for c in updated.checks] == [(c.window, c.n_objects) for c in full.checks]
+        pair = updated
+
+
+def test_the_regions_around_corrections_do_not_depend_on_the_image_around_them():
+    from skimage.measure import label
+
+    from napari_unet_studio.training import _correction_checks
+
+    rng = np.random.default_rng(3)
+    compared = []
+    for trial in range(15):
+        instances = label(rng.random((90, 100)) > 0.62)
+        corrected = np.zeros(instances.shape, bool)
+        for _ in range(rng.integers(1, 4)):
+            y, x = rng.integers(30, 60), rng.integers(30, 70)
+            corrected[y : y + rng.integers(1, 8), x : x + rng.integers(1, 8)] = True
+        ignore = rng.random(instances.shape) > 0.95
+        small = _correction_checks(instances, corrected, ignore)
+        big = [np.zeros((200, 230), a.dtype) for a in (instances, corrected, ignore)]
+        for b, a in zip(big, (instances, corrected, ignore)):
+            b[60:150, 70:170] = a
+        found = _correction_checks(*big)
+        assert len(found) == len(small) > 0
+        for f, s in zip(found, small):
+            (r, c) = s.window
+            if r.start > 0 and c.start > 0 and r.stop < 90 and c.stop < 100:  # not cut by the small image's edge
+                compared.append(trial)
+                assert f.window == (slice(r.start + 60, r.stop + 60), slice(c.start + 70, c.stop + 70))
+                assert np.array_equal(f.truth, s.truth) and np.array_equal(f.scored, s.scored), trial
+    assert len(compared) >= 5

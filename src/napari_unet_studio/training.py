@@ -47,7 +47,7 @@ from .models import Geometry
 from .normalize import LUMINANCE, adapt_channels
 from .provenance import hardware, image_record
 from .tiling import reflect_indices
-from .weightmap import weight_map
+from .weightmap import class_balance, separation, separation_radius
 
 #: Class index of ignored pixels in the encoded targets.
 IGNORE_INDEX = -100
@@ -111,6 +111,13 @@ class TrainingPair:
     # left the model's labels as they were (trained towards those probabilities; see ``distill``).
     soft: np.ndarray | None = None
     record: dict = field(default_factory=dict)  # what the run's provenance says of this image
+    # What a later stroke on the same image needs to prepare only the region it changed.
+    painted: np.ndarray | None = None  # (H, W) the labels as given
+    inputs: tuple = ()  # (region, previous, ignore_value, w0, sigma, correction_weight, channel_axis)
+    ignore: np.ndarray | None = None  # (H, W) bool, not annotated (before any hold-out)
+    foreground: np.ndarray | None = None  # (H, W) bool, foreground of the encoded targets
+    separation: np.ndarray | None = None  # (H, W) float32, the weight map's separation term
+    encoded: np.ndarray | None = None  # (H, W) int64 classes before anything is ignored
 
 
 def _choose_holdout(instances: np.ndarray, ignore: np.ndarray, protected: np.ndarray, k: int, rng) -> HoldOut | None:
@@ -140,21 +147,32 @@ MAX_CORRECTION_CHECKS = 8
 
 def _correction_checks(instances: np.ndarray, corrected: np.ndarray, ignore: np.ndarray) -> list[HoldOut]:
     """Regions around the corrections (nearby ones grouped), with the painted objects there."""
+    from .corrections import _box
+
+    h, w = instances.shape
+    # Worked out in the box around the corrections and their objects: a stroke's cost.
+    touched = np.unique(instances[corrected])
+    box = _box(corrected | np.isin(instances, touched[touched > 0]), margin=16 + HOLDOUT_MARGIN + 1)
+    if box is None:
+        return []
+    (y0, _), (x0, _) = ((s.start, s.stop) for s in box)
+    instances, corrected, ignore = instances[box], corrected[box], ignore[box]
     groups, n = ndi.label(ndi.binary_dilation(corrected, iterations=16))
     if n == 0:
         return []
     sizes = ndi.sum(corrected, groups, range(1, n + 1))
     checks = []
-    h, w = instances.shape
     for g in np.argsort(sizes)[::-1][:MAX_CORRECTION_CHECKS] + 1:
         region = (groups == g) & corrected
         objects = np.unique(instances[region])
         objects = objects[objects > 0]
         scored = ndi.binary_dilation(region | np.isin(instances, objects), iterations=HOLDOUT_MARGIN) & ~ignore
         rows, cols = np.nonzero(scored)
+        rows, cols = rows + y0, cols + x0
         window = (slice(max(rows.min() - 8, 0), min(rows.max() + 9, h)), slice(max(cols.min() - 8, 0), min(cols.max() + 9, w)))
-        truth = np.where(np.isin(instances, objects), instances, 0)[window]
-        checks.append(HoldOut(window, truth, scored[window]))
+        local = (slice(window[0].start - y0, window[0].stop - y0), slice(window[1].start - x0, window[1].stop - x0))
+        truth = np.where(np.isin(instances, objects), instances, 0)[local]
+        checks.append(HoldOut(window, truth, scored[local]))
     return checks
 
 
@@ -173,6 +191,7 @@ def prepare_pair(
     holdout: int = 0,
     check_corrections: bool = False,
     rng: np.random.Generator | None = None,
+    before: TrainingPair | None = None,
 ) -> TrainingPair:
     """Normalise, encode and weight one (image, labels) pair for training.
 
@@ -180,7 +199,14 @@ def prepare_pair(
     pixels get ``1 + correction_weight`` times their weight. ``holdout``: how many objects to
     keep out of training for choosing the best weights (none when there are too few);
     ``check_corrections``: also score the regions around the corrections when choosing.
+    ``before``: this image's pair as prepared for earlier labels (the user painted more): only
+    the region the new strokes changed is encoded and weighted again (the result is the same).
     """
+    inputs = (region, previous, ignore_value, w0, sigma, correction_weight, channel_axis)
+    if before is not None and holdout == 0 and _same_inputs(before, image, inputs):
+        pair = _update_pair(model, before, labels, check_corrections)
+        if pair is not None:
+            return pair
     layout = ImageLayout(image, channel_axis)
     if layout.is_stack:
         raise InputError(f"training takes 2-D images (or 2-D with channels), got shape {layout.shape}")
@@ -208,7 +234,11 @@ def prepare_pair(
         corrected = corrections.mask
     target, separated = encodings.get(card_of(model).encoding).targets(instances)
     # Class balance counts annotated pixels only; ignored pixels get weight 0.
-    weights = weight_map(np.where(ignore, -1, separated), w0=w0, sigma=sigma, ignore_value=-1)
+    separated = np.where(ignore, 0, separated)
+    term = separation(separated, w0=w0, sigma=sigma)
+    weights = class_balance(separated, ignore) + term
+    ignore_before_holdout = ignore.copy()
+    base = (ignore_before_holdout, separated > 0, term, target.copy())
     if corrected.any():
         weights = np.where(corrected, weights * (1.0 + correction_weight), weights)
     held = None
@@ -222,7 +252,7 @@ def prepare_pair(
     annotated = np.flatnonzero(~ignore)
     if annotated.size == 0:
         raise InputError("no annotated pixels: everything is marked ignore or outside the regions")
-    return TrainingPair(
+    pair = TrainingPair(
         np.ascontiguousarray(np.moveaxis(pixels, -1, 0)),
         target,
         weights.astype(np.float32),
@@ -233,6 +263,87 @@ def prepare_pair(
         image,
         corrections,
     )
+    if not _mask_like(np.where(ignore_before_holdout, 0, labels)):  # a mask's objects are its components: no local update
+        pair.painted, pair.inputs = labels, inputs
+        pair.ignore, pair.foreground, pair.separation, pair.encoded = base
+    return pair
+
+
+def _mask_like(labels: np.ndarray) -> bool:
+    """Whether :func:`~napari_unet_studio.metrics.as_instances` takes ``labels`` as a binary mask."""
+    if labels.dtype == bool:
+        return True
+    nonzero = labels[labels != 0]
+    return nonzero.size > 0 and nonzero.min() == nonzero.max()
+
+
+def _same_inputs(before: TrainingPair, image, inputs: tuple) -> bool:
+    """Whether ``before`` was prepared from this very image with these settings."""
+    if before.painted is None or before.source is not image or len(before.inputs) != len(inputs):
+        return False
+    return all(a is b or (type(a) is type(b) and not isinstance(a, np.ndarray) and a == b)
+               for a, b in zip(before.inputs, inputs))
+
+
+def _update_pair(model, before: TrainingPair, labels: np.ndarray, check_corrections: bool) -> TrainingPair | None:
+    """:func:`prepare_pair` for new ``labels`` on the image of ``before``, redoing only the region
+    the change reaches: the targets within a pixel of it, the separation term within the weight
+    map's radius; the class balance, corrections and hold-out bookkeeping over the image (cheap).
+    None when a full preparation is needed (the labels became a binary mask)."""
+    from .corrections import _box
+
+    labels = np.asarray(labels)
+    if labels.shape != before.painted.shape:
+        return None
+    region, previous, ignore_value, w0, sigma, correction_weight, _ = before.inputs
+    diff = labels != before.painted
+    ignore = before.ignore.copy()
+    foreground = before.foreground.copy()
+    term = before.separation.copy()
+    target = before.encoded.copy()
+    reach = int(math.ceil(separation_radius(w0, sigma))) + 1
+    crop = _box(diff, margin=2 + 2 * reach)
+    if crop is not None:
+        if ignore_value is not None:
+            ignore[crop] = labels[crop] == ignore_value
+            if region is not None:
+                ignore[crop] |= ~np.asarray(region, bool)[crop]
+        local = np.where(ignore[crop], 0, labels[crop]).astype(np.int64)
+        t, separated = encodings.get(card_of(model).encoding).targets(local)
+        separated = np.where(ignore[crop], 0, separated)
+        s = separation(separated, w0=w0, sigma=sigma)
+        inner = _box(diff, margin=1)  # targets change within a pixel of the strokes
+        at = tuple(slice(a.start - c.start, a.stop - c.start) for a, c in zip(inner, crop))
+        target[inner] = t[at]
+        foreground[inner] = separated[at] > 0
+        near = _box(diff, margin=1 + reach)  # the separation term, within its radius of them
+        at = tuple(slice(a.start - c.start, a.stop - c.start) for a, c in zip(near, crop))
+        term[near] = s[at]
+    instances = np.where(ignore, 0, labels).astype(np.int64)
+    if _mask_like(instances):
+        return None
+    weights = class_balance(foreground, ignore) + term
+    encoded = target.copy()
+    corrections = None
+    corrected = np.zeros(labels.shape, bool)
+    if previous is not None:
+        corrections = find_corrections(np.asarray(previous), instances, ignore=ignore)
+        corrected = corrections.mask
+        if corrected.any():
+            weights = np.where(corrected, weights * (1.0 + correction_weight), weights)
+    weights[ignore] = 0.0
+    target[ignore] = IGNORE_INDEX
+    annotated = np.flatnonzero(~ignore)
+    if annotated.size == 0:
+        raise InputError("no annotated pixels: everything is marked ignore or outside the regions")
+    pair = TrainingPair(
+        before.image, target, weights.astype(np.float32), annotated, np.flatnonzero(corrected & ~ignore), None,
+        _correction_checks(instances, corrected & ~ignore, ignore) if check_corrections else [],
+        before.source, corrections,
+    )
+    pair.painted, pair.inputs = labels, before.inputs
+    pair.ignore, pair.foreground, pair.separation, pair.encoded = ignore, foreground, term, encoded
+    return pair
 
 
 class CropSampler:
@@ -641,6 +752,7 @@ class TrainingSession:
                 holdout=holdout,
                 check_corrections=self.holdout and self.validation is None,
                 rng=self.rng,
+                before=old,
             )
             if old is not None and old.holdout is not None:
                 held = old.holdout

@@ -71,6 +71,20 @@ def nearest_two_distances(labels: np.ndarray, radius: float) -> tuple[np.ndarray
     return d1, d2
 
 
+def separation(labels: np.ndarray, *, w0: float = 10.0, sigma: float = 5.0, tol: float = DEFAULT_TOLERANCE) -> np.ndarray:
+    """The separation term ``w0 * exp(-(d1 + d2)^2 / (2 sigma^2))`` on the background pixels of
+    2-D instance ``labels`` (0 = background; terms below ``tol`` dropped), float32, 0 elsewhere.
+    It depends only on the objects within ``separation_radius(w0, sigma, tol)`` of a pixel."""
+    term = np.zeros(labels.shape, np.float32)
+    radius = separation_radius(w0, sigma, tol)
+    if radius > 0 and labels.max(initial=0) > 0:
+        d1, d2 = nearest_two_distances(labels, radius)
+        near = (labels == 0) & np.isfinite(d2)
+        s = d1[near] + d2[near]
+        term[near] = (w0 * np.exp(-(s * s) / (2.0 * sigma * sigma))).astype(np.float32)
+    return term
+
+
 def weight_map(
     labels: np.ndarray,
     *,
@@ -121,12 +135,7 @@ def weight_map(
         weights = np.ones(labels.shape, np.float32)
     else:
         raise ValueError(f"class_weights must be 'balanced' or None, got {class_weights!r}")
-    radius = separation_radius(w0, sigma, tol)
-    if radius > 0 and labels.max(initial=0) > 0:
-        d1, d2 = nearest_two_distances(labels, radius)
-        near = (labels == 0) & np.isfinite(d2)
-        s = d1[near] + d2[near]
-        weights[near] += (w0 * np.exp(-(s * s) / (2.0 * sigma * sigma))).astype(np.float32)
+    weights += separation(labels, w0=w0, sigma=sigma, tol=tol)
     if ignore is not None:
         weights[ignore] = 0.0
     return weights
