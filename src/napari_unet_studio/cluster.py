@@ -222,10 +222,9 @@ def segment_on_cluster(
     Other arguments as for :func:`~napari_unet_studio.segment` (``device`` is each worker's; the
     default lets each worker use its GPU when it has one).
     """
-    from .blocks import DEFAULT_BLOCK, DEFAULT_OVERLAP, Ids, _grow, _intersect, block_grid, check_block_size
+    from .blocks import DEFAULT_BLOCK, DEFAULT_OVERLAP, _grow, _intersect, block_grid, check_block_size
     from .checkpoint import load_model
     from .inference import WindowPredictor, _check_out, stack_axes
-    from .linking import DEFAULT_MIN_OVERLAP, link_stack
     from .postprocess import options_for
 
     if not isinstance(model, (str, os.PathLike)):
@@ -276,15 +275,19 @@ def segment_on_cluster(
             "device": device, "channel_axis": layout.channel_axis, "axes": axes, "threads": threads,
         }
         [job_future] = client.scatter([job], broadcast=True)
-        return _run(client, job_future, source, layout.n_slices, cores, earlier, stack, link, out, progress, cancel,
-                    Ids, link_stack, DEFAULT_MIN_OVERLAP, np.iinfo(np.dtype(out.dtype)).max)
+        return _run(client, job_future, source, layout.n_slices, cores, earlier, stack, link, out, progress, cancel)
     finally:
         close()
 
 
-def _run(client, job, image, n_slices, cores, earlier, stack, link, out, progress, cancel, Ids, link_stack, min_overlap, limit) -> int:
+def _run(client, job, image, n_slices, cores, earlier, stack, link, out, progress, cancel) -> int:
+    """The three phases (see the module docstring); returns the number of objects."""
     from distributed import as_completed
 
+    from .blocks import Ids
+    from .linking import DEFAULT_MIN_OVERLAP, link_stack
+
+    limit = np.iinfo(np.dtype(out.dtype)).max
     blocks = [(s, i) for s in range(n_slices) for i in range(len(cores))]
     total = len(blocks)
     labelled = {key: client.submit(_label_task, job, image, *key, pure=False, priority=-k) for k, key in enumerate(blocks)}
@@ -326,7 +329,7 @@ def _run(client, job, image, n_slices, cores, earlier, stack, link, out, progres
             ids.union(a + offsets[s, i], b + offsets[s, j])
     if stack and link:
         client.gather([client.submit(_shift_task, job, s, i, offsets[s, i], pure=False) for s, i in blocks])
-        link_stack(out, [tuple(slice(a, b) for a, b in core) for core in cores], ids, min_overlap=min_overlap,
+        link_stack(out, [tuple(slice(a, b) for a, b in core) for core in cores], ids, min_overlap=DEFAULT_MIN_OVERLAP,
                    cancel=cancel)
         offsets = dict.fromkeys(blocks, 0)  # out now holds provisional ids
     table = ids.table()
