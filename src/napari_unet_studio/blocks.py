@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -345,45 +346,63 @@ def segment_blocks(
     if progress is not None:
         progress(0, total)
     table = None if journal is None else journal.table()
-    for s in range(layout.n_slices if table is None else 0):
-        finished: list[Bounds] = []
-        strips = _Strips(predictor, bounds, overlap, model.n_classes)
-        for i, (core, window, n_tiles) in enumerate(zip(cores, windows, per_slice)):
-            record = None if journal is None else journal.block(s, i)
-            if record is not None:  # finished before an interruption
-                strips.skip(core)
-                ids.count = max(ids.count, record["offset"] + record["count"])
-                for a, b in record["links"]:
-                    ids.union(a, b)
-                ids.written.append(np.asarray(record["written"], np.int64))
-                finished.append(core)
+    def write(s: int, i: int, core: Bounds, window: Bounds, probs: np.ndarray, local: np.ndarray, finished: list) -> None:
+        """Link block ``i``'s objects to the cores written before it and write its core."""
+        offset = ids.reserve(local.max())
+        if ids.count > limit:
+            raise InputError(f"out's dtype {np.dtype(out.dtype)} cannot hold {ids.count} object ids; use int32 or int64")
+        w_origin = (window[0][0], window[1][0])
+        ids.log = []
+        for other in finished:
+            shared = _intersect(window, other)
+            if shared is not None:
+                _link_majority(ids, local[_cut(shared, w_origin)], offset, np.asarray(out[_slice_key(stack, s, _cut(shared, origin))]))
+        mine = local[_cut(core, w_origin)]
+        provisional = np.where(mine > 0, mine.astype(np.int64) + offset, 0)
+        out[_slice_key(stack, s, _cut(core, origin))] = provisional
+        ids.written.append(np.unique(provisional[provisional > 0]))
+        if journal is not None:
+            journal.record_block(s, i, offset, int(local.max()), ids.log, ids.written[-1])
+        ids.log = None
+        if probabilities is not None:
+            probabilities[(slice(None), *_slice_key(stack, s, _cut(core, origin)))] = probs[(slice(None), *_cut(core, w_origin))]
+        finished.append(core)
+
+    def label(probs: np.ndarray) -> np.ndarray:
+        return labels_from_probabilities(probs, encoding=card_of(model).encoding, **options)
+
+    # A block is labelled in a second thread while the next one is predicted; blocks are still
+    # linked and written one after another, in order, so the result is the same.
+    with ThreadPoolExecutor(max_workers=1) as labeller:
+        for s in range(layout.n_slices if table is None else 0):
+            finished: list[Bounds] = []
+            strips = _Strips(predictor, bounds, overlap, model.n_classes)
+            pending = None
+            for i, (core, window, n_tiles) in enumerate(zip(cores, windows, per_slice)):
+                record = None if journal is None else journal.block(s, i)
+                if record is not None:  # finished before an interruption
+                    if pending is not None:
+                        write(*pending[:5], pending[5].result(), finished)
+                        pending = None
+                    strips.skip(core)
+                    ids.count = max(ids.count, record["offset"] + record["count"])
+                    for a, b in record["links"]:
+                        ids.union(a, b)
+                    ids.written.append(np.asarray(record["written"], np.int64))
+                    finished.append(core)
+                    done += n_tiles
+                    continue
+                tiles = None if progress is None else (lambda d, n, base=done: progress(base + min(d, n_tiles), total))
+                probs = strips.window(s, core, window, tiles, cancel)
+                if cancel is not None and cancel():  # labelling a block takes a while too
+                    raise Cancelled("segmentation cancelled")
+                labelling = labeller.submit(label, probs)
+                if pending is not None:
+                    write(*pending[:5], pending[5].result(), finished)
+                pending = (s, i, core, window, probs, labelling)
                 done += n_tiles
-                continue
-            tiles = None if progress is None else (lambda d, n, base=done: progress(base + min(d, n_tiles), total))
-            probs = strips.window(s, core, window, tiles, cancel)
-            if cancel is not None and cancel():  # labelling a block takes a while too
-                raise Cancelled("segmentation cancelled")
-            local = labels_from_probabilities(probs, encoding=card_of(model).encoding, **options)
-            offset = ids.reserve(local.max())
-            if ids.count > limit:
-                raise InputError(f"out's dtype {np.dtype(out.dtype)} cannot hold {ids.count} object ids; use int32 or int64")
-            w_origin = (window[0][0], window[1][0])
-            ids.log = []
-            for other in finished:
-                shared = _intersect(window, other)
-                if shared is not None:
-                    _link_majority(ids, local[_cut(shared, w_origin)], offset, np.asarray(out[_slice_key(stack, s, _cut(shared, origin))]))
-            mine = local[_cut(core, w_origin)]
-            provisional = np.where(mine > 0, mine.astype(np.int64) + offset, 0)
-            out[_slice_key(stack, s, _cut(core, origin))] = provisional
-            ids.written.append(np.unique(provisional[provisional > 0]))
-            if journal is not None:
-                journal.record_block(s, i, offset, int(local.max()), ids.log, ids.written[-1])
-            ids.log = None
-            if probabilities is not None:
-                probabilities[(slice(None), *_slice_key(stack, s, _cut(core, origin)))] = probs[(slice(None), *_cut(core, w_origin))]
-            finished.append(core)
-            done += n_tiles
+            if pending is not None:
+                write(*pending[:5], pending[5].result(), finished)
     if table is None:
         if stack and link:
             regions = [_cut(core, origin) for core in cores]
