@@ -1271,7 +1271,8 @@ def train(
         When a one-channel model meets only RGB(A) training images, train a copy whose first
         convolution is widened to three channels (:func:`widen_input`,
         starting from the luminance weights) so it can learn colour; the returned model then
-        takes RGB. Measured on stained tissue (README): better than training on the luminance.
+        takes RGB. On stained tissue this measured better than the luminance with an earlier version of
+        the package, and worse in the two latest runs (one seed each; see the README).
         With ``False`` (or mixed gray and colour images) RGB images are used as their luminance.
     freeze_encoder
         Keep the contracting path fixed (fine-tuning on very few labels).
