@@ -247,11 +247,7 @@ def prepare_pair(
         if held is not None:
             ignore = ignore.copy()
             ignore[held.window] |= held.scored
-    weights[ignore] = 0.0
-    target[ignore] = IGNORE_INDEX
-    annotated = np.flatnonzero(~ignore)
-    if annotated.size == 0:
-        raise InputError("no annotated pixels: everything is marked ignore or outside the regions")
+    annotated = _leave_out(target, weights, ignore)
     pair = TrainingPair(
         np.ascontiguousarray(np.moveaxis(pixels, -1, 0)),
         target,
@@ -267,6 +263,17 @@ def prepare_pair(
         pair.painted, pair.inputs = labels, inputs
         pair.ignore, pair.foreground, pair.separation, pair.encoded = base
     return pair
+
+
+def _leave_out(target: np.ndarray, weights: np.ndarray, ignore: np.ndarray) -> np.ndarray:
+    """Mark the ``ignore`` pixels in ``target`` and zero their ``weights`` (in place); returns the
+    flat indices of the annotated pixels (an InputError when there are none)."""
+    weights[ignore] = 0.0
+    target[ignore] = IGNORE_INDEX
+    annotated = np.flatnonzero(~ignore)
+    if annotated.size == 0:
+        raise InputError("no annotated pixels: everything is marked ignore or outside the regions")
+    return annotated
 
 
 def _mask_like(labels: np.ndarray) -> bool:
@@ -331,11 +338,7 @@ def _update_pair(model, before: TrainingPair, labels: np.ndarray, check_correcti
         corrected = corrections.mask
         if corrected.any():
             weights = np.where(corrected, weights * (1.0 + correction_weight), weights)
-    weights[ignore] = 0.0
-    target[ignore] = IGNORE_INDEX
-    annotated = np.flatnonzero(~ignore)
-    if annotated.size == 0:
-        raise InputError("no annotated pixels: everything is marked ignore or outside the regions")
+    annotated = _leave_out(target, weights, ignore)
     pair = TrainingPair(
         before.image, target, weights.astype(np.float32), annotated, np.flatnonzero(corrected & ~ignore), None,
         _correction_checks(instances, corrected & ~ignore, ignore) if check_corrections else [],
