@@ -120,3 +120,26 @@ def test_inference_copy_folds_batchnorm_and_computes_the_same(arch):
         got = fast(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched
+
+
+@pytest.mark.parametrize("arch", ["unet", "unetpp"])
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_inference_copy_fuses_each_relu_into_its_convolution(arch, batch_norm):
+    """No ReLU is left as a module of its own; the fused call and the two-op fallback (taken
+    when gradients are on) compute what the model computes."""
+    from napari_unet_studio.models import _ConvReLU, inference_copy
+
+    model = tiny(arch, depth=2, base_channels=4, batch_norm=batch_norm)
+    fast = inference_copy(model)
+    assert not any(isinstance(m, torch.nn.ReLU) for m in fast.modules())
+    n_convs = sum(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) for m in model.modules())
+    assert sum(isinstance(m, _ConvReLU) for m in fast.modules()) == n_convs
+    x = torch.randn(1, 1, model.geometry.input_for_output(24), model.geometry.input_for_output(24))
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = model.eval()(x)
+        fused = fast(x)
+    with torch.enable_grad():
+        fallback = fast(x).detach()
+    torch.testing.assert_close(fused, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fallback, expected, atol=1e-4, rtol=1e-4)

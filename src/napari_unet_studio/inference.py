@@ -16,6 +16,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from .allocator import keep_freed_memory
 from .card import card_of
 from .devices import ThreadFitter, available_memory, is_out_of_memory, resolve_device
 from .errors import Cancelled, InputError, UnetStudioError
@@ -281,11 +282,16 @@ class WindowPredictor:
         # The network that runs: a copy with BatchNorm folded, channels_last (2x on the CPU);
         # the caller's model is neither moved nor switched to eval mode.
         self.net = inference_copy(self.model).to(self.device)
+        # On the CPU, each tile's activations reuse the memory of the last tile's instead of
+        # fresh pages (about half the time of a forward pass; see allocator.py).
+        self._memory = keep_freed_memory() if self.device.type == "cpu" else nullcontext()
+        self._memory.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.net = None
+        self._memory.__exit__(*exc)
 
     def _aligned(self, bounds) -> tuple[tuple[int, int], tuple[int, int]]:
         step = self.model.geometry.step
