@@ -19,7 +19,9 @@ Writes benchmarks/results/gui_gaps.json (and gui_gaps.png, a screenshot of the w
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -55,6 +57,21 @@ def main() -> None:
         now = time.perf_counter()
         gaps.append((now, now - last[0]))
         last[0] = now
+
+    # Python's garbage collector holds the GIL while it runs, in whichever thread: a long
+    # collection stalls the GUI thread too. Each collection is recorded to explain the gaps.
+    collections: list[tuple[float, float, int, str]] = []  # (start, seconds, generation, thread)
+    started = {}
+
+    def on_gc(phase, info) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            started["t"] = now
+        elif "t" in started:
+            t0 = started.pop("t")
+            collections.append((t0, now - t0, info["generation"], threading.current_thread().name))
+
+    gc.callbacks.append(on_gc)
 
     timer = QTimer()
     timer.setInterval(5)
@@ -134,18 +151,24 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     viewer.screenshot(str(args.out.with_suffix(".png")), canvas_only=False)
     rows = []
-    print("| phase | seconds | longest GUI gap (ms) | 99th percentile (ms) |\n| --- | --- | --- | --- |")
+    print("| phase | seconds | longest GUI gap (ms) | 99th percentile (ms) | longest garbage collection (ms) |\n| --- | --- | --- | --- | --- |")
     for name, (a, b) in phases.items():
         g = np.array([gap for t, gap in gaps if a <= t <= b + 0.01]) * 1000
+        pauses = [(d * 1000, gen, thread) for t, d, gen, thread in collections if a <= t <= b + 0.01]
+        longest = max(pauses, default=(0.0, None, None))
         row = {"phase": name, "seconds": b - a, "max_gap_ms": float(g.max()) if g.size else None,
-               "p99_gap_ms": float(np.percentile(g, 99)) if g.size else None}
+               "p99_gap_ms": float(np.percentile(g, 99)) if g.size else None,
+               "gc_collections": len(pauses), "gc_longest_ms": longest[0], "gc_longest_generation": longest[1],
+               "gc_longest_thread": longest[2], "gc_over_20ms": sum(d > 20 for d, _, _ in pauses)}
         rows.append(row)
-        print(f"| {name} | {b - a:.1f} | {row['max_gap_ms']:.0f} | {row['p99_gap_ms']:.0f} |")
+        print(f"| {name} | {b - a:.1f} | {row['max_gap_ms']:.0f} | {row['p99_gap_ms']:.0f} | "
+              f"{row['gc_longest_ms']:.0f} (generation {row['gc_longest_generation']}, {row['gc_longest_thread']}) |")
     lags = [s["reached"] for s in strokes if s["reached"] is not None]
     print(f"\nstroke -> preview from weights trained after it: {len(lags)} of {len(strokes)} strokes, "
           f"median {np.median(lags):.1f} s, longest {max(lags):.1f} s" if lags else "\nno stroke reached a preview")
     args.out.write_text(json.dumps({"phases": rows, "stroke_to_preview_s": lags, "strokes": len(strokes)}, indent=1))
     print(f"wrote {args.out}")
+    gc.callbacks.remove(on_gc)
     viewer.close()
 
 
