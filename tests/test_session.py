@@ -465,3 +465,29 @@ def test_the_regions_around_corrections_do_not_depend_on_the_image_around_them()
                 assert f.window == (slice(r.start + 60, r.stop + 60), slice(c.start + 70, c.stop + 70))
                 assert np.array_equal(f.truth, s.truth) and np.array_equal(f.scored, s.scored), trial
     assert len(compared) >= 5
+
+
+def test_live_training_stopped_during_a_preview_says_it_was_stopped():
+    """The user switched Live off while the view was being segmented: the record says the
+    live training was stopped, not that a time budget ran out."""
+    from napari_unet_studio._widgets.finetune_widget import describe_run
+
+    image, labels = synthetic_cells((128, 128), n=10)
+    session = TrainingSession(small_unet(), seed=0, tile_size=92, holdout=False)
+    session.set_pair("a", image, labels)
+    stop = []
+
+    def view():
+        stop.append(True)  # Live off, clicked while this preview is made
+        return image, (slice(0, 64), slice(0, 64))
+
+    live = session.live(view, cancel=lambda: bool(stop), chunk=0.2)
+    previews = []
+    with pytest.raises(StopIteration) as ended:
+        while True:
+            previews.append(next(live))
+    model = ended.value.value
+    run = card_of(model).provenance["training"][-1]
+    assert len(previews) == 1 and previews[0]["labels"].shape == (64, 64)
+    assert run["stopped"] == "cancelled" and run["live"]
+    assert describe_run(run).startswith(f"live training stopped at step {run['steps']}")

@@ -961,6 +961,10 @@ class TrainingSession:
                 # Previews take at most a quarter of the time: a large view trains longer between them.
                 seconds = max(chunk, 3 * (time.perf_counter() - start))
                 yield {"step": self.step_count, "image": image, "window": window, "labels": labels}
+        # Live training ends when the user stops it (or the loss diverges), also when the stop
+        # came while a preview was made: the last chunk's "time" is not why it ended.
+        if self.stopped != "diverged":
+            self.stopped = "cancelled"
         if self.step_count and self.history and "val_ap50" not in self.history[-1]:
             self._checkpoint(self.history[-1])
         return self.finish(live=True)
