@@ -363,7 +363,8 @@ class _ConvReLU(nn.Conv2d):
 
     @classmethod
     def of(cls, conv: nn.Conv2d) -> _ConvReLU:
-        fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, bias=conv.bias is not None)
+        fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                    dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
         fused.weight, fused.bias = conv.weight, conv.bias
         fused.op = _fused_conv_relu_op()
         return fused
