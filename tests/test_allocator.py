@@ -11,7 +11,7 @@ from napari_unet_studio.allocator import keep_freed_memory
 glibc = pytest.mark.skipif(allocator._glibc() is None, reason="needs glibc")
 
 
-def _faults_of_fresh_blocks(n=4, mib=96):
+def _faults_of_fresh_blocks(n=6, mib=96):
     """Minor page faults while allocating, touching and freeing ``n`` blocks of ``mib`` MiB
     one after the other (after a first one, which may fault either way)."""
     torch.ones(mib * 2**18)
@@ -25,12 +25,14 @@ def _faults_of_fresh_blocks(n=4, mib=96):
 @glibc
 def test_large_freed_blocks_are_reused_inside_and_handed_back_after():
     pages = 96 * 2**20 // resource.getpagesize()
-    assert _faults_of_fresh_blocks() > 3 * pages  # glibc's usual: every block is fresh pages
+    assert _faults_of_fresh_blocks() > 5 * pages  # glibc's usual: every block is fresh pages
     with keep_freed_memory():
         assert allocator.active()
-        assert _faults_of_fresh_blocks() < pages // 10  # the same pages again
+        # The same pages again (alone: no fault at all; after a long test run, where the heap
+        # has had to grow around other mappings, one block's worth was seen).
+        assert _faults_of_fresh_blocks() < 2 * pages
     assert not allocator.active()
-    assert _faults_of_fresh_blocks() > 3 * pages  # back to the usual behaviour
+    assert _faults_of_fresh_blocks() > 5 * pages  # back to the usual behaviour
 
 
 @glibc
