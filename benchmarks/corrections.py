@@ -114,11 +114,17 @@ def sparse(painted: np.ndarray, pred: np.ndarray, true: np.ndarray, chosen: list
     return out
 
 
-def still_corrected(new: np.ndarray, true: np.ndarray, e: dict, old_pred: np.ndarray) -> bool:
-    """Whether the new segmentation keeps an error corrected."""
+def still_corrected(new: np.ndarray, true: np.ndarray, e: dict, old_pred: np.ndarray, now: list[dict] | None = None) -> bool:
+    """Whether the new segmentation keeps an error corrected: the error is no longer found
+    (:func:`errors` on ``new``, given as ``now`` when already computed) and each true object
+    it is about is matched at IoU >= 0.5. The untouched model's own labels score False for
+    every error :func:`errors` found in them (the run checks this)."""
     if e["kind"] == "false":
         region = old_pred == e["pred"][0]
         return (new[region] > 0).mean() < 0.5
+    now = errors(new, true) if now is None else now
+    if any(n["kind"] == e["kind"] and set(n["true"]) & set(e["true"]) for n in now if n["kind"] in ("over-split", "merged")):
+        return False
     for t in e["true"]:
         region = true == t
         ids, counts = np.unique(new[region], return_counts=True)
@@ -131,10 +137,20 @@ def still_corrected(new: np.ndarray, true: np.ndarray, e: dict, old_pred: np.nda
     return True
 
 
+def kept_list(news, truths, chosen, preds) -> list[bool]:
+    """:func:`still_corrected` for every chosen error of every image."""
+    out = []
+    for n, t, c, p in zip(news, truths, chosen, preds):
+        now = errors(n, t)
+        out += [still_corrected(n, t, e, p, now) for e in c]
+    return out
+
+
 def method_options(method: str, preds) -> dict:
     """``train`` options of a method: ``plain`` or ``corrections``, and modifiers joined by ``+``
     (``replay``, ``keep-norm``, ``frozen``, ``tune-pp``: post-processing re-chosen with the weights, ``distill``: unedited pixels train
-    on the starting model's probabilities rather than its labels, ``lr=X``); ``replay`` and ``keep-norm`` alone mean
+    on the starting model's probabilities rather than its labels, ``lr=X``, ``share=X``: the share of crops
+    centred on corrections, ``weight=X``: corrected pixels' extra loss weight); ``replay`` and ``keep-norm`` alone mean
     corrections with that modifier."""
     parts = method.split("+")
     extra = {"holdout": False} if parts[0] == "plain" else {"previous": preds, "holdout": True}
@@ -151,6 +167,10 @@ def method_options(method: str, preds) -> dict:
             extra["tune_postprocess"] = True
         elif part.startswith("lr="):
             extra["lr"] = float(part[3:])
+        elif part.startswith("share="):
+            extra["correction_share"] = float(part[6:])
+        elif part.startswith("weight="):
+            extra["correction_weight"] = float(part[7:])
         elif part not in ("corrections", "plain"):
             raise SystemExit(f"unknown method part {part!r}")
     return extra
@@ -171,7 +191,7 @@ def main():
     parser.add_argument("--replay", action="store_true", help="also corrections + replay of the shipped nuclei sample")
     parser.add_argument("--methods", default="plain,corrections",
                         help="plain, or corrections with modifiers joined by '+': replay, keep-norm (BatchNorm statistics "
-                             "kept), frozen (encoder frozen), tune-pp (post-processing re-chosen), distill, lr=X; e.g. corrections+frozen+keep-norm")
+                             "kept), frozen (encoder frozen), tune-pp (post-processing re-chosen), distill, lr=X, share=X (crops on corrections), weight=X (their extra loss weight); e.g. corrections+frozen+keep-norm")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "corrections.json"))
     args = parser.parse_args()
@@ -186,6 +206,10 @@ def main():
         chosen = [errors(p, t)[: args.k] for p, t in zip(preds, truths)]
         painted = [paint(p, t, c) for p, t, c in zip(preds, truths, chosen)]
         n_corrected = sum(len(c) for c in chosen)
+        if any(kept_list(preds, truths, chosen, preds)):  # the measure must start at 0 of N
+            raise SystemExit("the untouched model already counts as having corrected an error: the 'kept' test is too lenient")
+        if not all(kept_list(painted, truths, chosen, preds)):  # and the painted labels at N of N
+            raise SystemExit("the painted labels do not count as corrected: the 'kept' test is too strict")
         kinds_of = [e["kind"] for c in chosen for e in c]
         print(f"{kind}: held-out AP@0.5 before {before:.3f}; {n_corrected} corrections "
               f"({', '.join(f'{kinds_of.count(k)} {k}' for k in sorted(set(kinds_of)))})", flush=True)
@@ -203,7 +227,7 @@ def main():
                     model, history = train(model, images, labels, time_budget=budget, seed=args.seed, ignore_value=ignore, **extra)
                     seconds = time.perf_counter() - start
                     new = [segment(model, im) for im in images]
-                    kept = [still_corrected(n, t, e, p) for n, t, c, p in zip(new, truths, chosen, preds) for e in c]
+                    kept = kept_list(new, truths, chosen, preds)
                     run = card_of(model).provenance["training"][-1]
                     row = {"kind": kind, "budget_s": budget, "painting": painting, "method": method, "steps": run["steps"],
                            "best_step": run["best_step"], "seconds": round(seconds, 1), "corrections": n_corrected,
