@@ -9,18 +9,24 @@ while a user:
    segmented labels for ``--seconds``, and waits for the preview of the region in view;
 3. switches Live off (the best weights become the active model).
 
-Reports the longest gap and the 99th percentile per phase, and the time from each stroke to
+Reports the longest gap and the 99th percentile per phase (a gap counts in the phase it began in), and the time from each stroke to
 the next preview made by weights trained after it. Needs a display (``xvfb-run -a python
 benchmarks/gui_gaps.py`` on a machine without one). Run it alone: other processes slow both
 threads.
 Writes benchmarks/results/gui_gaps.json (and gui_gaps.png, a screenshot of the window).
+
+``--why``: a second thread samples the GUI thread's Python stack every 2 ms, and the three
+longest gaps of each phase are printed with the functions the GUI thread was in during them
+(a function holding the interpreter lock in C shows at the end of its stall).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections as _collections
 import gc
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -32,6 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds of live training with strokes")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gui_gaps.json")
+    parser.add_argument("--why", action="store_true", help="sample the GUI thread's stack to explain the longest gaps")
     args = parser.parse_args()
 
     import napari
@@ -72,6 +79,24 @@ def main() -> None:
             collections.append((t0, now - t0, info["generation"], threading.current_thread().name))
 
     gc.callbacks.append(on_gc)
+
+    samples: list[tuple[float, tuple[str, ...]]] = []  # (time, GUI thread's frames, innermost first)
+    sampling = threading.Event()
+    gui_ident = threading.get_ident()
+
+    def sample() -> None:
+        while not sampling.is_set():
+            frame = sys._current_frames().get(gui_ident)
+            frames = []
+            while frame is not None and len(frames) < 40:
+                code = frame.f_code
+                frames.append(f"{Path(code.co_filename).parent.name}/{Path(code.co_filename).name}:{code.co_name}")
+                frame = frame.f_back
+            samples.append((time.perf_counter(), tuple(frames)))
+            time.sleep(0.002)
+
+    if args.why:
+        threading.Thread(target=sample, daemon=True, name="stack sampler").start()
 
     timer = QTimer()
     timer.setInterval(5)
@@ -153,7 +178,7 @@ def main() -> None:
     rows = []
     print("| phase | seconds | longest GUI gap (ms) | 99th percentile (ms) | longest garbage collection (ms) |\n| --- | --- | --- | --- | --- |")
     for name, (a, b) in phases.items():
-        g = np.array([gap for t, gap in gaps if a <= t <= b + 0.01]) * 1000
+        g = np.array([gap for t, gap in gaps if a <= t - gap < b]) * 1000  # a gap belongs where it began
         pauses = [(d * 1000, gen, thread) for t, d, gen, thread in collections if a <= t <= b + 0.01]
         longest = max(pauses, default=(0.0, None, None))
         row = {"phase": name, "seconds": b - a, "max_gap_ms": float(g.max()) if g.size else None,
@@ -163,6 +188,15 @@ def main() -> None:
         rows.append(row)
         print(f"| {name} | {b - a:.1f} | {row['max_gap_ms']:.0f} | {row['p99_gap_ms']:.0f} | "
               f"{row['gc_longest_ms']:.0f} (generation {row['gc_longest_generation']}, {row['gc_longest_thread']}) |")
+    if args.why:
+        sampling.set()
+        for name, (a, b) in phases.items():
+            longest = sorted(((gap, t) for t, gap in gaps if a <= t - gap < b), reverse=True)[:3]
+            for gap, t in longest:
+                inside = [f for ts, f in samples if t - gap <= ts <= t]
+                counts = _collections.Counter(f[:6] for f in inside)  # the innermost frames of each sample
+                where = "; ".join(f"{n}x " + " < ".join(f) for f, n in counts.most_common(2))
+                print(f"\n{name}: gap {gap * 1000:.0f} ms ({len(inside)} samples): {where}")
     lags = [s["reached"] for s in strokes if s["reached"] is not None]
     print(f"\nstroke -> preview from weights trained after it: {len(lags)} of {len(strokes)} strokes, "
           f"median {np.median(lags):.1f} s, longest {max(lags):.1f} s" if lags else "\nno stroke reached a preview")

@@ -7,7 +7,14 @@ re-choosing the post-processing with the weights (``tune_postprocess``), a large
 both, and a larger batch. RGB images meet the one-channel model as their luminance, as in
 ``finetune.py``.
 
+``--images`` picks other training images (indices into the sorted training set, or ``all``) to
+see how much the choice of the 2 images matters, and ``--steps`` trains a fixed number of steps
+instead of the time budget (then the machine need not be quiet). ``--flips`` also scores each
+model with its probabilities averaged over the four flips of the image (not a package feature:
+a measure of what test-time augmentation would add).
+
 Run alone (time-budgeted):  python benchmarks/stained_levers.py [VARIANT ...] [--data DIR]
+                            [--images 0,1 | all] [--steps N] [--flips]
 Appends one JSON line per run to benchmarks/results/stained_levers.jsonl.
 """
 
@@ -21,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_unet_studio import load_model, segment, train
+from napari_unet_studio import load_model, predict, segment, train
 from napari_unet_studio.card import card_of
 from napari_unet_studio.metrics import average_precision
+from napari_unet_studio.postprocess import labels_from_probabilities, options_for
 
 from encoding import load
 
@@ -36,28 +44,48 @@ VARIANTS = {
 }
 
 
+def flip_averaged(model, image) -> np.ndarray:
+    """Labels from the probabilities averaged over the image's four flips."""
+    total = 0
+    for axes in ((), (0,), (1,), (0, 1)):
+        probs = predict(model, np.ascontiguousarray(np.flip(image, axes) if axes else image))
+        total = total + (np.flip(probs, tuple(a + 1 for a in axes)) if axes else probs)
+    return labels_from_probabilities(total / 4, encoding=card_of(model).encoding, **options_for(model))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variants", nargs="*", default=list(VARIANTS), help=", ".join(VARIANTS))
     parser.add_argument("--data", type=Path, default=Path(__file__).parents[2] / "shared" / "data" / "dsb2018" / "color")
     parser.add_argument("--budget", type=float, default=180.0)
+    parser.add_argument("--images", default="0,1", help="training images: indices into the sorted set, or 'all'")
+    parser.add_argument("--steps", type=int, default=None, help="a fixed number of steps instead of --budget")
+    parser.add_argument("--flips", action="store_true", help="also score with flip-averaged probabilities")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "stained_levers.jsonl")
     args = parser.parse_args()
     train_images, train_labels = load(args.data / "train", None, 0)
     val_images, val_labels = load(args.data / "val", None, 0)
 
-    def ap50(model) -> float:
-        return float(np.mean([average_precision(segment(model, im), lab)[0.5] for im, lab in zip(val_images, val_labels)]))
+    picked = list(range(len(train_images))) if args.images == "all" else [int(i) for i in args.images.split(",")]
+    train_images, train_labels = [train_images[i] for i in picked], [train_labels[i] for i in picked]
+
+    def ap50(model, labeller=segment) -> float:
+        return float(np.mean([average_precision(labeller(model, im), lab)[0.5] for im, lab in zip(val_images, val_labels)]))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.variants:
         torch.manual_seed(0)
         start = time.perf_counter()
-        model, history = train(load_model("default"), train_images[:2], train_labels[:2], time_budget=args.budget,
-                               seed=0, widen_for_rgb=False, **VARIANTS[name])
-        row = {"variant": name, "steps": len(history), "train_s": time.perf_counter() - start, "ap50": ap50(model),
-               "postprocess": dict(card_of(model).postprocess)}
-        print(f"{name:<28} {row['steps']:4d} steps  AP@0.5 {row['ap50']:.3f}", flush=True)
+        budget = {"steps": args.steps} if args.steps else {"time_budget": args.budget}
+        model, history = train(load_model("default"), train_images, train_labels, seed=0, widen_for_rgb=False,
+                               **budget, **VARIANTS[name])
+        run = card_of(model).provenance["training"][-1]
+        row = {"variant": name, "images": args.images, "steps": len(history), "best_step": run.get("best_step"),
+               "train_s": time.perf_counter() - start, "ap50": ap50(model), "postprocess": dict(card_of(model).postprocess)}
+        if args.flips:
+            row["ap50_flips"] = ap50(model, flip_averaged)
+        print(f"{name:<28} images {args.images:<6} {row['steps']:4d} steps (best {row['best_step']})  AP@0.5 {row['ap50']:.3f}"
+              + (f"  flip-averaged {row['ap50_flips']:.3f}" if args.flips else ""), flush=True)
         with args.out.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
 

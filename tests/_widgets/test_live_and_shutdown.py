@@ -59,7 +59,9 @@ def test_live_mode_picks_up_strokes_and_previews_the_view(make_napari_viewer, qt
     sparse = np.where(np.isin(labels, [1, 2, 3]), labels, 0)
     painted = viewer.add_labels(sparse.astype(np.int32), name="painted")
     state = state_for(viewer)
-    state.set_model(small_model(), "test model")
+    original = small_model()
+    weights_before = {k: v.clone() for k, v in original.state_dict().items()}
+    state.set_model(original, "test model")
     widget = fine_tune_dock(viewer)
     widget.live.setChecked(True)
     assert not widget.run_button.isEnabled()
@@ -78,7 +80,39 @@ def test_live_mode_picks_up_strokes_and_previews_the_view(make_napari_viewer, qt
     run = card_of(state.model).provenance["training"][-1]
     assert run["live"] and run["steps"] >= steps_then + 2
     assert widget.live_session is None and not widget.live.isChecked()
+    assert state.model is not original  # trained a copy (made in the worker) ...
+    assert all(torch.equal(v, weights_before[k]) for k, v in original.state_dict().items())  # ... the original is untouched
     assert not errors
+
+
+def test_a_preview_redraws_only_what_changed(make_napari_viewer):
+    from napari_unet_studio._widgets.finetune_widget import show_preview
+
+    viewer = make_napari_viewer(show=True)  # shown: the canvas holds the layer's texture
+    layer = viewer.add_labels(np.zeros((200, 300), np.int32), name="preview")
+    drawn = []
+    layer.events.labels_update.connect(lambda event: drawn.append(event.data.shape[:2]))
+    refreshed, refresh = [], layer.refresh
+    layer.refresh = lambda *a, **k: refreshed.append(True) or refresh(*a, **k)  # a whole-layer redraw
+    window = (slice(50, 150), slice(100, 250))
+    first = np.zeros((100, 150), np.int32)
+    first[10:40, 20:60] = 3  # 1200 of 15000 pixels: partial
+    show_preview(layer, window, first)
+    np.testing.assert_array_equal(layer.data[window], first)
+    assert layer.data.sum() == first.sum()  # nothing outside the window
+    assert drawn == [(30, 40)] and not refreshed  # only the changed box was recoloured
+    assert not layer._undo_history  # nothing to undo in a preview
+    second = first.copy()
+    second[70:72, 100:103] = 5
+    show_preview(layer, window, second)
+    np.testing.assert_array_equal(layer.data[window], second)
+    assert drawn[-1] == (2, 3)
+    show_preview(layer, window, second)  # no change: nothing drawn
+    assert len(drawn) == 2
+    everything = np.full((100, 150), 7, np.int32)  # most of the window changes: one whole redraw
+    show_preview(layer, window, everything)
+    np.testing.assert_array_equal(layer.data[window], everything)
+    assert len(drawn) == 2 and refreshed
 
 
 def test_closing_the_viewer_while_segmenting_cancels_cleanly(make_napari_viewer, qtbot, errors):

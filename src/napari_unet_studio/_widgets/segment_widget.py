@@ -47,7 +47,7 @@ def _is_untouched_result(layer) -> bool:
     return meta.get("checksum") == _checksum(layer.data)
 
 
-def _segment_job(model, data, *, to_disk: str | None = None, **kwargs):
+def _segment_job(model, data, *, to_disk: str | None = None, prune_level: object = "keep", **kwargs):
     """Worker body: segment ``data`` (loading the default model first when ``model`` is None);
     returns ``(labels, probabilities or None, the model loaded or None, a warning when the image
     looks unlike the model's training data or None, the number of objects, the objects'
@@ -56,7 +56,10 @@ def _segment_job(model, data, *, to_disk: str | None = None, **kwargs):
     With ``to_disk`` (a name), the labels go block by block into a new OME-Zarr image in a
     temporary folder (never held whole in memory) and no probabilities are kept; the
     unfamiliar-image check then looks at a central window of a plane, and the measurements are
-    those that add up block by block (no eccentricity or solidity)."""
+    those that add up block by block (no eccentricity or solidity).
+
+    ``prune_level`` (other than ``"keep"``): segment with a copy of the U-Net++ pruned to it,
+    made here (copying a model is long work), so the shared model stays as the docks know it."""
     from ..inference import ImageLayout, segment, unfamiliar, unfamiliar_image
 
     loaded = None
@@ -64,6 +67,11 @@ def _segment_job(model, data, *, to_disk: str | None = None, **kwargs):
         from ..checkpoint import load_model
 
         model = loaded = load_model("default")
+    if prune_level != "keep":
+        import copy
+
+        model = copy.deepcopy(model)
+        model.prune_level = prune_level
     if to_disk is None:
         from ..measurements import measure
 
@@ -273,14 +281,12 @@ class SegmentWidget(QWidget):
             except UnetStudioError as exc:
                 notify_error(exc)
                 return None
+        prune_level = "keep"
         if model is not None and model.arch == "unetpp":
             level = self.prune.currentText()
             level = None if level == "full" else int(level[1:])
-            if level != model.prune_level:  # a pruned copy: the shared model stays as the other docks know it
-                import copy
-
-                model = copy.deepcopy(model)
-                model.prune_level = level
+            if level != model.prune_level:  # a pruned copy, made in the worker
+                prune_level = level
         self.cancel_flag.clear()
         self.progress.setValue(0)
         self.buttons.set_busy(True)
@@ -294,6 +300,7 @@ class SegmentWidget(QWidget):
             model,
             data,
             to_disk=to_disk,
+            prune_level=prune_level,
             **stack_options,
             tile_size=self.tile.value() or None,
             device=self.state.device,
