@@ -105,7 +105,16 @@ def train_case(case, tmp_path, model_file):
             for i in range(2):
                 iio.imwrite(prev / f"cell{i}.png", np.zeros((90, 96), np.uint16))
 
-        return [*base, "--out", out, "--previous", prev], "--previous", make
+        return [*base, "--out", out, "--init", model_file, "--previous", prev], "is (90, 96) but the labels are (96, 96)", make
+    if case == "previous with random weights":
+        prev = tmp_path / "prev"
+
+        def make():
+            prev.mkdir()
+            for i in range(2):
+                iio.imwrite(prev / f"cell{i}.png", np.zeros((96, 96), np.uint16))
+
+        return [*base, "--out", out, "--previous", prev], "add --init default", make
     raise AssertionError(case)
 
 
@@ -133,7 +142,8 @@ def evaluate_case(case, tmp_path):
 
 PREDICT = ["output is the input folder", "empty output", "existing outputs", "float64 beyond float32", "huge declared size"]
 TRAIN = ["out is a folder", "out parent missing", "out parent is a file", "out exists", "time budget nan", "time budget inf",
-         "time budget negative", "lr negative", "lr nan", "seed negative", "png and tif of one name", "previous of another shape"]
+         "time budget negative", "lr negative", "lr nan", "seed negative", "png and tif of one name", "previous of another shape",
+         "previous with random weights"]
 EVALUATE = ["RGB labels", "4-D labels", "negative labels", "float labels"]
 
 

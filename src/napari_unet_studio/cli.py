@@ -130,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--time-budget", type=_positive_float, default=None, metavar="SECONDS", help="training time limit")
     t.add_argument("--batch-size", type=_positive_int, default=2, metavar="N", help="crops per step (default: 2)")
     t.add_argument("--tile-size", type=_positive_int, default=None, metavar="N", help="input crop edge (default: 444, output 260 px)")
-    t.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default: 1e-3, 3e-4 when fine-tuning)")
+    t.add_argument("--lr", type=_positive_float, default=None,
+                   help="learning rate (default: 1e-3 from random weights; when fine-tuning, 3e-4, or 3e-5 when the "
+                        "images look like the model's own training data)")
     t.add_argument("--val-images", default=None, metavar="DIR", help="validation images (AP@0.5 picks the best model)")
     t.add_argument("--val-labels", default=None, metavar="DIR", help="validation labels")
     t.add_argument("--val-every", type=_positive_int, default=None, metavar="N", help="steps between validations")
@@ -541,6 +543,9 @@ def run_train(args: argparse.Namespace) -> int:
     check_model_path(out, args.overwrite)
     if (args.val_images is None) != (args.val_labels is None):
         raise InputError("--val-images and --val-labels go together")
+    if args.previous is not None and args.init == "none":
+        raise InputError("--previous marks where a model was wrong, so it fine-tunes that model: add --init default "
+                         "(or --init MODEL_FILE, the model that gave those labels); random weights were not wrong anywhere")
     device = resolve_device(args.device)
     pairs = _paired(args.images, args.labels, "training data")
     images, labels = _read_pairs(pairs, "training data")
