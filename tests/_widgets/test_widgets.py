@@ -1,6 +1,7 @@
 """The dock widgets in a real napari viewer: manifest, samples, segmenting off the GUI thread,
 never overwriting painted labels, cancel, and user errors as notifications."""
 
+import copy
 import time
 
 import numpy as np
@@ -646,3 +647,28 @@ def test_model_dock_exports_a_bioimageio_package_and_opens_it_again(make_napari_
     widget.load(path)
     wait_loaded(qtbot, widget)
     assert state.name == str(path) and fingerprint(state.model) == fingerprint(model)
+
+
+def test_segment_at_a_unetpp_level_leaves_the_shared_model_as_it_was(make_napari_viewer, qtbot):
+    from napari_unet_studio import UNetPlusPlus, segment
+
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    image = rng.random((90, 110)).astype(np.float32)
+    viewer.add_image(image, name="cells")
+    torch.manual_seed(0)
+    model = UNetPlusPlus(depth=2, base_channels=4).eval()
+    state = state_for(viewer)
+    state.set_model(model, "unet++")
+    widget = open_widget(viewer, "Segment")
+    widget.image.setCurrentText("cells")
+    widget.prune.setCurrentText("L1")
+    widget.probability.setChecked(True)
+    run_and_wait(qtbot, widget)
+    assert state.model is model and model.prune_level is None  # the pruned copy was the worker's own
+    pruned = copy.deepcopy(model)
+    pruned.prune_level = 1
+    _, probs = segment(pruned, image, return_probabilities=True)
+    _, full = segment(model, image, return_probabilities=True)
+    assert not np.allclose(probs[1], full[1])  # the levels differ, so the check below can tell them apart
+    np.testing.assert_allclose(viewer.layers["cells foreground probability"].data, probs[1], atol=1e-6)
