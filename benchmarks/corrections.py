@@ -53,7 +53,9 @@ def split_kind(kind: str, n_paint: int, n_eval: int, seed: int):
     if kind == "color":
         images, labels = load(KINDS[kind] / "train", None, seed)
         eval_images, eval_labels = load(KINDS[kind] / "val", n_eval, seed)
-        return images[:n_paint], labels[:n_paint], eval_images, eval_labels
+        # seed 0: the first images (as in every earlier run); other seeds: a random pick
+        pick = range(n_paint) if seed == 0 else sorted(np.random.default_rng(seed).choice(len(images), n_paint, replace=False))
+        return [images[i] for i in pick], [labels[i] for i in pick], eval_images, eval_labels
     images, labels = load(KINDS[kind], None, seed)
     order = np.random.default_rng(seed).permutation(len(images))
     paint, held = order[:n_paint], order[n_paint : n_paint + n_eval]
@@ -148,7 +150,7 @@ def kept_list(news, truths, chosen, preds) -> list[bool]:
 
 def method_options(method: str, preds) -> dict:
     """``train`` options of a method: ``plain`` or ``corrections``, and modifiers joined by ``+``
-    (``replay``, ``keep-norm``, ``frozen``, ``tune-pp``: post-processing re-chosen with the weights, ``distill``: unedited pixels train
+    (``replay``, ``keep-norm``, ``frozen``, ``tune-pp``: post-processing re-chosen with the weights, ``no-holdout``: the last weights, ``distill``: unedited pixels train
     on the starting model's probabilities rather than its labels, ``lr=X``, ``share=X``: the share of crops
     centred on corrections, ``weight=X``: corrected pixels' extra loss weight); ``replay`` and ``keep-norm`` alone mean
     corrections with that modifier."""
@@ -165,6 +167,8 @@ def method_options(method: str, preds) -> dict:
             extra["distill"] = True
         elif part == "tune-pp":
             extra["tune_postprocess"] = True
+        elif part == "no-holdout":
+            extra["holdout"] = False
         elif part.startswith("lr="):
             extra["lr"] = float(part[3:])
         elif part.startswith("share="):
@@ -191,7 +195,7 @@ def main():
     parser.add_argument("--replay", action="store_true", help="also corrections + replay of the shipped nuclei sample")
     parser.add_argument("--methods", default="plain,corrections",
                         help="plain, or corrections with modifiers joined by '+': replay, keep-norm (BatchNorm statistics "
-                             "kept), frozen (encoder frozen), tune-pp (post-processing re-chosen), distill, lr=X, share=X (crops on corrections), weight=X (their extra loss weight); e.g. corrections+frozen+keep-norm")
+                             "kept), frozen (encoder frozen), tune-pp (post-processing re-chosen), no-holdout (the last weights), distill, lr=X, share=X (crops on corrections), weight=X (their extra loss weight); e.g. corrections+frozen+keep-norm")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "corrections.json"))
     args = parser.parse_args()
