@@ -97,23 +97,17 @@ def train_case(case, tmp_path, model_file):
         return [*base, "--out", out, "--seed", "-1"], "--seed", None
     if case == "png and tif of one name":
         return [*base, "--out", out], "share the base name", lambda: tifffile.imwrite(images / "cell0.tif", np.zeros((96, 96), np.uint8))
-    if case == "previous of another shape":
+    if case in ("previous of another shape", "previous with random weights"):
         prev = tmp_path / "prev"
+        shape = (90, 96) if case == "previous of another shape" else (96, 96)
 
         def make():
             prev.mkdir()
             for i in range(2):
-                iio.imwrite(prev / f"cell{i}.png", np.zeros((90, 96), np.uint16))
+                iio.imwrite(prev / f"cell{i}.png", np.zeros(shape, np.uint16))
 
-        return [*base, "--out", out, "--init", model_file, "--previous", prev], "is (90, 96) but the labels are (96, 96)", make
-    if case == "previous with random weights":
-        prev = tmp_path / "prev"
-
-        def make():
-            prev.mkdir()
-            for i in range(2):
-                iio.imwrite(prev / f"cell{i}.png", np.zeros((96, 96), np.uint16))
-
+        if case == "previous of another shape":
+            return [*base, "--out", out, "--init", model_file, "--previous", prev], "is (90, 96) but the labels are (96, 96)", make
         return [*base, "--out", out, "--previous", prev], "add --init default", make
     raise AssertionError(case)
 
