@@ -116,16 +116,15 @@ def sparse(painted: np.ndarray, pred: np.ndarray, true: np.ndarray, chosen: list
     return out
 
 
-def still_corrected(new: np.ndarray, true: np.ndarray, e: dict, old_pred: np.ndarray, now: list[dict] | None = None) -> bool:
-    """Whether the new segmentation keeps an error corrected: the error is no longer found
-    (:func:`errors` on ``new``, given as ``now`` when already computed) and each true object
-    it is about is matched at IoU >= 0.5. The untouched model's own labels score False for
-    every error :func:`errors` found in them (the run checks this)."""
+def still_corrected(new: np.ndarray, true: np.ndarray, e: dict, old_pred: np.ndarray, now: list[dict]) -> bool:
+    """Whether the new segmentation keeps an error corrected: the error is not among ``now``
+    (:func:`errors` of ``new``) and each true object it is about is matched at IoU >= 0.5. The
+    untouched model's own labels score False for every error :func:`errors` found in them (the
+    run checks this)."""
     if e["kind"] == "false":
         region = old_pred == e["pred"][0]
         return (new[region] > 0).mean() < 0.5
-    now = errors(new, true) if now is None else now
-    if any(n["kind"] == e["kind"] and set(n["true"]) & set(e["true"]) for n in now if n["kind"] in ("over-split", "merged")):
+    if any(n["kind"] == e["kind"] and set(n["true"]) & set(e["true"]) for n in now):
         return False
     for t in e["true"]:
         region = true == t

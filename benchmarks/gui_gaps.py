@@ -23,7 +23,7 @@ longest gaps of each phase are printed with the functions the GUI thread was in 
 from __future__ import annotations
 
 import argparse
-import collections as _collections
+from collections import Counter
 import gc
 import json
 import sys
@@ -179,7 +179,7 @@ def main() -> None:
     print("| phase | seconds | longest GUI gap (ms) | 99th percentile (ms) | longest garbage collection (ms) |\n| --- | --- | --- | --- | --- |")
     for name, (a, b) in phases.items():
         g = np.array([gap for t, gap in gaps if a <= t - gap < b]) * 1000  # a gap belongs where it began
-        pauses = [(d * 1000, gen, thread) for t, d, gen, thread in collections if a <= t <= b + 0.01]
+        pauses = [(d * 1000, gen, thread) for t, d, gen, thread in collections if a <= t < b]  # t: its start
         longest = max(pauses, default=(0.0, None, None))
         row = {"phase": name, "seconds": b - a, "max_gap_ms": float(g.max()) if g.size else None,
                "p99_gap_ms": float(np.percentile(g, 99)) if g.size else None,
@@ -194,7 +194,7 @@ def main() -> None:
             longest = sorted(((gap, t) for t, gap in gaps if a <= t - gap < b), reverse=True)[:3]
             for gap, t in longest:
                 inside = [f for ts, f in samples if t - gap <= ts <= t]
-                counts = _collections.Counter(f[:6] for f in inside)  # the innermost frames of each sample
+                counts = Counter(f[:6] for f in inside)  # the innermost frames of each sample
                 where = "; ".join(f"{n}x " + " < ".join(f) for f, n in counts.most_common(2))
                 print(f"\n{name}: gap {gap * 1000:.0f} ms ({len(inside)} samples): {where}")
     lags = [s["reached"] for s in strokes if s["reached"] is not None]
