@@ -248,6 +248,10 @@ def test_corrections_are_checked_when_choosing_the_weights():
     records = []
     session.run(steps=2, val_every=2, progress=records.append)
     assert records[-1]["val_source"] == "held-out objects and corrections" and 0 <= records[-1]["val_ap50"] <= 1
+    # The record says what each part scored; the choice's AP@0.5 is their mean.
+    parts = records[-1]["val_parts"]
+    assert set(parts) == {"held-out objects", "corrections"} and all(0 <= v <= 1 for v in parts.values())
+    assert records[-1]["val_ap50"] == pytest.approx((parts["held-out objects"] + parts["corrections"]) / 2)
 
 
 def test_when_the_starting_weights_win_a_widened_model_is_not_handed_back(monkeypatch):
@@ -393,6 +397,30 @@ def test_fine_tuning_is_gentler_on_familiar_images(typical, expected):
     assert given.lr == 1e-2 and given.familiar is None  # a given rate is the user's
 
 
+@pytest.mark.parametrize("typical, held", [(0.9, True), (0.0, False), (None, True)])
+def test_the_models_own_labels_are_held_out_only_on_images_it_knows(typical, held):
+    """With the labels the model gave, the objects that could be held out are the model's own:
+    on an image it finds unfamiliar they choose nothing, the corrections do (also with a given
+    learning rate); on a familiar one (or with no record to tell) they are held out as before."""
+    image, labels = synthetic_cells((192, 192), n=20, radius=(5, 8))
+    previous = np.where(labels == 4, 0, labels)  # the model missed object 4; the user painted it
+    model = small_unet()  # random weights: most pixels uncertain
+    if typical is not None:
+        card_of(model).provenance["uncertainty"] = {"typical": typical, "images": 1}
+    session = TrainingSession(model, seed=0, tile_size=92, lr=1e-3)
+    session.set_pair(0, image, labels, previous=previous)
+    session.prepare()
+    assert (session.pairs[0].holdout is not None) is held
+    assert session.chosen_by == ("held-out objects and corrections" if held else "corrections")
+    assert session.familiar is (typical == 0.9)
+    # Labels the user painted from scratch are held out on any image.
+    scratch = TrainingSession(small_unet(), seed=0, tile_size=92, lr=1e-3)
+    card_of(scratch.model).provenance["uncertainty"] = {"typical": 0.0, "images": 1}
+    scratch.set_pair(0, image, labels)
+    scratch.prepare()
+    assert scratch.pairs[0].holdout is not None and scratch.chosen_by == "held-out objects"
+
+
 @pytest.mark.parametrize("case", ["plain", "ignore and region", "boundary"])
 def test_a_new_stroke_prepares_only_its_region_and_gives_the_full_preparation(case):
     """Painting more on the same image: the pair is updated where the strokes reach and equals a
@@ -452,9 +480,10 @@ def test_the_regions_around_corrections_do_not_depend_on_the_image_around_them()
             y, x = rng.integers(30, 60), rng.integers(30, 70)
             corrected[y : y + rng.integers(1, 8), x : x + rng.integers(1, 8)] = True
         ignore = rng.random(instances.shape) > 0.95
-        small = _correction_checks(instances, corrected, ignore)
-        big = [np.zeros((200, 230), a.dtype) for a in (instances, corrected, ignore)]
-        for b, a in zip(big, (instances, corrected, ignore)):
+        previous = np.where(corrected, instances.max() + 1, instances)  # the model had a blob there
+        small = _correction_checks(instances, corrected, ignore, previous)
+        big = [np.zeros((200, 230), a.dtype) for a in (instances, corrected, ignore, previous)]
+        for b, a in zip(big, (instances, corrected, ignore, previous)):
             b[60:150, 70:170] = a
         found = _correction_checks(*big)
         assert len(found) == len(small) > 0
@@ -465,6 +494,34 @@ def test_the_regions_around_corrections_do_not_depend_on_the_image_around_them()
                 assert f.window == (slice(r.start + 60, r.stop + 60), slice(c.start + 70, c.stop + 70))
                 assert np.array_equal(f.truth, s.truth) and np.array_equal(f.scored, s.scored), trial
     assert len(compared) >= 5
+
+
+def test_the_regions_around_corrections_score_only_the_objects_they_are_about():
+    """Neighbours the user left as the model drew them are not the truth of a correction's
+    region (the starting weights would score them perfectly): an erasure's region has no
+    truth, a split's has both halves, a merge's the merged object."""
+    from napari_unet_studio.corrections import find_corrections
+    from napari_unet_studio.training import _correction_checks
+
+    painted = np.zeros((120, 200), np.int32)
+    painted[10:30, 10:30] = 1  # a neighbour touching the false object below
+    previous = painted.copy()
+    previous[10:30, 30:50] = 2  # a false object, erased by the user
+    previous[80:110, 10:60] = 3  # one object where there are two: the user split it
+    painted[80:110, 10:34], painted[80:110, 36:60] = 3, 4
+    painted[80:110, 62:80] = 5  # a neighbour touching the split object, left as it was
+    previous[80:110, 62:80] = 5
+    previous[20:40, 120:140], previous[20:40, 140:160] = 6, 7  # two halves of one object: merged
+    painted[20:40, 120:160] = 8
+    painted[20:40, 162:180] = previous[20:40, 162:180] = 9  # its neighbour, left as it was
+    ignore = np.zeros(painted.shape, bool)
+    changed = find_corrections(previous, painted).changed
+    checks = _correction_checks(painted, changed, ignore, previous)
+    truths = sorted(tuple(int(v) for v in np.unique(c.truth[c.truth > 0])) for c in checks)
+    assert truths == [(), (3, 4), (8,)]
+    erasure = next(c for c in checks if c.n_objects == 0)
+    assert erasure.scored[(slice(10 - erasure.window[0].start, 30 - erasure.window[0].start),
+                           slice(30 - erasure.window[1].start, 50 - erasure.window[1].start))].all()
 
 
 def test_live_training_stopped_during_a_preview_says_it_was_stopped():

@@ -145,29 +145,39 @@ def _choose_holdout(instances: np.ndarray, ignore: np.ndarray, protected: np.nda
 MAX_CORRECTION_CHECKS = 8
 
 
-def _correction_checks(instances: np.ndarray, corrected: np.ndarray, ignore: np.ndarray) -> list[HoldOut]:
-    """Regions around the corrections (nearby ones grouped), with the painted objects there."""
+def _correction_checks(instances: np.ndarray, changed: np.ndarray, ignore: np.ndarray, previous: np.ndarray) -> list[HoldOut]:
+    """Regions around the corrections (nearby ones grouped), with the objects they are about.
+
+    A correction is about the painted objects whose pixels changed and those that overlap a
+    model object that changed (both halves of a split): those are the truth of its region. An
+    erased object leaves a region with no truth, where any predicted object is a false one.
+    Objects the user left as the model drew them are not scored here, also when they touch a
+    correction: they would score the starting weights perfectly whatever was learned."""
     from .corrections import _box
 
     h, w = instances.shape
+    touched_old = np.unique(previous[changed])
+    involved = changed | (np.isin(previous, touched_old[touched_old > 0]) & ~ignore)
+    about = np.unique(instances[involved])
     # Worked out in the box around the corrections and their objects: a stroke's cost.
-    touched = np.unique(instances[corrected])
-    box = _box(corrected | np.isin(instances, touched[touched > 0]), margin=16 + HOLDOUT_MARGIN + 1)
+    box = _box(involved | np.isin(instances, about[about > 0]), margin=16 + HOLDOUT_MARGIN + 1)
     if box is None:
         return []
     (y0, _), (x0, _) = ((s.start, s.stop) for s in box)
-    instances, corrected, ignore = instances[box], corrected[box], ignore[box]
-    groups, n = ndi.label(ndi.binary_dilation(corrected, iterations=16))
+    instances, involved, ignore = instances[box], involved[box], ignore[box]
+    groups, n = ndi.label(ndi.binary_dilation(involved, iterations=16))
     if n == 0:
         return []
-    sizes = ndi.sum(corrected, groups, range(1, n + 1))
+    sizes = ndi.sum(involved, groups, range(1, n + 1))
     checks = []
     for g in np.argsort(sizes)[::-1][:MAX_CORRECTION_CHECKS] + 1:
-        region = (groups == g) & corrected
+        region = (groups == g) & involved
         objects = np.unique(instances[region])
         objects = objects[objects > 0]
         scored = ndi.binary_dilation(region | np.isin(instances, objects), iterations=HOLDOUT_MARGIN) & ~ignore
         rows, cols = np.nonzero(scored)
+        if rows.size == 0:
+            continue
         rows, cols = rows + y0, cols + x0
         window = (slice(max(rows.min() - 8, 0), min(rows.max() + 9, h)), slice(max(cols.min() - 8, 0), min(cols.max() + 9, w)))
         local = (slice(window[0].start - y0, window[0].stop - y0), slice(window[1].start - x0, window[1].stop - x0))
@@ -255,7 +265,8 @@ def prepare_pair(
         annotated,
         np.flatnonzero(corrected & ~ignore),
         held,
-        _correction_checks(instances, corrected & ~ignore, ignore) if check_corrections else [],
+        _correction_checks(instances, corrections.changed & ~ignore, ignore, previous)
+        if check_corrections and corrections is not None else [],
         image,
         corrections,
     )
@@ -341,7 +352,8 @@ def _update_pair(model, before: TrainingPair, labels: np.ndarray, check_correcti
     annotated = _leave_out(target, weights, ignore)
     pair = TrainingPair(
         before.image, target, weights.astype(np.float32), annotated, np.flatnonzero(corrected & ~ignore), None,
-        _correction_checks(instances, corrected & ~ignore, ignore) if check_corrections else [],
+        _correction_checks(instances, corrections.changed & ~ignore, ignore, np.asarray(previous))
+        if check_corrections and corrections is not None else [],
         before.source, corrections,
     )
     pair.painted, pair.inputs = labels, before.inputs
@@ -521,11 +533,16 @@ class Score(tuple):
     ties), with the post-processing settings they were scored with in ``postprocess``."""
 
     postprocess: dict | None
+    parts: dict  # what was scored -> its AP@0.5 ("validation", "held-out objects", "corrections")
 
-    def __new__(cls, ap50: float, ap50_95: float, postprocess: dict | None = None):
+    def __new__(cls, ap50: float, ap50_95: float, postprocess: dict | None = None, parts: dict | None = None):
         score = super().__new__(cls, (float(ap50), float(ap50_95)))
         score.postprocess = postprocess
+        score.parts = dict(parts or {})
         return score
+
+
+_UNMEASURED = object()
 
 
 class TrainingSession:
@@ -545,7 +562,10 @@ class TrainingSession:
         With no validation pairs, hold out ~15 % of the painted objects (at least 8 objects in
         all, at most 20 held out) and keep the weights that segment them, and the objects around
         the corrections, best (AP@0.5). With a validation pair, or 10 or more held-out objects,
-        the weights before training compete too, so the result is never worse on them.
+        the weights before training compete too, so the result is never worse on them. Pairs
+        given with the labels the model gave (``previous``) on an image the model finds
+        unfamiliar hold nothing out (the objects that could be are the model's own, no truth
+        there); the corrections alone choose.
     correction_share, correction_weight
         Share of crops centred on corrected pixels, and their extra loss weight (pairs given
         with ``previous`` labels).
@@ -627,9 +647,10 @@ class TrainingSession:
         self.device = resolve_device(device)
         self.fine_tune = bool(card_of(model).provenance.get("training")) if fine_tune is None else bool(fine_tune)
         # A fine-tune's learning rate, when not given, is chosen when the first pairs are
-        # prepared: gentler on images the model finds familiar (see _choose_lr).
+        # prepared: gentler on images the model finds familiar (see _measure_familiarity).
         self._lr_given = lr is not None
         self.familiar: bool | None = None
+        self._unfamiliar = _UNMEASURED  # is_unfamiliar() of the first image: True, False or None (no record)
         self.lr = lr if lr is not None else (FINE_TUNE_LR if self.fine_tune else 1e-3)
         self.batch_size = batch_size
         self.schedule = schedule
@@ -740,7 +761,18 @@ class TrainingSession:
             # The hold-out is chosen once, from the first labels of each pair: its objects stay
             # out of training when the pair is replaced.
             old = self.pairs.get(key)
-            holdout = self._holdout_size(item["labels"]) if old is None else 0
+            wants_lr = self.familiar is None and self.fine_tune and not self._lr_given
+            wants_holdout = old is None and item["previous"] is not None and self._holdout_size(item["labels"]) > 0
+            if self._unfamiliar is _UNMEASURED and (wants_lr or wants_holdout):
+                self._measure_familiarity(item["image"])
+            if wants_lr:
+                self.lr = FAMILIAR_LR if self.familiar else FINE_TUNE_LR
+            # With the labels the model gave, the objects that could be held out are the ones the
+            # user left as the model drew them: on images the model does not know they are no
+            # truth to choose by (measured on stained tissue: their AP fell to 0 while AP on other
+            # images of the kind rose), so the corrections alone choose there.
+            trusted = item["previous"] is None or self._unfamiliar is not True
+            holdout = self._holdout_size(item["labels"]) if old is None and trusted else 0
             pair = prepare_pair(
                 self.model,
                 item["image"],
@@ -766,8 +798,6 @@ class TrainingSession:
                 pair.annotated = np.flatnonzero(pair.target.ravel() != IGNORE_INDEX)
                 pair.corrected = pair.corrected[keep.ravel()[pair.corrected]]
                 pair.holdout = held
-            if self.familiar is None and self.fine_tune and not self._lr_given:
-                self._choose_lr(item["image"])
             if self.distill and pair.corrections is not None:
                 pair.soft = self._soft_targets(key, item["image"], pair)
             pair.record = image_record(item["name"], item["image"], item["labels"], self.ignore_value)
@@ -776,15 +806,16 @@ class TrainingSession:
         self._best_is_stale = self.best["state"] is not None  # scored on other regions than the next checkpoint
         return list(pending)
 
-    def _choose_lr(self, image) -> None:
-        """Fine-tune gently (:data:`FAMILIAR_LR`) when the first image is familiar to the model
-        (its uncertainty within what its card records); at :data:`FINE_TUNE_LR` when it is not,
-        or when the card has no record."""
+    def _measure_familiarity(self, image) -> None:
+        """Whether the first image is familiar to the model (its uncertainty within what its
+        card records): a familiar kind is fine-tuned gently (:data:`FAMILIAR_LR`, else
+        :data:`FINE_TUNE_LR`, also when the card has no record), and on an unfamiliar one the
+        model's own labels are not held out to choose the weights."""
         from .inference import image_uncertainty, is_unfamiliar
 
         value = image_uncertainty(self.model, image, channel_axis=self.channel_axis, device=self.device)
-        self.familiar = is_unfamiliar(self.model, value) is False
-        self.lr = FAMILIAR_LR if self.familiar else FINE_TUNE_LR
+        self._unfamiliar = is_unfamiliar(self.model, value)
+        self.familiar = self._unfamiliar is False
 
     def _soft_targets(self, key, image, pair: TrainingPair) -> np.ndarray:
         """The starting model's probabilities on ``image`` (predicted once per image), with a
@@ -1051,6 +1082,7 @@ class TrainingSession:
             key = self.scores()
             record["val_ap50"] = key[0]
             record["val_source"] = self.chosen_by
+            record["val_parts"] = getattr(key, "parts", {})
         else:
             key = (-(self.ema if self.ema is not None else math.inf), 0.0)
         self._consider(key, self.step_count)
@@ -1089,18 +1121,21 @@ class TrainingSession:
                     float(np.average([np.mean(list(a.values())) for a in aps], weights=weights)))
 
         # parts -> [(probabilities, truth, scored area or None, weight)]; predicted once.
-        parts = []
+        parts, names = [], []
         if self.validation is not None:
             parts.append([(self._probabilities(im), lab, None, 1) for im, lab in zip(*self.validation)])
+            names.append("validation")
         else:
-            for regions_of in (lambda pair: [pair.holdout] if pair.holdout is not None else [], lambda pair: pair.checks):
+            for name, regions_of in (("held-out objects", lambda pair: [pair.holdout] if pair.holdout is not None else []),
+                                     ("corrections", lambda pair: pair.checks)):
                 items = [(self._probabilities(pair.source, r.window), r.truth, r.scored, max(r.n_objects, 1))
                          for pair in self.pairs.values() for r in regions_of(pair)]
                 if items:
                     parts.append(items)
+                    names.append(name)
         if not parts:
             return Score(-math.inf, -math.inf, current)
-        best_key, best_options = (-math.inf, -math.inf), current
+        best_key, best_options, best_parts = (-math.inf, -math.inf), current, {}
         for options in candidates:
             keys = []
             for items in parts:
@@ -1117,8 +1152,8 @@ class TrainingSession:
                 keys.append(mean_aps(preds, [i[1] for i in items], [i[3] for i in items]))
             key = (float(np.mean([k[0] for k in keys])), float(np.mean([k[1] for k in keys])))
             if key > best_key:  # strictly better: ties keep the earlier (the model's own) settings
-                best_key, best_options = key, options
-        return Score(*best_key, best_options)
+                best_key, best_options, best_parts = key, options, {n: k[0] for n, k in zip(names, keys)}
+        return Score(*best_key, best_options, best_parts)
 
     def _probabilities(self, image, window=None) -> np.ndarray:
         from .inference import predict
@@ -1290,7 +1325,9 @@ def train(
         model by it is returned.
     holdout
         Without validation pairs, hold out a few painted objects and keep the weights that
-        segment them best (see :class:`TrainingSession`).
+        segment them, and the corrected objects, best; on images the model finds unfamiliar,
+        the model's own labels given as ``previous`` are not held out (see
+        :class:`TrainingSession`).
     replay
         Optional ``(image, labels)`` pairs of what the model already knows, mixed into a fifth
         of the crops against forgetting (see :class:`TrainingSession`).
