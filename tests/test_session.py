@@ -413,6 +413,8 @@ def test_the_models_own_labels_are_held_out_only_on_images_it_knows(typical, hel
     assert (session.pairs[0].holdout is not None) is held
     assert session.chosen_by == ("held-out objects and corrections" if held else "corrections")
     assert session.familiar is (typical == 0.9)
+    session.run(steps=1)
+    assert ("holdout_skipped" in card_of(session.finish()).provenance["training"][-1]) is not held
     # Labels the user painted from scratch are held out on any image.
     scratch = TrainingSession(small_unet(), seed=0, tile_size=92, lr=1e-3)
     card_of(scratch.model).provenance["uncertainty"] = {"typical": 0.0, "images": 1}

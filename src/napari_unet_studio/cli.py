@@ -631,6 +631,8 @@ def run_train(args: argparse.Namespace) -> int:
         val = f", best AP@0.5 on the {run['chosen_by']} {run['choice_ap50']:.3f} at step {run['best_step']}"
         if run["best_step"] == 0:
             val += ": no step improved on the starting weights, which were kept"
+        if run.get("holdout_skipped"):
+            val += " (nothing held out: the images are unlike the model's training data, so the labels it gave are no truth)"
     if "corrections" in run:
         val += f"; {run['corrections']} corrections emphasised"
     if "input_widened" in run:

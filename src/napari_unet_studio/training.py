@@ -651,6 +651,7 @@ class TrainingSession:
         self._lr_given = lr is not None
         self.familiar: bool | None = None
         self._unfamiliar = _UNMEASURED  # is_unfamiliar() of the first image: True, False or None (no record)
+        self._untrusted_holdout = False  # objects were not held out: the model's own labels, unfamiliar image
         self.lr = lr if lr is not None else (FINE_TUNE_LR if self.fine_tune else 1e-3)
         self.batch_size = batch_size
         self.schedule = schedule
@@ -773,6 +774,7 @@ class TrainingSession:
             # images of the kind rose), so the corrections alone choose there.
             trusted = item["previous"] is None or self._unfamiliar is not True
             holdout = self._holdout_size(item["labels"]) if old is None and trusted else 0
+            self._untrusted_holdout |= wants_holdout and not trusted
             pair = prepare_pair(
                 self.model,
                 item["image"],
@@ -1222,6 +1224,8 @@ class TrainingSession:
             run["chosen_by"] = self.chosen_by
             run["choice_ap50"] = self.best["score"]
             run["holdout_objects"] = self.holdout_objects
+            if self._untrusted_holdout:
+                run["holdout_skipped"] = "the model's own labels on an image unlike its training data"
         if card_of(model).postprocess != self._initial_postprocess:
             run["postprocess"] = dict(card_of(model).postprocess)
         run.update(parent=self._parent, package=__version__, hardware=hardware(self.device))

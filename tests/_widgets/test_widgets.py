@@ -672,3 +672,15 @@ def test_segment_at_a_unetpp_level_leaves_the_shared_model_as_it_was(make_napari
     _, full = segment(model, image, return_probabilities=True)
     assert not np.allclose(probs[1], full[1])  # the levels differ, so the check below can tell them apart
     np.testing.assert_allclose(viewer.layers["cells foreground probability"].data, probs[1], atol=1e-6)
+
+
+def test_a_runs_message_says_why_nothing_was_held_out():
+    from napari_unet_studio._widgets.finetune_widget import describe_run
+
+    run = {"best_step": 40, "steps": 90, "stopped": "time", "chosen_by": "corrections", "choice_ap50": 0.6,
+           "holdout_objects": 0, "corrections": 3}
+    assert "nothing held out" not in describe_run(run)
+    run["holdout_skipped"] = "the model's own labels on an image unlike its training data"
+    text = describe_run(run)
+    assert "AP@0.5 0.600 on the corrections (nothing held out: the image is unlike the model's training data" in text
+    assert text.endswith("3 corrections emphasised")

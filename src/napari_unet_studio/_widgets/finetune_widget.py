@@ -239,6 +239,8 @@ def describe_run(run: dict) -> str:
         text += f", validation AP@0.5 {run['val_ap50']:.3f}"
     elif "choice_ap50" in run:
         text += f", AP@0.5 {run['choice_ap50']:.3f} on the {run['chosen_by']}"
+        if run.get("holdout_skipped"):
+            text += " (nothing held out: the image is unlike the model's training data, so the labels it gave are no truth)"
     if run.get("corrections"):
         text += f"; {run['corrections']} corrections emphasised"
     return text
