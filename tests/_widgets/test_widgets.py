@@ -679,8 +679,9 @@ def test_a_runs_message_says_why_nothing_was_held_out():
 
     run = {"best_step": 40, "steps": 90, "stopped": "time", "chosen_by": "corrections", "choice_ap50": 0.6,
            "holdout_objects": 0, "corrections": 3}
-    assert "nothing held out" not in describe_run(run)
+    assert "not held out" not in describe_run(run)
     run["holdout_skipped"] = "the model's own labels on an image unlike its training data"
     text = describe_run(run)
-    assert "AP@0.5 0.600 on the corrections (nothing held out: the image is unlike the model's training data" in text
+    assert ("AP@0.5 0.600 on the corrections (the image is unlike the model's training data, so its own labels "
+            "were not held out to judge it)") in text
     assert text.endswith("3 corrections emphasised")
