@@ -55,6 +55,19 @@ def test_fine_tune_from_a_model_file(tmp_path, dataset, capsys):
     assert len(runs) == 2 and runs[1]["fine_tune"] and runs[1]["familiar"] and runs[1]["lr"] == 3e-5
 
 
+def test_the_progress_bar_names_what_scored_the_weights(tmp_path, dataset, capsys):
+    images, labels = dataset
+    out = tmp_path / "m.safetensors"
+    assert main(["train", "--images", str(images), "--labels", str(labels), "--out", str(out), "--depth", "2",
+                 "--base-channels", "4", "--steps", "2", "--val-every", "1", "--tile-size", "60", "--seed", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "held-out AP50=" in err and "val AP50" not in err  # no validation images: held-out objects chose
+    assert main(["train", "--images", str(images), "--labels", str(labels), "--out", str(out), "--overwrite",
+                 "--val-images", str(images), "--val-labels", str(labels), "--depth", "2", "--base-channels", "4",
+                 "--steps", "2", "--val-every", "1", "--tile-size", "60", "--seed", "0"]) == 0
+    assert "val AP50=" in capsys.readouterr().err
+
+
 def _write(path, array):
     iio.imwrite(path, array)
 

@@ -582,8 +582,10 @@ def run_train(args: argparse.Namespace) -> int:
     def progress(record: dict) -> None:
         bar.n = record["step"] if steps else min(int(record["elapsed"]), bar.total or 0)
         postfix = {"step": record["step"], "loss": f"{record['loss']:.4f}"}
-        if "val_ap50" in record:
-            postfix["val AP50"] = f"{record['val_ap50']:.3f}"
+        if "val_ap50" in record:  # named for what scored it: validation, held-out objects, corrections
+            source = record.get("val_source", "validation")
+            name = {"validation": "val", "held-out objects": "held-out", "corrections": "corrections"}.get(source, "checks")
+            postfix[f"{name} AP50"] = f"{record['val_ap50']:.3f}"
         bar.set_postfix(postfix, refresh=False)
         bar.refresh()
 
