@@ -634,7 +634,7 @@ def run_train(args: argparse.Namespace) -> int:
         if run["best_step"] == 0:
             val += ": no step improved on the starting weights, which were kept"
         if run.get("holdout_skipped"):
-            val += " (the images are unlike the model's training data, so its own labels were not held out to judge it)"
+            val += f" ({run['holdout_skipped']})"
     if "corrections" in run:
         val += f"; {run['corrections']} corrections emphasised"
     if "input_widened" in run:

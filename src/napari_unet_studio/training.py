@@ -176,8 +176,6 @@ def _correction_checks(instances: np.ndarray, changed: np.ndarray, ignore: np.nd
         objects = objects[objects > 0]
         scored = ndi.binary_dilation(region | np.isin(instances, objects), iterations=HOLDOUT_MARGIN) & ~ignore
         rows, cols = np.nonzero(scored)
-        if rows.size == 0:
-            continue
         rows, cols = rows + y0, cols + x0
         window = (slice(max(rows.min() - 8, 0), min(rows.max() + 9, h)), slice(max(cols.min() - 8, 0), min(cols.max() + 9, w)))
         local = (slice(window[0].start - y0, window[0].stop - y0), slice(window[1].start - x0, window[1].stop - x0))
@@ -265,7 +263,7 @@ def prepare_pair(
         annotated,
         np.flatnonzero(corrected & ~ignore),
         held,
-        _correction_checks(instances, corrections.changed & ~ignore, ignore, previous)
+        _correction_checks(instances, corrections.changed, ignore, previous)
         if check_corrections and corrections is not None else [],
         image,
         corrections,
@@ -352,7 +350,7 @@ def _update_pair(model, before: TrainingPair, labels: np.ndarray, check_correcti
     annotated = _leave_out(target, weights, ignore)
     pair = TrainingPair(
         before.image, target, weights.astype(np.float32), annotated, np.flatnonzero(corrected & ~ignore), None,
-        _correction_checks(instances, corrections.changed & ~ignore, ignore, np.asarray(previous))
+        _correction_checks(instances, corrections.changed, ignore, np.asarray(previous))
         if check_corrections and corrections is not None else [],
         before.source, corrections,
     )
@@ -543,6 +541,8 @@ class Score(tuple):
 
 
 _UNMEASURED = object()
+#: Why a run held nothing out, in the words the dock and the command line show.
+HOLDOUT_SKIPPED = "the images are unlike the model's training data, so its own labels were not held out to judge it"
 
 
 class TrainingSession:
@@ -649,7 +649,6 @@ class TrainingSession:
         # A fine-tune's learning rate, when not given, is chosen when the first pairs are
         # prepared: gentler on images the model finds familiar (see _measure_familiarity).
         self._lr_given = lr is not None
-        self.familiar: bool | None = None
         self._unfamiliar = _UNMEASURED  # is_unfamiliar() of the first image: True, False or None (no record)
         self._untrusted_holdout = False  # objects were not held out: the model's own labels, unfamiliar image
         self.lr = lr if lr is not None else (FINE_TUNE_LR if self.fine_tune else 1e-3)
@@ -762,18 +761,19 @@ class TrainingSession:
             # The hold-out is chosen once, from the first labels of each pair: its objects stay
             # out of training when the pair is replaced.
             old = self.pairs.get(key)
-            wants_lr = self.familiar is None and self.fine_tune and not self._lr_given
-            wants_holdout = old is None and item["previous"] is not None and self._holdout_size(item["labels"]) > 0
+            size = self._holdout_size(item["labels"]) if old is None else 0
+            wants_lr = self.fine_tune and not self._lr_given
+            wants_holdout = size > 0 and item["previous"] is not None
             if self._unfamiliar is _UNMEASURED and (wants_lr or wants_holdout):
                 self._measure_familiarity(item["image"])
-            if wants_lr:
-                self.lr = FAMILIAR_LR if self.familiar else FINE_TUNE_LR
+                if wants_lr:
+                    self.lr = FAMILIAR_LR if self.familiar else FINE_TUNE_LR
             # With the labels the model gave, the objects that could be held out are the ones the
             # user left as the model drew them: on images the model does not know they are no
             # truth to choose by (measured on stained tissue: their AP fell to 0 while AP on other
             # images of the kind rose), so the corrections alone choose there.
             trusted = item["previous"] is None or self._unfamiliar is not True
-            holdout = self._holdout_size(item["labels"]) if old is None and trusted else 0
+            holdout = size if trusted else 0
             self._untrusted_holdout |= wants_holdout and not trusted
             pair = prepare_pair(
                 self.model,
@@ -817,7 +817,12 @@ class TrainingSession:
 
         value = image_uncertainty(self.model, image, channel_axis=self.channel_axis, device=self.device)
         self._unfamiliar = is_unfamiliar(self.model, value)
-        self.familiar = self._unfamiliar is False
+
+    @property
+    def familiar(self) -> bool | None:
+        """Whether the first image was found familiar to the model (False also when its card has
+        no record to tell); None when it was not measured (a given learning rate, nothing held out)."""
+        return None if self._unfamiliar is _UNMEASURED else self._unfamiliar is False
 
     def _soft_targets(self, key, image, pair: TrainingPair) -> np.ndarray:
         """The starting model's probabilities on ``image`` (predicted once per image), with a
@@ -1123,24 +1128,22 @@ class TrainingSession:
                     float(np.average([np.mean(list(a.values())) for a in aps], weights=weights)))
 
         # parts -> [(probabilities, truth, scored area or None, weight)]; predicted once.
-        parts, names = [], []
+        parts = []  # (name, items)
         if self.validation is not None:
-            parts.append([(self._probabilities(im), lab, None, 1) for im, lab in zip(*self.validation)])
-            names.append("validation")
+            parts.append(("validation", [(self._probabilities(im), lab, None, 1) for im, lab in zip(*self.validation)]))
         else:
             for name, regions_of in (("held-out objects", lambda pair: [pair.holdout] if pair.holdout is not None else []),
                                      ("corrections", lambda pair: pair.checks)):
                 items = [(self._probabilities(pair.source, r.window), r.truth, r.scored, max(r.n_objects, 1))
                          for pair in self.pairs.values() for r in regions_of(pair)]
                 if items:
-                    parts.append(items)
-                    names.append(name)
+                    parts.append((name, items))
         if not parts:
             return Score(-math.inf, -math.inf, current)
         best_key, best_options, best_parts = (-math.inf, -math.inf), current, {}
         for options in candidates:
             keys = []
-            for items in parts:
+            for _, items in parts:
                 preds = []
                 for probs, _, scored, _ in items:
                     pred = labels_from_probabilities(probs, encoding=card_of(self.model).encoding, **options)
@@ -1154,7 +1157,7 @@ class TrainingSession:
                 keys.append(mean_aps(preds, [i[1] for i in items], [i[3] for i in items]))
             key = (float(np.mean([k[0] for k in keys])), float(np.mean([k[1] for k in keys])))
             if key > best_key:  # strictly better: ties keep the earlier (the model's own) settings
-                best_key, best_options, best_parts = key, options, {n: k[0] for n, k in zip(names, keys)}
+                best_key, best_options, best_parts = key, options, {name: k[0] for (name, _), k in zip(parts, keys)}
         return Score(*best_key, best_options, best_parts)
 
     def _probabilities(self, image, window=None) -> np.ndarray:
@@ -1225,7 +1228,7 @@ class TrainingSession:
             run["choice_ap50"] = self.best["score"]
             run["holdout_objects"] = self.holdout_objects
             if self._untrusted_holdout:
-                run["holdout_skipped"] = "the model's own labels on an image unlike its training data"
+                run["holdout_skipped"] = HOLDOUT_SKIPPED
         if card_of(model).postprocess != self._initial_postprocess:
             run["postprocess"] = dict(card_of(model).postprocess)
         run.update(parent=self._parent, package=__version__, hardware=hardware(self.device))

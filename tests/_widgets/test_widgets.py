@@ -676,12 +676,13 @@ def test_segment_at_a_unetpp_level_leaves_the_shared_model_as_it_was(make_napari
 
 def test_a_runs_message_says_why_nothing_was_held_out():
     from napari_unet_studio._widgets.finetune_widget import describe_run
+    from napari_unet_studio.training import HOLDOUT_SKIPPED
 
     run = {"best_step": 40, "steps": 90, "stopped": "time", "chosen_by": "corrections", "choice_ap50": 0.6,
            "holdout_objects": 0, "corrections": 3}
     assert "not held out" not in describe_run(run)
-    run["holdout_skipped"] = "the model's own labels on an image unlike its training data"
+    run["holdout_skipped"] = HOLDOUT_SKIPPED
     text = describe_run(run)
-    assert ("AP@0.5 0.600 on the corrections (the image is unlike the model's training data, so its own labels "
+    assert ("AP@0.5 0.600 on the corrections (the images are unlike the model's training data, so its own labels "
             "were not held out to judge it)") in text
     assert text.endswith("3 corrections emphasised")

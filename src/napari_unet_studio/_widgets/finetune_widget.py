@@ -240,7 +240,7 @@ def describe_run(run: dict) -> str:
     elif "choice_ap50" in run:
         text += f", AP@0.5 {run['choice_ap50']:.3f} on the {run['chosen_by']}"
         if run.get("holdout_skipped"):
-            text += " (the image is unlike the model's training data, so its own labels were not held out to judge it)"
+            text += f" ({run['holdout_skipped']})"
     if run.get("corrections"):
         text += f"; {run['corrections']} corrections emphasised"
     return text
