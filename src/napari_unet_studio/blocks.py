@@ -331,6 +331,7 @@ def segment_blocks(
             "out": [list(map(int, out.shape)), str(np.dtype(out.dtype))], "bounds": bounds, "block": block_size,
             "overlap": overlap, "options": options, "link": link, "min_overlap": min_overlap,
             "image": [list(layout.shape), layout.channel_axis, [np.asarray(x).tolist() for x in statistics]],
+            "scale": predictor.scale,
             "model": fingerprint(model),
         })
     windows = [_grow(core, overlap, bounds) for core in cores]

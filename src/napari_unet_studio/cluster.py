@@ -76,7 +76,7 @@ def _label_task(job: dict, image, s: int, i: int) -> dict:
     image = _worker_image(image)
     core, window = job["cores"][i], job["windows"][i]
     with WindowPredictor(model, image, tile_size=job["tile_size"], device=job["device"],
-                         channel_axis=job["channel_axis"], axes=job["axes"]) as predictor:
+                         channel_axis=job["channel_axis"], axes=job["axes"], scale=job["scale"]) as predictor:
         predictor.statistics.cache.update(job["statistics"])
         probs = predictor(window, [s])[:, 0]
     local = labels_from_probabilities(probs, encoding=card_of(model).encoding, **job["options"])
@@ -191,6 +191,7 @@ def segment_on_cluster(
     progress=None,
     cancel=None,
     min_size: int | None = None,
+    scale: float = 1.0,
     **postprocess_options,
 ) -> int:
     """Segment ``image`` into the zarr array ``out`` as tasks on a dask.distributed cluster; returns
@@ -225,7 +226,8 @@ def segment_on_cluster(
     from .blocks import DEFAULT_BLOCK, DEFAULT_OVERLAP, _grow, _intersect, block_grid, check_block_size
     from .checkpoint import load_model
     from .inference import WindowPredictor, _check_out, stack_axes
-    from .postprocess import options_for
+    from .postprocess import options_at_scale, options_for
+    from .rescale import check_scale
 
     if not isinstance(model, (str, os.PathLike)):
         raise InputError("on a cluster, give the model's file (each worker loads it), not a model object: "
@@ -235,19 +237,21 @@ def segment_on_cluster(
         raise InputError("give a scheduler address, or a number of local workers")
     check_block_size(block_size)
     block_size = DEFAULT_BLOCK if block_size is None else int(block_size)
-    overlap = DEFAULT_OVERLAP if overlap is None else overlap
+    scale = check_scale(scale)
+    overlap = int(np.ceil(DEFAULT_OVERLAP / scale)) if overlap is None else overlap  # as segment() does
     if isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer)) or overlap < 0:
         raise InputError(f"overlap must be a whole number of pixels >= 0, got {overlap!r}")
     if min_size is not None:
         postprocess_options["min_size"] = min_size
     loaded = load_model(model)
-    options = options_for(loaded, **postprocess_options)
+    options = options_at_scale(options_for(loaded, **postprocess_options), scale)
     source = image
     if isinstance(image, (str, os.PathLike)):
         source = str(Path(image).resolve())
         image = _worker_image(source)
     # Statistics once, here: every block is normalised as in one process.
-    predictor = WindowPredictor(loaded, image, tile_size=tile_size, device="cpu", channel_axis=channel_axis, axes=axes)
+    predictor = WindowPredictor(loaded, image, tile_size=tile_size, device="cpu", channel_axis=channel_axis, axes=axes,
+                                scale=scale)
     layout = predictor.layout
     link = predictor.volume or (stack_axes(axes, layout.is_stack) == "TYX" and bool(track))
     statistics = {key: predictor.statistics(index) for key, index in
@@ -272,7 +276,7 @@ def segment_on_cluster(
         job = {
             "model": model, "out": out, "cores": cores, "windows": windows, "earlier": earlier,
             "origin": origin, "stack": stack, "statistics": statistics, "options": options, "tile_size": tile_size,
-            "device": device, "channel_axis": layout.channel_axis, "axes": axes, "threads": threads,
+            "device": device, "channel_axis": layout.channel_axis, "axes": axes, "threads": threads, "scale": scale,
         }
         [job_future] = client.scatter([job], broadcast=True)
         return _run(client, job_future, source, layout.n_slices, cores, earlier, stack, link, out, progress, cancel)

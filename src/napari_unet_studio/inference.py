@@ -22,6 +22,7 @@ from .devices import ThreadFitter, available_memory, is_out_of_memory, resolve_d
 from .errors import Cancelled, InputError, UnetStudioError
 from . import normalize
 from .normalize import adapt_channels, subsample_step
+from .rescale import check_scale, resample_region, rescale_plane, scaled_plane, source_span
 from .tiling import TilePlan, plan_tiles
 
 Progress = Callable[[int, int], object]
@@ -99,6 +100,25 @@ class ImageLayout:
             if block.dtype.itemsize > 4 and block.size and np.abs(block).max() > np.finfo(np.float32).max:
                 raise InputError("the image holds values beyond the float32 range (|x| > 3.4e38); rescale it first")
         return block
+
+
+class _ScaledLayout:
+    """An :class:`ImageLayout`'s image as the network reads it at a ``scale`` other than 1:
+    each plane resampled (:mod:`.rescale`), region by region, so only what a tile needs is read."""
+
+    def __init__(self, layout: ImageLayout, scale: float) -> None:
+        self.base = layout
+        self.plane = scaled_plane(layout.plane, scale)
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def read(self, index: int, rows: slice, cols: slice) -> np.ndarray:
+        """Resampled pixels of slice ``index`` as a ``(y, x, C)`` float32 array."""
+        (r0, r1, rs), (c0, c1, cs) = rows.indices(self.plane[0]), cols.indices(self.plane[1])
+        if rs != 1 or cs != 1:
+            raise ValueError("a resampled plane is read in contiguous regions")
+        return resample_region(lambda r, c: self.base.read(index, r, c), self.base.plane, self.plane, (r0, r1), (c0, c1))
 
 
 #: Slices of a volume sampled for its normalisation statistics (evenly spaced).
@@ -259,8 +279,12 @@ class WindowPredictor:
 
     def __init__(
         self, model, image, *, tile_size=None, device=None, channel_axis=None, batch_size=None, axes: str | None = None,
+        scale: float = 1.0,
     ) -> None:
         self.layout = ImageLayout(image, channel_axis)
+        self.scale = check_scale(scale)
+        # What the network reads: the image itself, or a lazily resampled view of it.
+        self.seen = self.layout if self.scale == 1 else _ScaledLayout(self.layout, self.scale)
         self.volume = stack_axes(axes, self.layout.is_stack) == "ZYX"
         adapt_channels(np.zeros((1, self.layout.n_channels), np.float32), model.in_channels)  # fail fast on channels
         self.device = resolve_device(device)
@@ -299,13 +323,28 @@ class WindowPredictor:
         ay, ax = y0 // step * step, x0 // step * step
         return (ay, ax), (y1 - ay, x1 - ax)
 
+    def _seen_bounds(self, bounds) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The region of the resampled plane that ``bounds`` (of the image's plane) depends on."""
+        if self.scale == 1:
+            return bounds
+        return tuple(source_span(a, b, n, m) for (a, b), n, m in zip(bounds, self.seen.plane, self.layout.plane))
+
     def n_tiles(self, bounds) -> int:
         """How many tiles one slice of the region ``bounds`` takes (with the current settings)."""
-        return len(plan_tiles(self._aligned(bounds)[1], self.model.geometry, self.tile_input).tiles)
+        return len(plan_tiles(self._aligned(self._seen_bounds(bounds))[1], self.model.geometry, self.tile_input).tiles)
 
     def __call__(self, bounds, slices, progress: Progress | None = None, cancel: Cancel | None = None) -> np.ndarray:
         """Probabilities ``(n_classes, len(slices), y1 - y0, x1 - x0)`` of the region
-        ``bounds = ((y0, y1), (x0, x1))`` of each slice index in ``slices``."""
+        ``bounds = ((y0, y1), (x0, x1))`` of each slice index in ``slices`` (at a ``scale``
+        other than 1: predicted on the resampled plane and resampled back)."""
+        if self.scale == 1:
+            return self._predict(bounds, slices, progress, cancel)
+        seen = self._seen_bounds(bounds)
+        probs = self._predict(seen, slices, progress, cancel)
+        return resample_region(lambda rows, cols: probs, self.seen.plane, self.layout.plane, *bounds, axes=(2, 3))
+
+    def _predict(self, bounds, slices, progress: Progress | None = None, cancel: Cancel | None = None) -> np.ndarray:
+        """:meth:`__call__` on the plane the network reads."""
         model, geometry = self.model, self.model.geometry
         (y0, _), (x0, _) = bounds
         # Tiles must start at multiples of the model's step (image coordinates) to equal the
@@ -316,7 +355,7 @@ class WindowPredictor:
             plan = plan_tiles(extent, geometry, self.tile_input)
             batch = _batch_size(model, self.device, plan, self.batch_size)
             try:
-                _Run(self.net, self.layout, self.device, plan, batch, self.statistics, (ay, ax), extent, slices).run(
+                _Run(self.net, self.seen, self.device, plan, batch, self.statistics, (ay, ax), extent, slices).run(
                     out, progress, cancel, self._pool
                 )
                 break
@@ -361,6 +400,7 @@ def predict(
     out=None,
     block_size: int | None = None,
     axes: str | None = None,
+    scale: float = 1.0,
 ):
     """Per-class probabilities of ``model`` on ``image``, by seamless overlap-tile inference.
 
@@ -402,6 +442,11 @@ def predict(
         What a stack's first axis is: ``"ZYX"`` (the default): slices of one volume, normalised
         with statistics of the whole stack; ``"TYX"``: frames of a time series, each normalised
         on its own.
+    scale
+        The network sees each plane resized by this factor (0.5: objects half their size; see
+        :mod:`napari_unet_studio.rescale` and :func:`~napari_unet_studio.rescale.choose_scale`);
+        the probabilities are resized back to the image's shape. Windows, tiles and blocks stay
+        exact at any scale.
 
     Returns
     -------
@@ -412,7 +457,8 @@ def predict(
     from .blocks import DEFAULT_BLOCK, block_grid, check_block_size
 
     predictor = WindowPredictor(
-        model, image, tile_size=tile_size, device=device, channel_axis=channel_axis, batch_size=batch_size, axes=axes
+        model, image, tile_size=tile_size, device=device, channel_axis=channel_axis, batch_size=batch_size, axes=axes,
+        scale=scale,
     )
     layout = predictor.layout
     bounds = _window_bounds(window, layout.plane)
@@ -477,6 +523,7 @@ def segment(
     axes: str | None = None,
     track: bool = False,
     journal=None,
+    scale: float = 1.0,
     **postprocess_options,
 ):
     """Instance labels (0 = background, 1..N objects) of ``image``, same spatial shape.
@@ -512,18 +559,27 @@ def segment(
         A folder where the run records each finished block (with ``out`` on disk, e.g. zarr):
         called again with the same journal, image, model and settings after an interruption,
         it continues where it stopped (a half-written block is done again).
+    scale
+        As for :func:`predict`. Sizes in pixels (``min_size``, the model's post-processing
+        settings) are the network's pixels, and ``overlap`` (default) grows with ``1 / scale``,
+        so a scale changes what the network sees and nothing else.
 
     Other keyword arguments (``threshold``, ``seed_threshold``, ``split``, ...) override the
     model's post-processing settings (checked before any work; ``seed_threshold=None`` turns
     seeds off).
     """
-    from .blocks import segment_blocks
-    from .postprocess import options_for
+    from .blocks import DEFAULT_OVERLAP, segment_blocks
+    from .postprocess import options_at_scale, options_for
 
     if min_size is not None:
         postprocess_options["min_size"] = min_size
-    options = options_for(model, **postprocess_options)  # checked before the long part
-    predictor = WindowPredictor(model, image, tile_size=tile_size, device=device, channel_axis=channel_axis, axes=axes)
+    scale = check_scale(scale)
+    options = options_at_scale(options_for(model, **postprocess_options), scale)  # checked before the long part
+    if overlap is None and scale != 1:
+        overlap = int(math.ceil(DEFAULT_OVERLAP / scale))
+    predictor = WindowPredictor(
+        model, image, tile_size=tile_size, device=device, channel_axis=channel_axis, axes=axes, scale=scale
+    )
     layout = predictor.layout
     link = predictor.volume or (stack_axes(axes, layout.is_stack) == "TYX" and bool(track))
     bounds = _window_bounds(window, layout.plane)
@@ -600,12 +656,24 @@ def _middle_plane(image, channel_axis: int | None):
     return image[tuple(key)], (None if channel is None else channel - (channel > axis))
 
 
-def image_uncertainty(model, image, *, channel_axis: int | None = None, device=None, max_side: int = 1024) -> float:
-    """:func:`uncertainty` of ``model`` on ``image``, read in a central window of at most
-    ``max_side`` pixels a side (of the middle slice of a stack)."""
+def _central_probabilities(model, image, channel_axis, device, max_side: int, scale: float) -> np.ndarray:
+    """Probabilities of a central window of at most ``max_side`` pixels a side (of the middle
+    slice of a stack), at ``scale`` on the network's own pixels (not resampled back: an
+    uncertain outline is as wide at every scale)."""
     plane, channel_axis = _middle_plane(image, channel_axis)
-    window = central_window(ImageLayout(plane, channel_axis).plane, max_side)
-    return uncertainty(predict(model, plane, channel_axis=channel_axis, device=device, window=window))
+    layout = ImageLayout(plane, channel_axis)
+    window = central_window(layout.plane, max_side)
+    if check_scale(scale) == 1:
+        return predict(model, plane, channel_axis=channel_axis, device=device, window=window)
+    seen = rescale_plane(layout.read(0, *window), scale)
+    return predict(model, seen, channel_axis=2, device=device)
+
+
+def image_uncertainty(model, image, *, channel_axis: int | None = None, device=None, max_side: int = 1024,
+                      scale: float = 1.0) -> float:
+    """:func:`uncertainty` of ``model`` on ``image``, read in a central window of at most
+    ``max_side`` pixels a side (of the middle slice of a stack), seen at ``scale``."""
+    return uncertainty(_central_probabilities(model, image, channel_axis, device, max_side, scale))
 
 
 def uncertainty_reference(model, images, *, channel_axis: int | None = None, device=None, max_side: int = 1024) -> dict:
@@ -640,9 +708,9 @@ def unfamiliar(model, probabilities) -> str | None:
             "fine-tune if it is poor")
 
 
-def unfamiliar_image(model, image, *, channel_axis: int | None = None, device=None, max_side: int = 1024) -> str | None:
+def unfamiliar_image(model, image, *, channel_axis: int | None = None, device=None, max_side: int = 1024,
+                     scale: float = 1.0) -> str | None:
     """:func:`unfamiliar` for an image whose probabilities are not held whole (segmented block by
-    block): judged on a central window of at most ``max_side`` pixels (of the middle slice)."""
-    plane, channel_axis = _middle_plane(image, channel_axis)
-    window = central_window(ImageLayout(plane, channel_axis).plane, max_side)
-    return unfamiliar(model, predict(model, plane, channel_axis=channel_axis, device=device, window=window))
+    block): judged on a central window of at most ``max_side`` pixels (of the middle slice),
+    seen at ``scale``."""
+    return unfamiliar(model, _central_probabilities(model, image, channel_axis, device, max_side, scale))

@@ -60,6 +60,19 @@ def options_for(model, **overrides) -> dict:
     return options
 
 
+def options_at_scale(options: dict, scale: float) -> dict:
+    """``options`` (sizes in the network's pixels) for labelling probabilities resized back
+    from ``scale`` to the image: areas divided by ``scale ** 2``, lengths by ``scale``."""
+    if scale == 1:
+        return options
+    options = dict(options)
+    if options.get("min_size"):
+        options["min_size"] = max(1, int(round(options["min_size"] / scale**2)))
+    if "split_h" in options:
+        options["split_h"] = float(options["split_h"]) / scale
+    return options
+
+
 def candidate_options(encoding: str, current: dict) -> list[dict]:
     """Post-processing settings worth trying for a model with ``current`` settings, ``current``
     first (see :meth:`.encodings.Encoding.candidates`)."""

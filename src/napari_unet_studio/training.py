@@ -46,6 +46,7 @@ from . import encodings
 from .models import Geometry
 from .normalize import LUMINANCE, adapt_channels
 from .provenance import hardware, image_record
+from .rescale import check_scale, rescale_plane
 from .tiling import reflect_indices
 from .weightmap import class_balance, separation, separation_radius
 
@@ -588,6 +589,9 @@ class TrainingSession:
     keep_norm_statistics
         Keep BatchNorm's running statistics fixed (its scale and shift still learn), so a few
         painted images do not re-estimate what the model learnt from many.
+    scale
+        The network sees every pair (and validation pair) resized by this factor (labels by the
+        nearest pixel); :meth:`segment` resizes back. See :mod:`~napari_unet_studio.rescale`.
     fit_threads
         On the CPU, fit torch's threads to the cores other programs leave free while training
         (:class:`~napari_unet_studio.devices.ThreadFitter`); ``reserve_cores`` keeps that many
@@ -628,6 +632,7 @@ class TrainingSession:
         reserve_cores: int = 0,
         tune_postprocess: bool = False,
         distill: bool = False,
+        scale: float = 1.0,
     ) -> None:
         if optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', not {optimizer!r}")
@@ -644,6 +649,8 @@ class TrainingSession:
         if not 0 <= correction_share <= 1:
             raise InputError(f"correction share must be in [0, 1], got {correction_share}")
         self.model = model
+        self.scale = check_scale(scale)
+        self._scaled: dict = {}  # key -> {"image": (original, resampled), "previous": (...)}
         self.device = resolve_device(device)
         self.fine_tune = bool(card_of(model).provenance.get("training")) if fine_tune is None else bool(fine_tune)
         # A fine-tune's learning rate, when not given, is chosen when the first pairs are
@@ -694,7 +701,10 @@ class TrainingSession:
         if val_images is not None and len(val_images):
             if val_labels is None or len(val_labels) != len(val_images):
                 raise InputError("give one validation label image per validation image")
-            self.validation = (list(val_images), [as_instances(np.asarray(v)) for v in val_labels])
+            self.validation = (
+                [self._at_scale(None, "", im, 1) for im in val_images],
+                [as_instances(self._at_scale(None, "", np.asarray(v), 0)) for v in val_labels],
+            )
 
         self._prune_level = getattr(model, "prune_level", None)
         if self._prune_level is not None:
@@ -741,6 +751,24 @@ class TrainingSession:
             self._pending[key] = {"image": image, "labels": labels, "region": region, "previous": previous,
                                   "name": str(key) if name is None else str(name)}
 
+    def _at_scale(self, key, what: str, array, order: int):
+        """``array`` (an image, labels or a mask) as the network sees it at the session's scale;
+        an image or previous labels given again for ``key`` are resampled once."""
+        if array is None or self.scale == 1:
+            return array
+        cache = self._scaled.setdefault(key, {}) if key is not None and what else {}
+        hit = cache.get(what)
+        if hit is not None and hit[0] is array:
+            return hit[1]
+        layout = ImageLayout(array, self.channel_axis if order else None)
+        if layout.is_stack:
+            raise InputError(f"training takes 2-D images (or 2-D with channels), got shape {layout.shape}")
+        axes = layout.spatial_axes
+        resampled = rescale_plane(np.asarray(array), self.scale, order=order, axes=(axes[-2], axes[-1]))
+        if what:
+            cache[what] = (array, resampled)
+        return resampled
+
     def remove_pair(self, key: Hashable) -> None:
         """Stop training on the pair ``key`` (from the next step on). Thread-safe."""
         with self._lock:
@@ -757,7 +785,13 @@ class TrainingSession:
             if item is None:
                 self.pairs.pop(key, None)
                 self._soft_cache.pop(key, None)
+                self._scaled.pop(key, None)
                 continue
+            original_image = item["image"]
+            item = {**item, "image": self._at_scale(key, "image", item["image"], 1),
+                    "labels": self._at_scale(key, "", item["labels"], 0),
+                    "previous": self._at_scale(key, "previous", item["previous"], 0),
+                    "region": self._at_scale(key, "", item["region"], 0)}
             # The hold-out is chosen once, from the first labels of each pair: its objects stay
             # out of training when the pair is replaced.
             old = self.pairs.get(key)
@@ -802,7 +836,7 @@ class TrainingSession:
                 pair.holdout = held
             if self.distill and pair.corrections is not None:
                 pair.soft = self._soft_targets(key, item["image"], pair)
-            pair.record = image_record(item["name"], item["image"], item["labels"], self.ignore_value)
+            pair.record = image_record(item["name"], original_image, item["labels"], self.ignore_value)
             self.pairs[key] = pair
         self._sampler = None
         self._best_is_stale = self.best["state"] is not None  # scored on other regions than the next checkpoint
@@ -1172,7 +1206,8 @@ class TrainingSession:
         thread (between :meth:`run` calls)."""
         from .inference import segment
 
-        return segment(self.model, image, device=self.device, channel_axis=self.channel_axis, window=window, **options)
+        return segment(self.model, image, device=self.device, channel_axis=self.channel_axis, window=window,
+                       scale=self.scale, **options)
 
     def best_model(self):
         """A copy of the model with the best weights so far, ready to segment (eval mode)."""
@@ -1214,6 +1249,7 @@ class TrainingSession:
             "tile_size": self.tile_size,
             "lr": self.lr,
             "fine_tune": self.fine_tune,
+            **({"scale": self.scale} if self.scale != 1 else {}),
             **({"familiar": self.familiar} if self.familiar is not None else {}),
             **({"augment": dict(self.augment)} if isinstance(self.augment, dict) else {}),
             "seed": self.seed,
@@ -1343,6 +1379,10 @@ def train(
         post-processing with the weights (both off by default; see :class:`TrainingSession`).
     keep_norm_statistics
         Keep BatchNorm's running statistics fixed while training (see :class:`TrainingSession`).
+    scale
+        Train on the images (and labels) resized by this factor, the scale they were segmented
+        at (see :func:`~napari_unet_studio.rescale.choose_scale`); the run's record keeps it, and
+        the scale chooser tries it first for this model.
     w0, sigma
         Weight-map parameters.
     deep_supervision
