@@ -11,10 +11,13 @@ both, and a larger batch. RGB images meet the one-channel model as their luminan
 see how much the choice of the 2 images matters, and ``--steps`` trains a fixed number of steps
 instead of the time budget (then the machine need not be quiet). ``--flips`` also scores each
 model with its probabilities averaged over the four flips of the image (not a package feature:
-a measure of what test-time augmentation would add).
+a measure of what test-time augmentation would add). ``--scale S`` fine-tunes on the images
+resized by ``S`` (``auto``: the scale the package chooses for the first training image, as the
+Segment dock would) and also scores each held-out image at the scale the package chooses for
+it with the fine-tuned model (``rescale.choose_scale``, the dock's and CLI's default).
 
 Run alone (time-budgeted):  python benchmarks/stained_levers.py [VARIANT ...] [--data DIR]
-                            [--images 0,1 | all] [--steps N] [--flips]
+                            [--images 0,1 | all] [--steps N] [--flips] [--scale S|auto ...]
 Appends one JSON line per run to benchmarks/results/stained_levers.jsonl.
 """
 
@@ -32,6 +35,7 @@ from napari_unet_studio import load_model, predict, segment, train
 from napari_unet_studio.card import card_of
 from napari_unet_studio.metrics import average_precision
 from napari_unet_studio.postprocess import labels_from_probabilities, options_for
+from napari_unet_studio.rescale import choose_scale
 
 from encoding import load
 
@@ -61,6 +65,7 @@ def main() -> None:
     parser.add_argument("--images", default="0,1", help="training images: indices into the sorted set, or 'all'")
     parser.add_argument("--steps", type=int, default=None, help="a fixed number of steps instead of --budget")
     parser.add_argument("--flips", action="store_true", help="also score with flip-averaged probabilities")
+    parser.add_argument("--scale", nargs="+", default=["1"], help="train at these scales (or 'auto'); one run each")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "stained_levers.jsonl")
     args = parser.parse_args()
     train_images, train_labels = load(args.data / "train", None, 0)
@@ -73,18 +78,29 @@ def main() -> None:
         return float(np.mean([average_precision(labeller(model, im), lab)[0.5] for im, lab in zip(val_images, val_labels)]))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for name in args.variants:
+
+    def chosen(model, image):
+        return segment(model, image, scale=choose_scale(model, image)[0])
+
+    for name, scale in [(n, s) for n in args.variants for s in args.scale]:
         torch.manual_seed(0)
+        if scale == "auto":
+            scale = choose_scale(load_model("default"), train_images[0])[0]
+        scale = float(scale)
         start = time.perf_counter()
         budget = {"steps": args.steps} if args.steps else {"time_budget": args.budget}
         model, history = train(load_model("default"), train_images, train_labels, seed=0, widen_for_rgb=False,
-                               **budget, **VARIANTS[name])
+                               scale=scale, **budget, **VARIANTS[name])
         run = card_of(model).provenance["training"][-1]
-        row = {"variant": name, "images": args.images, "steps": len(history), "best_step": run.get("best_step"),
+        row = {"variant": name, "images": args.images, "scale": scale, "steps": len(history), "best_step": run.get("best_step"),
                "train_s": time.perf_counter() - start, "ap50": ap50(model), "postprocess": dict(card_of(model).postprocess)}
+        row["ap50_at_trained_scale"] = ap50(model, lambda m, im: segment(m, im, scale=scale))
+        row["ap50_chosen_scale"] = ap50(model, chosen)
         if args.flips:
             row["ap50_flips"] = ap50(model, flip_averaged)
-        print(f"{name:<28} images {args.images:<6} {row['steps']:4d} steps (best {row['best_step']})  AP@0.5 {row['ap50']:.3f}"
+        print(f"{name:<28} images {args.images:<6} scale {scale:<5g} {row['steps']:4d} steps (best {row['best_step']})  "
+              f"AP@0.5 at 1 {row['ap50']:.3f}, at {scale:g} {row['ap50_at_trained_scale']:.3f}, "
+              f"chosen {row['ap50_chosen_scale']:.3f}"
               + (f"  flip-averaged {row['ap50_flips']:.3f}" if args.flips else ""), flush=True)
         with args.out.open("a") as fh:
             fh.write(json.dumps(row) + "\n")

@@ -46,6 +46,24 @@ _positive_float = _checked(float, "a number", lambda v: math.isfinite(v) and v >
 _seed = _checked(int, "a whole number", lambda v: 0 <= v < 2**63, "a seed in [0, 2**63)")
 
 
+def _scale(text: str):
+    """``--scale``: ``auto`` or a factor in the accepted range."""
+    from .rescale import SCALE_RANGE
+
+    if text.lower() == "auto":
+        return "auto"
+    return _checked(float, "'auto' or a number", lambda v: SCALE_RANGE[0] <= v <= SCALE_RANGE[1],
+                    f"'auto' or a factor in [{SCALE_RANGE[0]}, {SCALE_RANGE[1]}]")(text)
+
+
+def _factor(text: str) -> float:
+    """``train --scale``: a factor in the accepted range."""
+    value = _scale(text)
+    if value == "auto":
+        raise argparse.ArgumentTypeError("train needs the scale itself: the one predict reported (default 1)")
+    return value
+
+
 def _probability_or_none(text: str) -> float | None:
     return None if text.lower() == "none" else _probability(text)
 
@@ -85,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed-threshold", type=_probability_or_none, default=argparse.SUPPRESS, metavar="P|none",
         help="objects grow from regions above this probability; 'none': connected components (default: the model's)",
     )
+    p.add_argument("--scale", type=_scale, default="auto", metavar="auto|FACTOR",
+                   help="resize each image by this factor before the network sees it (0.5: objects half as big); "
+                        "auto (default): the scale at which the model is most certain, tried when an image is "
+                        "unlike the model's training data")
     p.add_argument("--format", default="same", choices=("same", "png", "tiff", "zarr"),
                    help="label image format: like the input (default; zarr input gives zarr), png, tiff, or zarr (OME-Zarr, block by block)")
     p.add_argument("--axes", default=None, type=str.upper, choices=("ZYX", "TYX"),
@@ -133,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive_float, default=None,
                    help="learning rate (default: 1e-3 from random weights; when fine-tuning, 3e-4, or 3e-5 when the "
                         "images look like the model's own training data)")
+    t.add_argument("--scale", type=_factor, default=1.0, metavar="FACTOR",
+                   help="train on the images resized by this factor: the scale predict segmented them at (it says "
+                        "so when it is not 1; default: 1)")
     t.add_argument("--val-images", default=None, metavar="DIR", help="validation images (AP@0.5 picks the best model)")
     t.add_argument("--val-labels", default=None, metavar="DIR", help="validation labels")
     t.add_argument("--val-every", type=_positive_int, default=None, metavar="N", help="steps between validations")
@@ -326,6 +351,13 @@ def _predict_one(args, path: Path, model, device, options: dict, names: dict, ou
         else:
             out = create_ome_zarr_labels(tmp, spatial, letters, reuse=journal.is_dir())
         whole = whole and not journal.is_dir() and client is None  # blocks done before have no probabilities
+    scale = args.scale
+    if scale == "auto":
+        from .rescale import choose_scale, describe_choice
+
+        scale, measured = choose_scale(model, image, channel_axis=channel_axis, device=device)
+        if scale != 1:
+            print(f"unet-studio: {path.name}: {describe_choice(scale, measured)}", file=sys.stderr)
     bar, update = _progress_bar(args.quiet, path.name)
     try:
         if client is not None:
@@ -334,7 +366,7 @@ def _predict_one(args, path: Path, model, device, options: dict, names: dict, ou
             segment_on_cluster(
                 args.model, path, out, scheduler=client, tile_size=args.tile_size,
                 device=None if args.device == "auto" else args.device, progress=update, channel_axis=channel_axis,
-                min_size=args.min_size, axes=stack_axes, track=args.track, block_size=args.block_size,
+                min_size=args.min_size, axes=stack_axes, track=args.track, block_size=args.block_size, scale=scale,
                 threads=max(1, (os.cpu_count() or 1) // args.workers) if args.workers else None, **options,
             )
             result = out
@@ -342,7 +374,7 @@ def _predict_one(args, path: Path, model, device, options: dict, names: dict, ou
             result = segment(model, image, tile_size=args.tile_size, device=device, progress=update,
                              channel_axis=channel_axis, min_size=args.min_size, return_probabilities=whole,
                              axes=stack_axes, track=args.track, block_size=args.block_size, out=out, journal=journal,
-                             **options)
+                             scale=scale, **options)
         if whole:
             labels, probs = result
             warning = unfamiliar(model, probs)
@@ -350,7 +382,7 @@ def _predict_one(args, path: Path, model, device, options: dict, names: dict, ou
         else:
             labels = result
             # the probabilities were never held whole: the check looks at a central window
-            warning = unfamiliar_image(model, image, channel_axis=channel_axis, device=device)
+            warning = unfamiliar_image(model, image, channel_axis=channel_axis, device=device, scale=scale)
     except InputError as exc:
         for folder in (tmp, journal):
             if folder is not None:
@@ -609,6 +641,7 @@ def run_train(args: argparse.Namespace) -> int:
             val_labels=val_labels,
             val_every=args.val_every,
             device=device,
+            scale=args.scale,
         )
     finally:
         bar.close()

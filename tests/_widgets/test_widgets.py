@@ -686,3 +686,40 @@ def test_a_runs_message_says_why_nothing_was_held_out():
     assert ("AP@0.5 0.600 on the corrections (the images are unlike the model's training data, so its own labels "
             "were not held out to judge it)") in text
     assert text.endswith("3 corrections emphasised")
+
+
+def test_segment_at_a_chosen_or_automatic_scale_and_fine_tune_there(make_napari_viewer, qtbot, monkeypatch, errors):
+    import napari.utils.notifications as notifications
+    import napari_unet_studio.rescale as rescale
+
+    infos = []
+    monkeypatch.setattr(notifications, "show_info", infos.append)
+    viewer = _painted_viewer(make_napari_viewer)
+    model = small_model()
+    state_for(viewer).set_model(model, "test model")
+    widget = open_widget(viewer, "Segment")
+    assert widget.scale.currentText() == "auto" and widget.scale.toolTip()
+    # auto: the chooser's scale is used, and the message says why
+    monkeypatch.setattr(rescale, "choose_scale", lambda *a, **kw: (0.5, {1.0: 0.4, 0.75: 0.3, 0.5: 0.2}))
+    run_and_wait(qtbot, widget)
+    result = viewer.layers["cells labels"]
+    assert result.data.shape == (128, 128) and result.metadata["napari_unet_studio"]["scale"] == 0.5
+    assert "segmented at scale 0.5, where the model is most certain" in infos[-1]
+    assert "at scale 0.5" in widget.status.text()
+    from napari_unet_studio import segment
+
+    np.testing.assert_array_equal(result.data, segment(model, viewer.layers["cells"].data, scale=0.5))
+    # a fixed choice is used as it is
+    widget.scale.setCurrentText("1")
+    run_and_wait(qtbot, widget)
+    assert result.metadata["napari_unet_studio"]["scale"] == 1.0 and "scale" not in widget.status.text()
+    widget.scale.setCurrentText("0.5")
+    run_and_wait(qtbot, widget)
+    # Fine-tune on the Segment result (painted over) trains at the scale it was segmented at
+    result.data = viewer.layers["painted"].data.copy()
+    tune = fine_tune_dock(viewer, labels="cells labels")
+    tune.steps.setValue(3)
+    run_and_wait(qtbot, tune, timeout=120_000)
+    run = card_of(state_for(viewer).model).provenance["training"][-1]
+    assert run["scale"] == 0.5 and "trained at scale 0.5" in tune.status.text()
+    assert not errors

@@ -243,6 +243,8 @@ def describe_run(run: dict) -> str:
             text += f" ({run['holdout_skipped']})"
     if run.get("corrections"):
         text += f"; {run['corrections']} corrections emphasised"
+    if run.get("scale", 1) != 1:
+        text += f"; trained at scale {run['scale']:g}, as the images were segmented"
     return text
 
 
@@ -438,6 +440,20 @@ class FineTuneWidget(QWidget):
             regions.append(mask)
         return images, labels, regions, previous
 
+    def _scale(self) -> float:
+        """The scale to train at: the one Segment saw the first pair's image at (1 for labels
+        Segment did not write), so the network learns the image as it segments it."""
+        from .segment_widget import segmented_scale
+
+        scales = [segmented_scale(self._layer(labels_name)) for _, labels_name, _ in self.pairs]
+        known = [s for s in scales if s is not None]
+        if len(set(known)) > 1:
+            from napari.utils.notifications import show_info
+
+            show_info(f"Fine-tune: the pairs were segmented at different scales ({', '.join(f'{s:g}' for s in known)}); "
+                      f"training at {known[0]:g}, the first pair's")
+        return known[0] if known else 1.0
+
     def _collect_validation(self):
         """The validation (image, labels) as one-element lists, ``(None, None)`` when not chosen,
         or raise InputError."""
@@ -505,6 +521,7 @@ class FineTuneWidget(QWidget):
             val_labels=val_labels,
             device=self.state.device,
             channel_axis=None,
+            scale=self._scale(),
         )
         self.cancel_flag.clear()
         self.plot.reset()
@@ -587,6 +604,7 @@ class FineTuneWidget(QWidget):
             ignore_value=None if self.ignore.value() < 0 else self.ignore.value(),
             deep_supervision=self.deep.isChecked(), freeze_encoder=self.freeze.isChecked(),
             reserve_cores=0,  # measured: napari (0.2 core while painting) leaves room for two threads
+            scale=self._scale(),
         )
         names = [image_name for image_name, _, _ in self.pairs]
         pairs = list(zip(images, labels, regions, previous, names))

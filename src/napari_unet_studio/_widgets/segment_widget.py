@@ -26,6 +26,8 @@ from ._state import state_for
 RESULT_KEY = "napari_unet_studio"
 MODELS = "model's"
 SEED_CHOICES = (MODELS, "off", "0.7", "0.8", "0.9", "0.95")
+#: Object scale choices: what the dock shows -> the ``scale`` of :func:`~napari_unet_studio.segment`.
+SCALE_CHOICES = {"auto": "auto", "1": 1.0, "0.75": 0.75, "0.5": 0.5, "0.33": 1 / 3, "1.5": 1.5, "2": 2.0}
 #: What a stack's first axis is: the dock's choices and what they give ``segment``.
 STACK_CHOICES = {
     "from axis labels": None,
@@ -47,11 +49,14 @@ def _is_untouched_result(layer) -> bool:
     return meta.get("checksum") == _checksum(layer.data)
 
 
-def _segment_job(model, data, *, to_disk: str | None = None, prune_level: object = "keep", **kwargs):
+def _segment_job(model, data, *, to_disk: str | None = None, prune_level: object = "keep", scale="auto", **kwargs):
     """Worker body: segment ``data`` (loading the default model first when ``model`` is None);
     returns ``(labels, probabilities or None, the model loaded or None, a warning when the image
     looks unlike the model's training data or None, the number of objects, the objects'
-    measurements or None)``.
+    measurements or None, (the scale used, a sentence on why when it was chosen or None))``.
+
+    ``scale``: a factor, or ``"auto"``: the one :func:`~napari_unet_studio.rescale.choose_scale`
+    picks (measured here, in the worker).
 
     With ``to_disk`` (a name), the labels go block by block into a new OME-Zarr image in a
     temporary folder (never held whole in memory) and no probabilities are kept; the
@@ -72,12 +77,21 @@ def _segment_job(model, data, *, to_disk: str | None = None, prune_level: object
 
         model = copy.deepcopy(model)
         model.prune_level = prune_level
+    why = None
+    if scale == "auto":
+        from ..rescale import choose_scale, describe_choice
+
+        scale, measured = choose_scale(model, data, channel_axis=kwargs.get("channel_axis"), device=kwargs.get("device"),
+                                       cancel=kwargs.get("cancel"))
+        why = describe_choice(scale, measured) if len(measured) > 1 else None
+    kwargs["scale"] = scale
+    chosen = (scale, why)
     if to_disk is None:
         from ..measurements import measure
 
         labels, probs = segment(model, data, return_probabilities=True, **kwargs)
         table = measure(labels, np.asarray(data), channel_axis=kwargs.get("channel_axis"), axes=kwargs.get("axes"))
-        return labels, probs, loaded, unfamiliar(model, probs), int(labels.max()), table
+        return labels, probs, loaded, unfamiliar(model, probs), int(labels.max()), table, chosen
     import tempfile
     from pathlib import Path
 
@@ -88,13 +102,20 @@ def _segment_job(model, data, *, to_disk: str | None = None, prune_level: object
     letters = (kwargs.get("axes") or "ZYX")[0] + "YX" if layout.is_stack else "YX"
     out = create_ome_zarr_labels(folder / f"{to_disk}.zarr", layout.spatial_shape, letters)
     segment(model, data, out=out, **kwargs)
-    warning = unfamiliar_image(model, data, channel_axis=kwargs.get("channel_axis"), device=kwargs.get("device"))
+    warning = unfamiliar_image(model, data, channel_axis=kwargs.get("channel_axis"), device=kwargs.get("device"),
+                               scale=scale)
     n = max_label(out)
     out.attrs["objects"] = n
     from ..measurements import measure_blocks  # what adds up block by block
 
     table = measure_blocks(out, data if kwargs.get("channel_axis") is None and layout.n_channels == 1 else None)
-    return out, None, loaded, warning, n, table
+    return out, None, loaded, warning, n, table, chosen
+
+
+def segmented_scale(layer) -> float | None:
+    """The scale Segment saw the image at, for a Labels layer it wrote (None otherwise)."""
+    meta = layer.metadata.get(RESULT_KEY) or {}
+    return meta.get("scale")
 
 
 def segmented_labels(layer):
@@ -142,6 +163,8 @@ class SegmentWidget(QWidget):
             "Objects grow from the regions where the foreground probability exceeds this value, over "
             "the pixels above the threshold: keeps touching cells apart. 'off': connected components"
         )
+        self.scale = QComboBox(parent=self)
+        self.scale.addItems(list(SCALE_CHOICES))
         self.probability = QCheckBox("Also add the foreground probability", parent=self)
         self.level = QComboBox(parent=self)
         self.level.addItem("0 (finest)")
@@ -150,13 +173,15 @@ class SegmentWidget(QWidget):
         form.addRow("Image", self.image)
         form.addRow("Multiscale level", self.level)
         form.addRow("Stack", self.stack)
+        form.addRow("Object scale", self.scale)
         form.addRow("Tile size", self.tile)
         form.addRow("U-Net++ level", self.prune)
         form.addRow("Threshold", self.threshold)
         form.addRow("Seed threshold", self.seeds)
         layout.addLayout(form)
         layout.addWidget(self.probability)
-        persist("segment", {"tile_size": self.tile, "probability": self.probability, "stack": self.stack})
+        persist("segment", {"tile_size": self.tile, "probability": self.probability, "stack": self.stack,
+                            "scale": self.scale})
         self.buttons = RunCancelRow("Segment", parent=self)
         self.run_button, self.cancel_button = self.buttons.run_button, self.buttons.cancel_button
         layout.addWidget(self.buttons)
@@ -180,6 +205,9 @@ class SegmentWidget(QWidget):
         self.image.currentTextChanged.connect(self._refresh_image_choices)
         set_tooltips(self, {
             "image": "The Image layer to segment; results are new layers (painted labels are never overwritten)",
+            "scale": "The network sees the image resized by this factor (0.5: objects half as big), and the labels "
+                     "come back at the image's size. 'auto': the scale at which the model is most certain, tried "
+                     "when the image looks unlike its training data (e.g. large or textured nuclei)",
             "tile": "Input tile edge in pixels; 'auto' fits the free memory. The result does not depend on it",
             "prune": "U-Net++ only: a shallower level is faster, the full network most accurate",
             "threshold": "Foreground probability of an object pixel; the model's own by default",
@@ -301,6 +329,7 @@ class SegmentWidget(QWidget):
             data,
             to_disk=to_disk,
             prune_level=prune_level,
+            scale=SCALE_CHOICES[self.scale.currentText()],
             **stack_options,
             tile_size=self.tile.value() or None,
             device=self.state.device,
@@ -378,7 +407,7 @@ class SegmentWidget(QWidget):
         The labels as the model gave them stay in the layer's metadata (``"labels"``): what the
         user paints over them later are the corrections fine-tuning emphasises. Labels written
         to disk (a zarr array) always become a new layer, read lazily by napari."""
-        labels, probs, loaded, warning, n_objects, table = result
+        labels, probs, loaded, warning, n_objects, table, (used_scale, why) = result
         if loaded is not None and self.state.model is None:
             self.state.set_model(loaded, model_name)
         scale = np.asarray(image_layer.scale, float)
@@ -395,7 +424,7 @@ class SegmentWidget(QWidget):
             target = self.viewer.add_labels(labels, name=name, **spatial)
         target.metadata[RESULT_KEY] = {
             "checksum": None if on_disk else _checksum(labels), "source": image_layer.name, "model": model_name,
-            "labels": None if on_disk else labels.copy(),
+            "labels": None if on_disk else labels.copy(), "scale": used_scale,
         }
         if table is not None:  # napari shows them on hover; "index" ties a row to its label
             target.features = {"index": table["label"], **{k: v for k, v in table.items() if k != "label"}}
@@ -418,14 +447,19 @@ class SegmentWidget(QWidget):
         from napari.utils.notifications import show_info
 
         message = f"{image_layer.name}: {n_objects} objects, segmented with {model_name or 'the model'}"
+        if why:
+            message += f", {why}"
+        elif used_scale != 1:
+            message += f" at scale {used_scale:g}"
         if on_disk:
             where = str(getattr(labels, "store_path", "a temporary zarr folder")).replace("file://", "")
             message += f" (labels stored in {where}; save the layer to keep them)"
+        at = f" at scale {used_scale:g}" if used_scale != 1 else ""
         if warning:
             from napari.utils.notifications import show_warning
 
             show_warning(f"{message}; but {warning}")
-            self.status.setText(f"{n_objects} objects. Unfamiliar image: {warning}")
+            self.status.setText(f"{n_objects} objects{at}. Unfamiliar image: {warning}")
         else:
             show_info(message)
-            self.status.setText(f"{n_objects} objects in {image_layer.name}" + (" (measurements: hover, or Save)" if table is not None else ""))
+            self.status.setText(f"{n_objects} objects in {image_layer.name}{at}" + (" (measurements: hover, or Save)" if table is not None else ""))
