@@ -203,3 +203,25 @@ def test_training_at_a_scale_sees_resized_pairs_and_records_the_scale():
     assert session.segment(image).shape == image.shape
     model, _ = train(tiny(depth=2), [image], [labels], steps=2, seed=0, scale=0.5)
     assert card_of(model).provenance["training"][-1]["scale"] == 0.5 and trained_scale(model) == 0.5
+
+
+def test_segmenting_at_the_chosen_scale_measures_a_familiar_image_no_more(monkeypatch, rng):
+    import napari_unet_studio.inference as inference
+    from napari_unet_studio.inference import uncertainty
+    from napari_unet_studio.rescale import segment_choosing_scale
+
+    model = tiny()
+    image = rng.random((90, 100)).astype(np.float32)
+    windows = []
+    real = inference.image_uncertainty
+    monkeypatch.setattr(inference, "image_uncertainty", lambda *a, **kw: windows.append(kw["scale"]) or real(*a, **kw))
+    first = predict(model, image)
+    card_of(model).provenance["uncertainty"] = {"typical": uncertainty(first), "images": 1}  # familiar
+    labels, probs, scale, measured = segment_choosing_scale(model, image)
+    assert scale == 1.0 and windows == [] and measured == {1.0: uncertainty(first)}
+    np.testing.assert_array_equal(labels, segment(model, image))
+    card_of(model).provenance["uncertainty"] = {"typical": 0.0, "images": 1}  # unfamiliar: the others are measured
+    labels, probs, scale, measured = segment_choosing_scale(model, image)
+    assert windows == [0.75, 0.5] and set(measured) == {1.0, 0.75, 0.5}
+    np.testing.assert_array_equal(labels, segment(model, image, scale=scale))
+    assert probs.shape == (2, 90, 100)

@@ -351,10 +351,10 @@ def _predict_one(args, path: Path, model, device, options: dict, names: dict, ou
         else:
             out = create_ome_zarr_labels(tmp, spatial, letters, reuse=journal.is_dir())
         whole = whole and not journal.is_dir() and client is None  # blocks done before have no probabilities
-    scale = args.scale
-    if scale == "auto":
-        from .rescale import choose_scale, describe_choice
+    from .rescale import choose_scale, describe_choice, segment_choosing_scale
 
+    scale = args.scale
+    if scale == "auto" and (not whole or out is not None):  # chosen first, on a central window; else while segmenting
         scale, measured = choose_scale(model, image, channel_axis=channel_axis, device=device)
         if scale != 1:
             print(f"unet-studio: {path.name}: {describe_choice(scale, measured)}", file=sys.stderr)
@@ -370,6 +370,14 @@ def _predict_one(args, path: Path, model, device, options: dict, names: dict, ou
                 threads=max(1, (os.cpu_count() or 1) // args.workers) if args.workers else None, **options,
             )
             result = out
+        elif scale == "auto":  # held whole: the probabilities at scale 1 are the chooser's first measurement
+            labels, probs, scale, measured = segment_choosing_scale(
+                model, image, tile_size=args.tile_size, device=device, progress=update, channel_axis=channel_axis,
+                min_size=args.min_size, axes=stack_axes, track=args.track, block_size=args.block_size, **options)
+            result = labels, probs
+            if scale != 1:
+                bar.clear()
+                print(f"unet-studio: {path.name}: {describe_choice(scale, measured)}", file=sys.stderr)
         else:
             result = segment(model, image, tile_size=args.tile_size, device=device, progress=update,
                              channel_axis=channel_axis, min_size=args.min_size, return_probabilities=whole,

@@ -29,6 +29,8 @@ CANDIDATE_SCALES = (1.0, 0.75, 0.5)
 #: Another scale replaces the first one tried only when it is this much less uncertain (relative):
 #: ties and noise keep the image as it is.
 SCALE_MARGIN = 0.05
+#: Side of the central window (image pixels) the chooser measures uncertainty on.
+CHOICE_WINDOW = 1024
 #: Accepted range of ``scale``.
 SCALE_RANGE = (0.1, 4.0)
 #: Gaussian radius, in sigmas (scipy's default truncation).
@@ -137,7 +139,7 @@ def trained_scale(model) -> float:
 
 
 def choose_scale(model, image, *, channel_axis: int | None = None, device=None, candidates=CANDIDATE_SCALES,
-                 max_side: int = 1024, cancel=None) -> tuple[float, dict[float, float]]:
+                 max_side: int = CHOICE_WINDOW, cancel=None, known: dict[float, float] | None = None) -> tuple[float, dict[float, float]]:
     """The scale at which ``model`` is most certain of ``image``, and the uncertainty measured
     at each scale tried (:func:`~napari_unet_studio.inference.image_uncertainty`, on a central
     window of at most ``max_side`` image pixels a side).
@@ -145,7 +147,8 @@ def choose_scale(model, image, *, channel_axis: int | None = None, device=None, 
     The scale the model was last trained at (:func:`trained_scale`) is tried first and kept
     when the image is familiar to the model there; otherwise (or when the model's card has no
     uncertainty record) every candidate is tried and the least uncertain wins, if it is at least
-    :data:`SCALE_MARGIN` less uncertain than the first (relative). Measured with
+    :data:`SCALE_MARGIN` less uncertain than the first (relative). ``known``: uncertainties already measured
+    (scale -> value), not measured again. Measured with
     the default nuclei model (``benchmarks/scale_choice.py``): stained tissue AP@0.5 0.355 at
     scale 1 against 0.47 chosen, fluorescence unchanged."""
     from .errors import Cancelled
@@ -157,8 +160,11 @@ def choose_scale(model, image, *, channel_axis: int | None = None, device=None, 
     for scale in order:
         if cancel is not None and cancel():
             raise Cancelled()
-        measured[scale] = image_uncertainty(model, image, channel_axis=channel_axis, device=device,
-                                            max_side=max_side, scale=scale)
+        if known and scale in known:
+            measured[scale] = known[scale]
+        else:
+            measured[scale] = image_uncertainty(model, image, channel_axis=channel_axis, device=device,
+                                                max_side=max_side, scale=scale)
         if scale == first and is_unfamiliar(model, measured[scale]) is False:
             break
     best = min(measured, key=measured.get)
@@ -169,3 +175,28 @@ def describe_choice(scale: float, measured: dict[float, float]) -> str:
     """One sentence on a :func:`choose_scale` result, for the dock and the command line."""
     tried = ", ".join(f"{value:.0%} at {s:g}" for s, value in sorted(measured.items(), reverse=True))
     return f"segmented at scale {scale:g}, where the model is most certain (uncertain pixels: {tried})"
+
+
+def segment_choosing_scale(model, image, *, channel_axis: int | None = None, device=None, cancel=None, **options):
+    """:func:`~napari_unet_studio.segment` at the scale :func:`choose_scale` picks, for an image
+    whose probabilities fit in memory; returns ``(labels, probabilities, scale, uncertainties
+    measured)``.
+
+    The image is segmented at the model's own scale (:func:`trained_scale`) first, and the
+    uncertainty of those probabilities is the chooser's first measurement: an image the model
+    knows costs nothing more, and only an unfamiliar one is measured at other scales (and
+    segmented again when one is clearly less uncertain)."""
+    from .inference import segment, uncertainty
+
+    first = trained_scale(model)
+    labels, probs = segment(model, image, channel_axis=channel_axis, device=device, cancel=cancel, scale=first,
+                            return_probabilities=True, **options)
+    # A 2-D image within the chooser's window, at scale 1: these probabilities are the ones it
+    # would measure (on the network's own pixels).
+    whole = probs.ndim == 3 and max(probs.shape[1:]) <= CHOICE_WINDOW
+    known = {first: uncertainty(probs)} if first == 1 and whole else None
+    scale, measured = choose_scale(model, image, channel_axis=channel_axis, device=device, cancel=cancel, known=known)
+    if scale != first:
+        labels, probs = segment(model, image, channel_axis=channel_axis, device=device, cancel=cancel, scale=scale,
+                                return_probabilities=True, **options)
+    return labels, probs, scale, measured

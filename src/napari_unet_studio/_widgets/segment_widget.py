@@ -77,19 +77,18 @@ def _segment_job(model, data, *, to_disk: str | None = None, prune_level: object
 
         model = copy.deepcopy(model)
         model.prune_level = prune_level
-    why = None
-    if scale == "auto":
-        from ..rescale import choose_scale, describe_choice
+    from ..rescale import choose_scale, describe_choice, segment_choosing_scale
 
-        scale, measured = choose_scale(model, data, channel_axis=kwargs.get("channel_axis"), device=kwargs.get("device"),
-                                       cancel=kwargs.get("cancel"))
-        why = describe_choice(scale, measured) if len(measured) > 1 else None
-    kwargs["scale"] = scale
-    chosen = (scale, why)
+    why = None
     if to_disk is None:
         from ..measurements import measure
 
-        labels, probs = segment(model, data, return_probabilities=True, **kwargs)
+        if scale == "auto":
+            labels, probs, scale, measured = segment_choosing_scale(model, data, **kwargs)
+            why = describe_choice(scale, measured) if scale != 1 else None
+        else:
+            labels, probs = segment(model, data, return_probabilities=True, scale=scale, **kwargs)
+        chosen = (scale, why)
         table = measure(labels, np.asarray(data), channel_axis=kwargs.get("channel_axis"), axes=kwargs.get("axes"))
         return labels, probs, loaded, unfamiliar(model, probs), int(labels.max()), table, chosen
     import tempfile
@@ -101,7 +100,12 @@ def _segment_job(model, data, *, to_disk: str | None = None, prune_level: object
     folder = Path(tempfile.mkdtemp(prefix="unet-studio-"))
     letters = (kwargs.get("axes") or "ZYX")[0] + "YX" if layout.is_stack else "YX"
     out = create_ome_zarr_labels(folder / f"{to_disk}.zarr", layout.spatial_shape, letters)
-    segment(model, data, out=out, **kwargs)
+    if scale == "auto":
+        scale, measured = choose_scale(model, data, channel_axis=kwargs.get("channel_axis"), device=kwargs.get("device"),
+                                       cancel=kwargs.get("cancel"))
+        why = describe_choice(scale, measured) if scale != 1 else None
+    chosen = (scale, why)
+    segment(model, data, out=out, scale=scale, **kwargs)
     warning = unfamiliar_image(model, data, channel_axis=kwargs.get("channel_axis"), device=kwargs.get("device"),
                                scale=scale)
     n = max_label(out)
