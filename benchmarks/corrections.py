@@ -19,8 +19,13 @@ known (``previous=`` the model's labels, automatic hold-out), in the same run. R
 (c) the same with sparse painting: only the K corrected objects (and a ring of background
     around each) plus a few background strokes are labelled, the rest is "not annotated".
 
+``--scale auto`` runs the loop as the dock does by default: every segmentation (before, after,
+held-out) at the scale the package chooses (``rescale.segment_choosing_scale``), and fine-tuning
+at the scale chosen for the first painted image; ``--scale 1`` (the default) is the loop
+without object scales.
+
 Run alone on a quiet machine (it is time-budgeted):
-    python benchmarks/corrections.py [--kinds fluo,color,em] [--budgets 60] [--k 5] [--images 2]
+    python benchmarks/corrections.py [--kinds fluo,color,em] [--budgets 60] [--k 5] [--images 2] [--scale 1|auto]
 Writes benchmarks/results/corrections.json.
 """
 
@@ -40,6 +45,7 @@ from napari_unet_studio.card import card_of
 from napari_unet_studio import load_model, segment, train
 from napari_unet_studio._sample_data import load_sample
 from napari_unet_studio.metrics import average_precision, iou_matrix
+from napari_unet_studio.rescale import segment_choosing_scale
 
 from encoding import load
 
@@ -179,8 +185,18 @@ def method_options(method: str, preds) -> dict:
     return extra
 
 
+#: How the simulated user segments: at scale 1, or at the scale the package chooses (``--scale``).
+SCALE = {"mode": "1"}
+
+
+def seg(model, image) -> np.ndarray:
+    if SCALE["mode"] == "auto":
+        return segment_choosing_scale(model, image)[0]
+    return segment(model, image)
+
+
 def ap50(model, images, labels) -> float:
-    return float(np.mean([average_precision(segment(model, im), lab)[0.5] for im, lab in zip(images, labels)]))
+    return float(np.mean([average_precision(seg(model, im), lab)[0.5] for im, lab in zip(images, labels)]))
 
 
 def main():
@@ -196,8 +212,10 @@ def main():
                         help="plain, or corrections with modifiers joined by '+': replay, keep-norm (BatchNorm statistics "
                              "kept), frozen (encoder frozen), tune-pp (post-processing re-chosen), no-holdout (the last weights), distill, lr=X, share=X (crops on corrections), weight=X (their extra loss weight); e.g. corrections+frozen+keep-norm")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", default="1", choices=("1", "auto"), help="segment at scale 1, or as the dock does")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "corrections.json"))
     args = parser.parse_args()
+    SCALE["mode"] = args.scale
     print(f"load average before: {os.getloadavg()[0]:.2f} (run alone)", flush=True)
     results = []
     methods = args.methods.split(",") + (["replay"] if args.replay else [])
@@ -205,7 +223,8 @@ def main():
         images, truths, eval_images, eval_labels = split_kind(kind, args.images, args.eval if kind != "em" else 4, args.seed)
         base = load_model("default")
         before = ap50(base, eval_images, eval_labels)
-        preds = [segment(base, im) for im in images]
+        preds = [seg(base, im) for im in images]
+        train_scale = segment_choosing_scale(base, images[0])[2] if args.scale == "auto" else 1.0
         chosen = [errors(p, t)[: args.k] for p, t in zip(preds, truths)]
         painted = [paint(p, t, c) for p, t, c in zip(preds, truths, chosen)]
         n_corrected = sum(len(c) for c in chosen)
@@ -214,7 +233,7 @@ def main():
         if not all(kept_list(painted, truths, chosen, preds)):  # and the painted labels at N of N
             raise SystemExit("the painted labels do not count as corrected: the 'kept' test is too strict")
         kinds_of = [e["kind"] for c in chosen for e in c]
-        print(f"{kind}: held-out AP@0.5 before {before:.3f}; {n_corrected} corrections "
+        print(f"{kind}: scale {train_scale:g}; held-out AP@0.5 before {before:.3f}; {n_corrected} corrections "
               f"({', '.join(f'{kinds_of.count(k)} {k}' for k in sorted(set(kinds_of)))})", flush=True)
         rng = np.random.default_rng(args.seed)
         variants = [("dense", painted, None)]
@@ -227,12 +246,13 @@ def main():
                     model = load_model("default")
                     extra = method_options(method, preds)
                     start = time.perf_counter()
-                    model, history = train(model, images, labels, time_budget=budget, seed=args.seed, ignore_value=ignore, **extra)
+                    model, history = train(model, images, labels, time_budget=budget, seed=args.seed, ignore_value=ignore,
+                                           scale=train_scale, **extra)
                     seconds = time.perf_counter() - start
-                    new = [segment(model, im) for im in images]
+                    new = [seg(model, im) for im in images]
                     kept = kept_list(new, truths, chosen, preds)
                     run = card_of(model).provenance["training"][-1]
-                    row = {"kind": kind, "budget_s": budget, "painting": painting, "method": method, "steps": run["steps"],
+                    row = {"kind": kind, "scale": train_scale, "budget_s": budget, "painting": painting, "method": method, "steps": run["steps"],
                            "best_step": run["best_step"], "seconds": round(seconds, 1), "corrections": n_corrected,
                            "kept": float(np.mean(kept)) if kept else None, "ap50_before": before,
                            "ap50_after": ap50(model, eval_images, eval_labels), "postprocess": run.get("postprocess")}
