@@ -143,7 +143,7 @@ def test_the_chooser_keeps_a_familiar_scale_and_else_takes_the_least_uncertain(m
     uncertain[0.5] = 0.28
     assert choose_scale(model, image)[0] == 0.5
     assert describe_choice(0.75, {1.0: 0.30, 0.75: 0.20, 0.5: 0.25}) == (
-        "segmented at scale 0.75, where the model is most certain (uncertain pixels: 30% at 1, 20% at 0.75, 25% at 0.5)")
+        "at scale 0.75, where the model is most certain (uncertain pixels: 30% at 1, 20% at 0.75, 25% at 0.5)")
 
 
 def test_the_command_line_takes_a_scale_or_chooses_one(tmp_path, capsys, monkeypatch):

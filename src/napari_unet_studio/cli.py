@@ -325,7 +325,7 @@ def _predict_many(args, images, model, device, options, names, out_dir, client) 
 def _predict_one(args, path: Path, model, device, options: dict, names: dict, out_dir: Path, client) -> int:
     """Segment one input of ``unet-studio predict`` and write its labels (and measurements);
     returns its number of objects. ``client``: run its blocks on that dask cluster."""
-    from .inference import segment, unfamiliar, unfamiliar_image
+    from .inference import segment, unfamiliar, unfamiliar_image, unfamiliar_uncertainty
     from .io import create_ome_zarr_labels, max_label, open_image, replace_folder, write_labels
 
     image, axes = open_image(path)
@@ -353,11 +353,11 @@ def _predict_one(args, path: Path, model, device, options: dict, names: dict, ou
         whole = whole and not journal.is_dir() and client is None  # blocks done before have no probabilities
     from .rescale import choose_scale, describe_choice, segment_choosing_scale
 
-    scale = args.scale
+    scale, chosen_uncertainty = args.scale, None
     if scale == "auto" and (not whole or out is not None):  # chosen first, on a central window; else while segmenting
         scale, measured = choose_scale(model, image, channel_axis=channel_axis, device=device)
         if scale != 1:
-            print(f"unet-studio: {path.name}: {describe_choice(scale, measured)}", file=sys.stderr)
+            print(f"unet-studio: {path.name}: segmented {describe_choice(scale, measured)}", file=sys.stderr)
     bar, update = _progress_bar(args.quiet, path.name)
     try:
         if client is not None:
@@ -375,9 +375,10 @@ def _predict_one(args, path: Path, model, device, options: dict, names: dict, ou
                 model, image, tile_size=args.tile_size, device=device, progress=update, channel_axis=channel_axis,
                 min_size=args.min_size, axes=stack_axes, track=args.track, block_size=args.block_size, **options)
             result = labels, probs
+            chosen_uncertainty = measured[scale]  # the warning gives the figures the choice gave
             if scale != 1:
                 bar.clear()
-                print(f"unet-studio: {path.name}: {describe_choice(scale, measured)}", file=sys.stderr)
+                print(f"unet-studio: {path.name}: segmented {describe_choice(scale, measured)}", file=sys.stderr)
         else:
             result = segment(model, image, tile_size=args.tile_size, device=device, progress=update,
                              channel_axis=channel_axis, min_size=args.min_size, return_probabilities=whole,
@@ -385,7 +386,8 @@ def _predict_one(args, path: Path, model, device, options: dict, names: dict, ou
                              scale=scale, **options)
         if whole:
             labels, probs = result
-            warning = unfamiliar(model, probs)
+            warning = (unfamiliar(model, probs) if chosen_uncertainty is None
+                       else unfamiliar_uncertainty(model, chosen_uncertainty))
             del probs
         else:
             labels = result

@@ -699,7 +699,12 @@ def unfamiliar(model, probabilities) -> str | None:
     uncertain than ``model`` is on images like the ones it learnt from (its card's
     ``provenance["uncertainty"]``): the image is probably unlike its training data and the
     result unreliable. None when the image looks familiar or the model has no such record."""
-    value = uncertainty(probabilities)
+    return unfamiliar_uncertainty(model, uncertainty(probabilities))
+
+
+def unfamiliar_uncertainty(model, value: float) -> str | None:
+    """:func:`unfamiliar` for an :func:`uncertainty` already measured (e.g. by
+    :func:`~napari_unet_studio.rescale.choose_scale` at the scale it chose)."""
     if not is_unfamiliar(model, value):
         return None
     typical = float(card_of(model).provenance["uncertainty"]["typical"])

@@ -174,7 +174,7 @@ def choose_scale(model, image, *, channel_axis: int | None = None, device=None, 
 def describe_choice(scale: float, measured: dict[float, float]) -> str:
     """One sentence on a :func:`choose_scale` result, for the dock and the command line."""
     tried = ", ".join(f"{value:.0%} at {s:g}" for s, value in sorted(measured.items(), reverse=True))
-    return f"segmented at scale {scale:g}, where the model is most certain (uncertain pixels: {tried})"
+    return f"at scale {scale:g}, where the model is most certain (uncertain pixels: {tried})"
 
 
 def segment_choosing_scale(model, image, *, channel_axis: int | None = None, device=None, cancel=None, **options):

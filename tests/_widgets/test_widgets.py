@@ -699,13 +699,18 @@ def test_segment_at_a_chosen_or_automatic_scale_and_fine_tune_there(make_napari_
     state_for(viewer).set_model(model, "test model")
     widget = open_widget(viewer, "Segment")
     assert widget.scale.currentText() == "auto" and widget.scale.toolTip()
-    # auto: the chooser's scale is used, and the message says why
+    # auto: the chooser's scale is used, the message says why, and the unfamiliar-image warning
+    # gives the uncertainty the choice measured
+    warned = []
+    monkeypatch.setattr(notifications, "show_warning", warned.append)
+    card_of(model).provenance["uncertainty"] = {"typical": 0.01, "images": 1}
     monkeypatch.setattr(rescale, "choose_scale", lambda *a, **kw: (0.5, {1.0: 0.4, 0.75: 0.3, 0.5: 0.2}))
     run_and_wait(qtbot, widget)
     result = viewer.layers["cells labels"]
     assert result.data.shape == (128, 128) and result.metadata["napari_unet_studio"]["scale"] == 0.5
-    assert "segmented at scale 0.5, where the model is most certain" in infos[-1]
-    assert "at scale 0.5" in widget.status.text()
+    assert "segmented with test model at scale 0.5, where the model is most certain" in warned[-1]
+    assert "20% of its pixels are uncertain" in warned[-1] and "at scale 0.5" in widget.status.text()
+    del card_of(model).provenance["uncertainty"]
     from napari_unet_studio import segment
 
     np.testing.assert_array_equal(result.data, segment(model, viewer.layers["cells"].data, scale=0.5))

@@ -65,7 +65,7 @@ def _segment_job(model, data, *, to_disk: str | None = None, prune_level: object
 
     ``prune_level`` (other than ``"keep"``): segment with a copy of the U-Net++ pruned to it,
     made here (copying a model is long work), so the shared model stays as the docks know it."""
-    from ..inference import ImageLayout, segment, unfamiliar, unfamiliar_image
+    from ..inference import ImageLayout, segment, unfamiliar, unfamiliar_image, unfamiliar_uncertainty
 
     loaded = None
     if model is None:
@@ -86,11 +86,12 @@ def _segment_job(model, data, *, to_disk: str | None = None, prune_level: object
         if scale == "auto":
             labels, probs, scale, measured = segment_choosing_scale(model, data, **kwargs)
             why = describe_choice(scale, measured) if scale != 1 else None
+            warning = unfamiliar_uncertainty(model, measured[scale])  # the figures the choice gives
         else:
             labels, probs = segment(model, data, return_probabilities=True, scale=scale, **kwargs)
-        chosen = (scale, why)
+            warning = unfamiliar(model, probs)
         table = measure(labels, np.asarray(data), channel_axis=kwargs.get("channel_axis"), axes=kwargs.get("axes"))
-        return labels, probs, loaded, unfamiliar(model, probs), int(labels.max()), table, chosen
+        return labels, probs, loaded, warning, int(labels.max()), table, (scale, why)
     import tempfile
     from pathlib import Path
 
@@ -452,7 +453,7 @@ class SegmentWidget(QWidget):
 
         message = f"{image_layer.name}: {n_objects} objects, segmented with {model_name or 'the model'}"
         if why:
-            message += f", {why}"
+            message += f" {why}"
         elif used_scale != 1:
             message += f" at scale {used_scale:g}"
         if on_disk:
