@@ -133,6 +133,16 @@ def test_a_bright_background_model_fixes_the_polarity_of_its_test_image(tmp_path
         assert "Invert images of the other polarity first" in zf.read("README.md").decode()
 
 
+def test_a_model_trained_at_an_object_scale_says_so_in_its_package(tmp_path):
+    model = _tiny(UNet, encoding="foreground", postprocess={})
+    path = export_bioimageio(model, tmp_path / "at1.zip")
+    assert "Object scale" not in zipfile.ZipFile(path).read("README.md").decode()
+    card_of(model).provenance["training"] = [{"steps": 3, "scale": 0.5}]
+    path = export_bioimageio(model, tmp_path / "at05.zip")
+    readme = zipfile.ZipFile(path).read("README.md").decode()
+    assert "## Object scale" in readme and "resized by 0.5" in readme
+
+
 def test_rgb_and_unnormalised_models_export_too(tmp_path):
     model = attach(UNet(in_channels=3, depth=2, base_channels=4).eval(), ModelCard(normalization=Normalization(kind="none")))
     image = np.random.default_rng(0).random((240, 260, 3)).astype(np.float32)

@@ -202,6 +202,18 @@ def _readme(model, name: str, options: dict, inverted: bool, test_name: str, dat
             "the package cannot, so it fixes the polarity its test image got"
             f" ({'inverted' if inverted else 'not inverted'}). Invert images of the other polarity first."
         )
+    from .rescale import trained_scale
+
+    scale = trained_scale(model)
+    if scale != 1:
+        lines += [
+            "",
+            "## Object scale",
+            "",
+            f"This model was last trained on images resized by {scale:g} (napari-unet-studio's object scale). "
+            f"Resize each image by {scale:g} before the model and its probabilities back to the image's size; "
+            "the package cannot, and napari-unet-studio does it itself.",
+        ]
     lines += [
         "",
         "## Instance labels",
