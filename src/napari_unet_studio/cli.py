@@ -356,6 +356,7 @@ def _predict_one(args, path: Path, model, device, options: dict, names: dict, ou
     scale, chosen_uncertainty = args.scale, None
     if scale == "auto" and (not whole or out is not None):  # chosen first, on a central window; else while segmenting
         scale, measured = choose_scale(model, image, channel_axis=channel_axis, device=device)
+        chosen_uncertainty = measured[scale]
         if scale != 1:
             print(f"unet-studio: {path.name}: segmented {describe_choice(scale, measured)}", file=sys.stderr)
     bar, update = _progress_bar(args.quiet, path.name)
@@ -391,8 +392,10 @@ def _predict_one(args, path: Path, model, device, options: dict, names: dict, ou
             del probs
         else:
             labels = result
-            # the probabilities were never held whole: the check looks at a central window
-            warning = unfamiliar_image(model, image, channel_axis=channel_axis, device=device, scale=scale)
+            # the probabilities were never held whole: the check looks at a central window (the
+            # one the scale choice measured, when it did)
+            warning = (unfamiliar_image(model, image, channel_axis=channel_axis, device=device, scale=scale)
+                       if chosen_uncertainty is None else unfamiliar_uncertainty(model, chosen_uncertainty))
     except InputError as exc:
         for folder in (tmp, journal):
             if folder is not None:

@@ -101,14 +101,18 @@ def _segment_job(model, data, *, to_disk: str | None = None, prune_level: object
     folder = Path(tempfile.mkdtemp(prefix="unet-studio-"))
     letters = (kwargs.get("axes") or "ZYX")[0] + "YX" if layout.is_stack else "YX"
     out = create_ome_zarr_labels(folder / f"{to_disk}.zarr", layout.spatial_shape, letters)
+    measured = None
     if scale == "auto":
         scale, measured = choose_scale(model, data, channel_axis=kwargs.get("channel_axis"), device=kwargs.get("device"),
                                        cancel=kwargs.get("cancel"))
         why = describe_choice(scale, measured) if scale != 1 else None
     chosen = (scale, why)
     segment(model, data, out=out, scale=scale, **kwargs)
-    warning = unfamiliar_image(model, data, channel_axis=kwargs.get("channel_axis"), device=kwargs.get("device"),
-                               scale=scale)
+    if measured is not None:  # the choice measured the same central window
+        warning = unfamiliar_uncertainty(model, measured[scale])
+    else:
+        warning = unfamiliar_image(model, data, channel_axis=kwargs.get("channel_axis"), device=kwargs.get("device"),
+                                   scale=scale)
     n = max_label(out)
     out.attrs["objects"] = n
     from ..measurements import measure_blocks  # what adds up block by block
