@@ -1330,7 +1330,9 @@ def train(
         ``None`` entries). The pixels the user corrected are sampled far more often and weigh
         more in the loss (:mod:`~napari_unet_studio.corrections`).
     seed
-        Makes the run reproducible on the CPU.
+        Makes the run reproducible on the CPU, with the same number of torch threads
+        (``fit_threads=False``: fitted threads follow the machine's load, and float sums over
+        another thread count round differently).
     progress
         Called after every step with a dict: ``step``, ``steps``, ``loss``, ``lr``,
         ``elapsed``, ``fraction`` and, after a validation, ``val_ap50``.
