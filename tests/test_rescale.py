@@ -226,3 +226,25 @@ def test_segmenting_at_the_chosen_scale_measures_a_familiar_image_no_more(monkey
     assert windows == [0.75, 0.5] and set(measured) == {1.0, 0.75, 0.5}
     np.testing.assert_array_equal(labels, segment(model, image, scale=scale))
     assert probs.shape == (2, 90, 100)
+
+
+def test_segmenting_at_the_chosen_scale_segments_once_when_it_chooses_first(monkeypatch, rng):
+    import napari_unet_studio.inference as inference
+    from napari_unet_studio.rescale import segment_choosing_scale
+
+    model = tiny()
+    image = rng.random((90, 100)).astype(np.float32)
+    scales = []
+    real = inference.segment
+    monkeypatch.setattr(inference, "segment", lambda *a, **kw: scales.append(kw["scale"]) or real(*a, **kw))
+    # a model trained at another scale compares every scale first, then segments once
+    card_of(model).provenance["training"] = [{"steps": 5, "scale": 0.5}]
+    labels, probs, scale, measured = segment_choosing_scale(model, image)
+    assert scales == [scale] and set(measured) == {0.5, 1.0, 0.75} and probs.shape == (2, 90, 100)
+    # block by block into out: chosen first, segmented once, no probabilities kept
+    card_of(model).provenance["training"] = []
+    scales.clear()
+    out = np.zeros((90, 100), np.int32)
+    labels, probs, scale, _ = segment_choosing_scale(model, image, out=out, block_size=64)
+    assert labels is out and probs is None and scales == [scale]
+    assert same_up_to_renumbering(out, real(model, image, scale=scale))

@@ -353,12 +353,9 @@ def _predict_one(args, path: Path, model, device, options: dict, names: dict, ou
         whole = whole and not journal.is_dir() and client is None  # blocks done before have no probabilities
     from .rescale import choose_scale, describe_choice, segment_choosing_scale
 
-    scale, chosen_uncertainty = args.scale, None
-    if scale == "auto" and (not whole or out is not None):  # chosen first, on a central window; else while segmenting
+    scale, measured = args.scale, None
+    if scale == "auto" and client is not None:  # the cluster's tasks need it first
         scale, measured = choose_scale(model, image, channel_axis=channel_axis, device=device)
-        chosen_uncertainty = measured[scale]
-        if scale != 1:
-            print(f"unet-studio: {path.name}: segmented {describe_choice(scale, measured)}", file=sys.stderr)
     bar, update = _progress_bar(args.quiet, path.name)
     try:
         if client is not None:
@@ -371,31 +368,25 @@ def _predict_one(args, path: Path, model, device, options: dict, names: dict, ou
                 threads=max(1, (os.cpu_count() or 1) // args.workers) if args.workers else None, **options,
             )
             result = out
-        elif scale == "auto":  # held whole: the probabilities at scale 1 are the chooser's first measurement
+        elif scale == "auto":
             labels, probs, scale, measured = segment_choosing_scale(
                 model, image, tile_size=args.tile_size, device=device, progress=update, channel_axis=channel_axis,
-                min_size=args.min_size, axes=stack_axes, track=args.track, block_size=args.block_size, **options)
-            result = labels, probs
-            chosen_uncertainty = measured[scale]  # the warning gives the figures the choice gave
-            if scale != 1:
-                bar.clear()
-                print(f"unet-studio: {path.name}: segmented {describe_choice(scale, measured)}", file=sys.stderr)
+                min_size=args.min_size, axes=stack_axes, track=args.track, block_size=args.block_size, out=out,
+                journal=journal, return_probabilities=whole, **options)
+            result = (labels, probs) if whole else labels
         else:
             result = segment(model, image, tile_size=args.tile_size, device=device, progress=update,
                              channel_axis=channel_axis, min_size=args.min_size, return_probabilities=whole,
                              axes=stack_axes, track=args.track, block_size=args.block_size, out=out, journal=journal,
                              scale=scale, **options)
-        if whole:
-            labels, probs = result
-            warning = (unfamiliar(model, probs) if chosen_uncertainty is None
-                       else unfamiliar_uncertainty(model, chosen_uncertainty))
-            del probs
-        else:
-            labels = result
-            # the probabilities were never held whole: the check looks at a central window (the
-            # one the scale choice measured, when it did)
-            warning = (unfamiliar_image(model, image, channel_axis=channel_axis, device=device, scale=scale)
-                       if chosen_uncertainty is None else unfamiliar_uncertainty(model, chosen_uncertainty))
+        labels, probs = result if whole else (result, None)
+        if measured is not None:  # the warning gives the figures the scale choice gave
+            warning = unfamiliar_uncertainty(model, measured[scale])
+        elif probs is not None:
+            warning = unfamiliar(model, probs)
+        else:  # the probabilities were never held whole: the check looks at a central window
+            warning = unfamiliar_image(model, image, channel_axis=channel_axis, device=device, scale=scale)
+        del probs
     except InputError as exc:
         for folder in (tmp, journal):
             if folder is not None:
@@ -408,6 +399,8 @@ def _predict_one(args, path: Path, model, device, options: dict, names: dict, ou
         raise
     finally:
         bar.close()
+    if measured is not None and scale != 1:
+        print(f"unet-studio: {path.name}: segmented {describe_choice(scale, measured)}", file=sys.stderr)
     if warning:
         print(f"unet-studio: warning: {path.name}: {warning}", file=sys.stderr)
     if tmp is not None:

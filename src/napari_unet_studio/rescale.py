@@ -184,27 +184,36 @@ def describe_choice(scale: float, measured: dict[float, float]) -> str:
     return f"at scale {scale:g}, where the model is most certain (uncertain pixels: {tried})"
 
 
-def segment_choosing_scale(model, image, *, channel_axis: int | None = None, device=None, cancel=None, **options):
-    """:func:`~napari_unet_studio.segment` at the scale :func:`choose_scale` picks, for an image
-    whose probabilities fit in memory; returns ``(labels, probabilities, scale, uncertainties
-    measured)``.
+def segment_choosing_scale(model, image, *, channel_axis: int | None = None, device=None, cancel=None, out=None,
+                           return_probabilities: bool = True, **options):
+    """:func:`~napari_unet_studio.segment` at the scale :func:`choose_scale` picks; returns
+    ``(labels, probabilities or None, scale, uncertainties measured)`` (no probabilities with
+    ``out`` or ``return_probabilities=False``).
 
-    The image is segmented at the model's own scale (:func:`trained_scale`) first, and the
-    uncertainty of those probabilities is the chooser's first measurement: an image the model
-    knows costs nothing more, and only an unfamiliar one (or any image, for a model trained at
-    another scale than 1) is measured at other scales, and segmented again when one is clearly
-    less uncertain."""
-    from .inference import segment, uncertainty
+    A 2-D image within the chooser's window, given no ``out`` and a model trained at scale 1, is
+    segmented at scale 1 first, and the uncertainty of those probabilities is the chooser's first
+    measurement: an image the model knows costs nothing more, and only an unfamiliar one is
+    measured at other scales (and segmented again when one is clearly less uncertain). Otherwise
+    (``out``: block by block, no probabilities kept; a large image or a stack; a model trained
+    at another scale) the scale is chosen on the central window first and the image segmented
+    once."""
+    from .inference import ImageLayout, segment, uncertainty
 
-    first = trained_scale(model)
-    labels, probs = segment(model, image, channel_axis=channel_axis, device=device, cancel=cancel, scale=first,
-                            return_probabilities=True, **options)
-    # A 2-D image within the chooser's window, at scale 1: these probabilities are the ones it
-    # would measure (on the network's own pixels).
-    whole = probs.ndim == 3 and max(probs.shape[1:]) <= CHOICE_WINDOW
-    known = {first: uncertainty(probs)} if first == 1 and whole else None
-    scale, measured = choose_scale(model, image, channel_axis=channel_axis, device=device, cancel=cancel, known=known)
-    if scale != first:
-        labels, probs = segment(model, image, channel_axis=channel_axis, device=device, cancel=cancel, scale=scale,
-                                return_probabilities=True, **options)
+    keep = return_probabilities and out is None
+
+    def run(scale):
+        result = segment(model, image, channel_axis=channel_axis, device=device, cancel=cancel, scale=scale,
+                         out=out, return_probabilities=keep, **options)
+        return result if keep else (result, None)
+
+    layout = ImageLayout(image, channel_axis)
+    reuse = keep and trained_scale(model) == 1 and not layout.is_stack and max(layout.plane) <= CHOICE_WINDOW
+    if not reuse:
+        scale, measured = choose_scale(model, image, channel_axis=channel_axis, device=device, cancel=cancel)
+        return (*run(scale), scale, measured)
+    labels, probs = run(1.0)
+    scale, measured = choose_scale(model, image, channel_axis=channel_axis, device=device, cancel=cancel,
+                                   known={1.0: uncertainty(probs)})
+    if scale != 1:
+        labels, probs = run(scale)
     return labels, probs, scale, measured

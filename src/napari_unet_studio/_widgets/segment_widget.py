@@ -77,48 +77,44 @@ def _segment_job(model, data, *, to_disk: str | None = None, prune_level: object
 
         model = copy.deepcopy(model)
         model.prune_level = prune_level
-    from ..rescale import choose_scale, describe_choice, segment_choosing_scale
+    from ..rescale import describe_choice, segment_choosing_scale
 
+    out = layout = None
+    if to_disk is not None:
+        import tempfile
+        from pathlib import Path
+
+        from ..io import create_ome_zarr_labels
+
+        layout = ImageLayout(data, kwargs.get("channel_axis"))
+        folder = Path(tempfile.mkdtemp(prefix="unet-studio-"))
+        letters = (kwargs.get("axes") or "ZYX")[0] + "YX" if layout.is_stack else "YX"
+        out = create_ome_zarr_labels(folder / f"{to_disk}.zarr", layout.spatial_shape, letters)
     why = None
-    if to_disk is None:
-        from ..measurements import measure
-
-        if scale == "auto":
-            labels, probs, scale, measured = segment_choosing_scale(model, data, **kwargs)
-            why = describe_choice(scale, measured) if scale != 1 else None
-            warning = unfamiliar_uncertainty(model, measured[scale])  # the figures the choice gives
-        else:
-            labels, probs = segment(model, data, return_probabilities=True, scale=scale, **kwargs)
-            warning = unfamiliar(model, probs)
-        table = measure(labels, np.asarray(data), channel_axis=kwargs.get("channel_axis"), axes=kwargs.get("axes"))
-        return labels, probs, loaded, warning, int(labels.max()), table, (scale, why)
-    import tempfile
-    from pathlib import Path
-
-    from ..io import create_ome_zarr_labels, max_label
-
-    layout = ImageLayout(data, kwargs.get("channel_axis"))
-    folder = Path(tempfile.mkdtemp(prefix="unet-studio-"))
-    letters = (kwargs.get("axes") or "ZYX")[0] + "YX" if layout.is_stack else "YX"
-    out = create_ome_zarr_labels(folder / f"{to_disk}.zarr", layout.spatial_shape, letters)
-    measured = None
     if scale == "auto":
-        scale, measured = choose_scale(model, data, channel_axis=kwargs.get("channel_axis"), device=kwargs.get("device"),
-                                       cancel=kwargs.get("cancel"))
+        labels, probs, scale, measured = segment_choosing_scale(model, data, out=out, **kwargs)
         why = describe_choice(scale, measured) if scale != 1 else None
-    chosen = (scale, why)
-    segment(model, data, out=out, scale=scale, **kwargs)
-    if measured is not None:  # the choice measured the same central window
-        warning = unfamiliar_uncertainty(model, measured[scale])
+        warning = unfamiliar_uncertainty(model, measured[scale])  # the figures the choice gives
+    elif out is None:
+        labels, probs = segment(model, data, return_probabilities=True, scale=scale, **kwargs)
+        warning = unfamiliar(model, probs)
     else:
+        labels, probs = segment(model, data, out=out, scale=scale, **kwargs), None
         warning = unfamiliar_image(model, data, channel_axis=kwargs.get("channel_axis"), device=kwargs.get("device"),
                                    scale=scale)
+    if out is None:
+        from ..measurements import measure
+
+        table = measure(labels, np.asarray(data), channel_axis=kwargs.get("channel_axis"), axes=kwargs.get("axes"))
+        return labels, probs, loaded, warning, int(labels.max()), table, (scale, why)
+    from ..io import max_label
+
     n = max_label(out)
     out.attrs["objects"] = n
     from ..measurements import measure_blocks  # what adds up block by block
 
     table = measure_blocks(out, data if kwargs.get("channel_axis") is None and layout.n_channels == 1 else None)
-    return out, None, loaded, warning, n, table, chosen
+    return out, None, loaded, warning, n, table, (scale, why)
 
 
 def segmented_scale(layer) -> float | None:
