@@ -287,6 +287,17 @@ def test_big_tiffs_are_read_lazily(tmp_path, rng, monkeypatch):
     assert np.array_equal(raw, image) and np.array_equal(packed[:], image)
 
 
+def test_an_rgb_png_segments_to_ome_zarr_labels_of_its_plane(tmp_path, rng, capsys):
+    from napari_unet_studio.io import open_image
+
+    gray = _blobs(rng, (120, 140))
+    iio.imwrite(tmp_path / "colour.png", np.stack([gray, gray // 2, gray], axis=-1))
+    code, out, err = run(["predict", tmp_path / "colour.png", "-o", tmp_path / "out", "--format", "zarr", "-q"], capsys)
+    assert code == 0, err
+    labels, _ = open_image(tmp_path / "out" / "colour.zarr")
+    assert labels.shape == (120, 140) and int(np.asarray(labels).max()) > 0
+
+
 def test_an_interrupted_zarr_run_continues(tmp_path, rng, capsys, monkeypatch):
     import napari_unet_studio.postprocess as postprocess
     from napari_unet_studio.io import open_image

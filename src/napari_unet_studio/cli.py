@@ -331,7 +331,9 @@ def _predict_one(args, path: Path, model, device, options: dict, names: dict, ou
     image, axes = open_image(path)
     channel_axis, stack_axes = _layout_axes(image, axes, args.axes, path.name)
     target = out_dir / names[path]
-    spatial = tuple(n for a, n in enumerate(image.shape) if a != channel_axis)
+    from .inference import ImageLayout
+
+    spatial = ImageLayout(image, channel_axis).spatial_shape  # an RGB file's colour axis is not spatial
     whole = float(np.prod(spatial, dtype=np.float64)) <= WHOLE_CHECK_PIXELS
     out = tmp = journal = None
     if target.suffix != ".zarr":
