@@ -12,7 +12,7 @@ from napari_unet_studio import rescale
 from napari_unet_studio.card import card_of
 from napari_unet_studio.postprocess import options_at_scale
 from napari_unet_studio.rescale import (
-    choose_scale, describe_choice, rescale_plane, resample_region, scaled_plane, trained_scale,
+    choose_scale, describe_choice, rescale_plane, resample_region, scaled_plane, seen_region, trained_scale,
 )
 
 SCALES = (0.5, 0.37, 0.75, 1.5, 2.0)
@@ -47,6 +47,44 @@ def test_any_region_equals_the_whole_resampled_plane(rng, scale):
     resample_region(read, image.shape[:2], target, (2, 4), (2, 4))
     (rows, cols), = reads
     assert rows.stop - rows.start < 20 and cols.stop - cols.start < 20
+
+
+@pytest.mark.parametrize("scale", (1.0, 0.5, 0.37, 2.0))
+def test_a_seen_region_is_the_training_pixels_placed_on_the_image(rng, scale):
+    """What the preview overlays: the region of the whole resized plane (as training resizes a
+    pair), read through its region only, and where its pixel centres lie in the image."""
+    image = rng.random((90, 71)).astype(np.float32)
+    asked = []
+
+    def read(rows, cols):
+        asked.append((rows, cols))
+        return image[rows, cols]
+
+    seen = seen_region(read, image.shape, (20, 61), (9, 40), scale)
+    whole = rescale_plane(image, scale)
+    (oy, ox), (py, px) = seen.origin, seen.pixel
+    assert (py, px) == pytest.approx((90 / whole.shape[0], 71 / whole.shape[1]))
+    y0, x0 = (oy + 0.5) / py - 0.5, (ox + 0.5) / px - 0.5  # origin = centre of resized pixel (y0, x0)
+    assert y0 == pytest.approx(round(y0)) and x0 == pytest.approx(round(x0))
+    y0, x0 = round(y0), round(x0)
+    h, w = seen.data.shape
+    np.testing.assert_array_equal(seen.data, whole[y0 : y0 + h, x0 : x0 + w])
+    # it covers the region asked for (pixels 20..60 span 19.5..60.5 in pixel-centre coordinates), and not much more
+    assert oy - py / 2 <= 19.5 + 1e-9 and oy + (h - 0.5) * py >= 60.5 - 1e-9 and h <= (61 - 20) * scale + 2
+    assert ox - px / 2 <= 8.5 + 1e-9 and ox + (w - 0.5) * px >= 39.5 - 1e-9 and w <= (40 - 9) * scale + 2
+    (rows, cols), = asked
+    assert rows.start > 0 and cols.stop < 71  # only the region's neighbourhood was read
+    # made a given side around the centre: cut, or grown to the whole plane
+    capped = seen_region(read, image.shape, (0, 90), (0, 71), scale, side=10)
+    assert capped.data.shape == (10, 10)
+    centre = np.array(capped.origin) + 4.5 * np.array(capped.pixel)
+    np.testing.assert_allclose(centre, (44.5, 35), atol=max(py, px) + 1e-9)
+    grown = seen_region(read, image.shape, (40, 45), (30, 33), scale, side=1000)
+    np.testing.assert_array_equal(grown.data, whole)
+    labels = rng.integers(0, 5, (90, 71)).astype(np.uint16)
+    seen_labels = seen_region(lambda r, c: labels[r, c], labels.shape, (20, 61), (9, 40), scale, order=0)
+    assert seen_labels.data.dtype == np.uint16
+    np.testing.assert_array_equal(seen_labels.data, rescale_plane(labels, scale, order=0)[y0 : y0 + h, x0 : x0 + w])
 
 
 def test_labels_resample_to_the_nearest_pixel(rng):
@@ -145,6 +183,7 @@ def test_the_chooser_keeps_a_familiar_scale_and_else_takes_the_least_uncertain(m
     assert choose_scale(model, image)[0] == 0.5
     assert describe_choice(0.75, {1.0: 0.30, 0.75: 0.20, 0.5: 0.25}) == (
         "at scale 0.75, where the model is most certain (uncertain pixels: 30% at 1, 20% at 0.75, 25% at 0.5)")
+    assert describe_choice(1 / 3, {1.0: 0.30, 1 / 3: 0.20}).startswith("at scale 0.33, where")  # not 0.333333
 
 
 def test_the_command_line_takes_a_scale_or_chooses_one(tmp_path, capsys, monkeypatch):

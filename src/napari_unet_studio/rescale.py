@@ -18,6 +18,7 @@ when shrinking, against aliasing. Edges repeat their last pixel.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -46,6 +47,11 @@ def check_scale(scale) -> float:
     if not (SCALE_RANGE[0] <= value <= SCALE_RANGE[1]) or not math.isfinite(value):
         raise InputError(f"scale must be between {SCALE_RANGE[0]} and {SCALE_RANGE[1]}, got {scale!r}")
     return value
+
+
+def scale_text(scale: float) -> str:
+    """A scale as messages show it: ``"0.5"``, ``"0.33"`` (for 1/3), ``"2"``."""
+    return f"{round(float(scale), 2):g}"
 
 
 def scaled_length(n: int, scale: float) -> int:
@@ -130,6 +136,42 @@ def rescale_plane(image: np.ndarray, scale: float, order: int = 1, axes: tuple[i
     return resample_region(read, plane, target, (0, target[0]), (0, target[1]), axes, order)
 
 
+@dataclass(frozen=True)
+class SeenRegion:
+    """A region of an image as the network sees it at a scale, and where it lies in the image.
+
+    ``data``: the resampled pixels; ``origin``: the image pixel coordinates (row, column) of
+    the centre of ``data``'s first pixel; ``pixel``: the size of one of ``data``'s pixels, in
+    image pixels (``1 / scale``, up to rounding of the resampled plane's size)."""
+
+    data: np.ndarray
+    origin: tuple[float, float]
+    pixel: tuple[float, float]
+
+
+def seen_region(read, plane: tuple[int, int], rows: tuple[int, int], cols: tuple[int, int], scale: float, *,
+                order: int = 1, axes: tuple[int, int] = (0, 1), side: int | None = None) -> SeenRegion:
+    """The region ``rows x cols`` (image pixels) of a ``plane`` as the network sees it at
+    ``scale``: the same pixels as that region of the whole plane resized by
+    :func:`rescale_plane` (as training resizes its pairs), reading only what the region needs
+    through ``read(rows, cols)`` (see :func:`resample_region`). ``side``: each side is made
+    that many resampled pixels (or the whole axis, when shorter) around the region's centre,
+    so that a large image is never read whole and a small one is seen whole."""
+    target = scaled_plane(plane, check_scale(scale))
+    bounds = []
+    for (a, b), n, m in zip((rows, cols), plane, target):
+        lo = min(max(0, int(math.floor(a * m / n))), m - 1)
+        hi = min(m, max(lo + 1, int(math.ceil(b * m / n))))
+        if side is not None:
+            lo = min(max(0, (lo + hi - side) // 2), max(m - side, 0))
+            hi = min(lo + side, m)
+        bounds.append((lo, hi))
+    data = resample_region(read, plane, target, bounds[0], bounds[1], axes=axes, order=order)
+    pixel = (plane[0] / target[0], plane[1] / target[1])
+    origin = tuple((lo + 0.5) * r - 0.5 for (lo, _), r in zip(bounds, pixel))
+    return SeenRegion(data, origin, pixel)
+
+
 def trained_scale(model) -> float:
     """The scale the model's last training run saw its images at (1 when not recorded)."""
     from .card import card_of
@@ -180,8 +222,8 @@ def choose_scale(
 
 def describe_choice(scale: float, measured: dict[float, float]) -> str:
     """One sentence on a :func:`choose_scale` result, for the dock and the command line."""
-    tried = ", ".join(f"{value:.0%} at {s:g}" for s, value in sorted(measured.items(), reverse=True))
-    return f"at scale {scale:g}, where the model is most certain (uncertain pixels: {tried})"
+    tried = ", ".join(f"{value:.0%} at {scale_text(s)}" for s, value in sorted(measured.items(), reverse=True))
+    return f"at scale {scale_text(scale)}, where the model is most certain (uncertain pixels: {tried})"
 
 
 def segment_choosing_scale(model, image, *, channel_axis: int | None = None, device=None, cancel=None, out=None,

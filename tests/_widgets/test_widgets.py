@@ -273,6 +273,73 @@ def test_preview_augmentation_and_weight_map_update_in_place(make_napari_viewer,
     assert widget.preview() is None and "differ in shape" in errors[-1]
 
 
+def test_preview_shows_the_pixels_fine_tune_trains_on_at_the_segmented_scale(make_napari_viewer, qtbot, errors):
+    """Labels segmented at scale 0.5 are trained at 0.5: the weight map and the augmentation are
+    those of the labels resized by 0.5, laid over the image; a large image is read only around
+    the centre of the view."""
+    import dask.array as da
+
+    from napari_unet_studio._widgets.preview_widget import PREVIEW_SIDE
+    from napari_unet_studio._widgets.segment_widget import RESULT_KEY
+    from napari_unet_studio.rescale import rescale_plane
+    from napari_unet_studio.weightmap import weight_map
+
+    viewer = make_napari_viewer(show=True)  # drawn, so that the layers know what is in view
+    viewer.open_sample(PLUGIN, "nuclei")
+    truth = viewer.layers["Fluorescence nuclei ground truth"]
+    for layer in (truth, viewer.layers["Fluorescence nuclei"]):
+        layer.scale, layer.translate = (2.0, 2.0), (10.0, -4.0)  # placement follows the layer's own
+    truth.metadata[RESULT_KEY] = {"scale": 0.5}
+    widget = open_widget(viewer, "Preview augmentation and weights")
+    widget.image.setCurrentText("Fluorescence nuclei")
+    widget.labels.setCurrentText("Fluorescence nuclei ground truth")
+    assert widget.show_weights() is not None
+    qtbot.waitUntil(lambda: "weight map" in viewer.layers and widget.run_button.isEnabled(), timeout=30_000)
+    resized = rescale_plane(truth.data, 0.5, order=0)
+    layer = viewer.layers["weight map"]
+    assert layer.data.shape == resized.shape  # a small image whole, whatever part is in view
+    np.testing.assert_allclose(layer.data, weight_map(resized), atol=1e-6)
+    ratio = np.array(truth.data.shape) / np.array(resized.shape)
+    np.testing.assert_allclose(layer.scale, 2.0 * ratio)
+    np.testing.assert_allclose(layer.translate, np.array([10.0, -4.0]) + 2.0 * (0.5 * ratio - 0.5))
+    assert "scale 0.5" in widget.status.text()
+    assert widget.preview() is not None
+    qtbot.waitUntil(lambda: "displacement" in viewer.layers and widget.run_button.isEnabled(), timeout=30_000)
+    assert viewer.layers["augmented labels"].data.shape == resized.shape
+    np.testing.assert_allclose(viewer.layers["augmented image"].scale, layer.scale)
+    np.testing.assert_allclose(viewer.layers["displacement"].translate, layer.translate)
+    # a large lazy pair, at scale 1 (labels Segment did not write): read only around the view
+    reads = []
+
+    def counted(block):
+        reads.append(block.size)
+        return block
+
+    big = da.zeros((4096, 4096), dtype=np.uint16, chunks=512).map_blocks(counted, dtype=np.uint16)
+    viewer.add_image(big, name="big")
+    big_labels = viewer.add_labels(da.zeros((4096, 4096), dtype=np.int32, chunks=512), name="big labels")
+    camera = _common.camera_of(viewer)
+    camera.zoom = 2.0
+    camera.center = (0.0, 3000.0, 1000.0)[-len(camera.center):]
+
+    def in_view():
+        (y0, x0), (y1, x1) = np.asarray(big_labels.corner_pixels)[:, -2:]
+        return (y0 + y1) / 2, (x0 + x1) / 2
+
+    qtbot.waitUntil(lambda: np.allclose(in_view(), (3000, 1000), atol=2), timeout=10_000)
+    widget.image.setCurrentText("big")
+    widget.labels.setCurrentText("big labels")
+    reads.clear()
+    assert widget.preview() is not None
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=60_000)
+    shown = viewer.layers["augmented image"]
+    assert shown.data.shape == (PREVIEW_SIDE, PREVIEW_SIDE)
+    np.testing.assert_allclose(np.asarray(shown.translate) + PREVIEW_SIDE / 2, (3000, 1000), atol=2)
+    assert 0 < sum(reads) <= 16 * 512**2  # the 4 x 4 chunks around the view (a quarter), not the whole image
+    assert "scale" not in widget.status.text()
+    assert not errors
+
+
 def _painted_viewer(make_napari_viewer):
     from test_training import synthetic_cells
 
@@ -718,6 +785,10 @@ def test_segment_at_a_chosen_or_automatic_scale_and_fine_tune_there(make_napari_
     widget.scale.setCurrentText("1")
     run_and_wait(qtbot, widget)
     assert result.metadata["napari_unet_studio"]["scale"] == 1.0 and "scale" not in widget.status.text()
+    widget.scale.setCurrentText("0.33")
+    run_and_wait(qtbot, widget)
+    assert result.metadata["napari_unet_studio"]["scale"] == pytest.approx(1 / 3)
+    assert "at scale 0.33" in widget.status.text() and "0.333" not in widget.status.text()
     widget.scale.setCurrentText("0.5")
     run_and_wait(qtbot, widget)
     # Fine-tune on the Segment result (painted over) trains at the scale it was segmented at

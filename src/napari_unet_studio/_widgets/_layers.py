@@ -83,3 +83,15 @@ def layer_array(layer, level: int = 0) -> LayerArray:
 def n_levels(layer) -> int:
     """How many multiscale levels ``layer`` has (1 when it is not multiscale)."""
     return len(layer.data) if getattr(layer, "multiscale", False) else 1
+
+
+def viewed_region(layer, plane: tuple[int, int]) -> tuple[slice, slice]:
+    """The rows and columns of ``layer``'s last two axes (data pixels, of a ``plane`` of that
+    shape) that the canvas shows; the whole plane when none of it is in view."""
+    h, w = plane
+    corners = np.asarray(layer.corner_pixels)[:, -2:]
+    y0, x0 = (int(max(c, 0)) for c in corners[0])
+    y1, x1 = (int(min(c + 1, n)) for c, n in zip(corners[1], (h, w)))
+    if y1 <= y0 or x1 <= x0:
+        y0, x0, y1, x1 = 0, 0, h, w
+    return slice(y0, y1), slice(x0, x1)

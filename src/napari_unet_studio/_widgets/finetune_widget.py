@@ -29,6 +29,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._common import JobSlot, RunCancelRow, camera_of, layers_of, notify_error, set_choices, set_tooltips
+from ._layers import viewed_region
 from ._settings import persist
 from ._state import state_for
 
@@ -244,7 +245,9 @@ def describe_run(run: dict) -> str:
     if run.get("corrections"):
         text += f"; {run['corrections']} corrections emphasised"
     if run.get("scale", 1) != 1:
-        text += f"; trained at scale {run['scale']:g}, as the images were segmented"
+        from ..rescale import scale_text
+
+        text += f"; trained at scale {scale_text(run['scale'])}, as the images were segmented"
     return text
 
 
@@ -450,8 +453,10 @@ class FineTuneWidget(QWidget):
         if len(set(known)) > 1:
             from napari.utils.notifications import show_info
 
-            show_info(f"Fine-tune: the pairs were segmented at different scales ({', '.join(f'{s:g}' for s in known)}); "
-                      f"training at {known[0]:g}, the first pair's")
+            from ..rescale import scale_text
+
+            show_info(f"Fine-tune: the pairs were segmented at different scales ({', '.join(scale_text(s) for s in known)}); "
+                      f"training at {scale_text(known[0])}, the first pair's")
         return known[0] if known else 1.0
 
     def _collect_validation(self):
@@ -657,13 +662,7 @@ class FineTuneWidget(QWidget):
         layer = self._live_image
         if layer is None:
             return
-        h, w = layer.data.shape[:2]
-        corners = np.asarray(layer.corner_pixels)[:, -2:]
-        y0, x0 = (int(max(c, 0)) for c in corners[0])
-        y1, x1 = (int(min(c + 1, n)) for c, n in zip(corners[1], (h, w)))
-        if y1 <= y0 or x1 <= x0:
-            y0, x0, y1, x1 = 0, 0, h, w
-        self._live_view = (layer.data, (slice(y0, y1), slice(x0, x1)))
+        self._live_view = (layer.data, viewed_region(layer, layer.data.shape[:2]))
 
     def _on_active_layer(self, event) -> None:
         """The preview follows the pair whose image or labels layer the user selects."""

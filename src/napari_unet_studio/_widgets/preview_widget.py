@@ -1,32 +1,47 @@
 """The "Preview augmentation and weights" dock widget: what the network is taught.
 
 "Preview" adds the elastically deformed image and labels and the displacement field (a Vectors
-layer); "Weight map" adds the paper's w(x) as a translucent overlay. Re-running updates the
-same preview layers instead of piling up new ones. Computation runs in a worker thread.
+layer); "Weight map" adds the paper's w(x) as a translucent overlay. Both show the region
+around the centre of the view (:data:`PREVIEW_SIDE` network pixels a side, read lazily: a
+small image whole) at the scale Fine-tune
+trains these labels at (the scale Segment used for them, see
+:func:`~napari_unet_studio.rescale.seen_region`): the overlays are the pixels the network is
+taught with, placed over the image. Re-running updates the same preview layers instead of
+piling up new ones. Reading and computation run in a worker thread.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 from superqt import QLabeledDoubleSlider, QLabeledSlider
 
 from ._common import layers_of, notify_error, set_choices, set_tooltips
+from ._layers import layer_array, viewed_region
 from ._settings import persist
 
 PREVIEW_KEY = "napari_unet_studio_preview"
 VECTOR_SPACING = 24
+#: Side (network pixels) of the region previewed, around the centre of the view: a small image
+#: is shown whole, a large one is never read whole.
+PREVIEW_SIDE = 1024
 
 
-def _plane(layer, viewer):
-    """The 2-D (or RGB) plane of ``layer`` currently shown by ``viewer``."""
-    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
-    spatial = data.ndim - (1 if getattr(layer, "rgb", False) else 0)
-    if spatial > 2:
-        index = tuple(viewer.dims.current_step[: spatial - 2])
-        data = data[index]
-    return np.asarray(data)
+class _Plane:
+    """The plane of a layer that the viewer shows (level 0 of a multiscale layer; the current
+    slice of a stack), read lazily, region by region."""
+
+    def __init__(self, layer, viewer) -> None:
+        array = layer_array(layer)
+        self.data = array.data
+        n_spatial = len(array.spatial_shape)
+        self.index = tuple(int(i) for i in viewer.dims.current_step[: n_spatial - 2]) if n_spatial > 2 else ()
+        self.shape = tuple(int(n) for n in array.spatial_shape[-2:])
+        self.layer = layer
+
+    def read(self, rows: slice, cols: slice) -> np.ndarray:
+        return np.asarray(self.data[self.index + (rows, cols)])
 
 
 def _vectors(displacement: np.ndarray, spacing: int = VECTOR_SPACING) -> np.ndarray:
@@ -68,6 +83,9 @@ class PreviewWidget(QWidget):
         for b in (self.preview_button, self.reseed_button, self.weights_button):
             row.addWidget(b)
         layout.addLayout(row)
+        self.status = QLabel("", parent=self)
+        self.status.setWordWrap(True)
+        layout.addWidget(self.status)
         layout.addStretch()
         self.preview_button.clicked.connect(self.preview)
         self.reseed_button.clicked.connect(self.reseed)
@@ -81,9 +99,10 @@ class PreviewWidget(QWidget):
             "sigma": "Standard deviation (pixels) of the control points' random displacements",
             "w0": "Weight-map amplitude of the separation term between touching objects (the paper: 10)",
             "w_sigma": "Weight-map width (pixels) of the separation term (the paper: about 5)",
-            "preview_button": "Show what one training crop looks like after augmentation",
+            "preview_button": "Show the region in view deformed as a training crop is, at the scale Fine-tune "
+                              "trains these labels at (the scale Segment used for them)",
             "reseed_button": "Another random deformation",
-            "weights_button": "Show the loss weight map of the labels",
+            "weights_button": "Show the loss weight map of the labels in view, at the scale Fine-tune trains them at",
         })
         self._refresh_layers()
 
@@ -105,9 +124,12 @@ class PreviewWidget(QWidget):
         return next((l for l in layers_of(self.viewer, kind) if l.name == combo.currentText()), None)
 
     def _set_layer(self, kind: str, name: str, data, **kwargs):
-        """Update the preview layer ``name`` of our own, or add it."""
+        """Update the preview layer ``name`` of our own (data, placement), or add it."""
         existing = next((l for l in layers_of(self.viewer, kind) if l.name == name and l.metadata.get(PREVIEW_KEY)), None)
         if existing is not None:
+            for key in ("scale", "translate"):
+                if key in kwargs:
+                    setattr(existing, key, kwargs[key])
             existing.data = data
             return existing
         layer = getattr(self.viewer, f"add_{kind.lower()}")(data, name=name, **kwargs)
@@ -126,56 +148,89 @@ class PreviewWidget(QWidget):
             b.setEnabled(not busy)
 
     def _inputs(self, need_image: bool):
+        """The chosen planes (lazy), the region in view and the scale of the labels (main thread)."""
         from ..errors import InputError
+        from .segment_widget import segmented_scale
 
         image_layer, labels_layer = self._layer(self.image, "Image"), self._layer(self.labels, "Labels")
         if need_image and image_layer is None:
             raise InputError("select an Image layer")
         if labels_layer is None:
             raise InputError("select a Labels layer")
-        labels = _plane(labels_layer, self.viewer)
-        image = _plane(image_layer, self.viewer) if image_layer is not None else None
-        if image is not None and image.shape[:2] != labels.shape:
-            raise InputError(f"the labels {labels.shape} and the image {image.shape[:2]} differ in shape")
-        return image, labels, labels_layer
+        labels = _Plane(labels_layer, self.viewer)
+        image = _Plane(image_layer, self.viewer) if image_layer is not None else None
+        if image is not None and image.shape != labels.shape:
+            raise InputError(f"the labels {labels.shape} and the image {image.shape} differ in shape")
+        rows, cols = viewed_region(labels_layer, labels.shape)
+        return image, labels, ((rows.start, rows.stop), (cols.start, cols.stop)), segmented_scale(labels_layer) or 1.0
+
+    def _placement(self, plane: _Plane, seen) -> dict:
+        """napari scale and translate that lay a seen region over ``plane``'s layer."""
+        scale, translate = np.asarray(plane.layer.scale[-2:], float), np.asarray(plane.layer.translate[-2:], float)
+        return dict(scale=tuple(scale * seen.pixel), translate=tuple(translate + scale * np.asarray(seen.origin)))
+
+    def _describe(self, what: str, seen, scale: float) -> None:
+        from ..rescale import scale_text
+
+        h, w = seen.data.shape[:2]
+        at = f" at scale {scale_text(scale)}, as Fine-tune trains these labels" if scale != 1 else ""
+        self.status.setText(f"{what}{at} ({h} x {w} network pixels around the centre of the view)")
 
     def reseed(self):
         self.seed += 1
         return self.preview()
 
     def preview(self):
-        """Deform image and labels with one random field; show them and the displacements."""
+        """Deform the image and labels in view with one random field, at the training scale;
+        show them and the displacements over the image."""
         from ..augment import elastic_deform
+        from ..rescale import seen_region
 
         try:
-            image, labels, _ = self._inputs(need_image=True)
+            image, labels, (rows, cols), scale = self._inputs(need_image=True)
         except Exception as exc:
             notify_error(exc)
             return None
         grid, sigma, seed = self.grid.value(), self.sigma.value(), self.seed
 
-        def done(d):
-            self._set_layer("Image", "augmented image", d.image, rgb=d.image.ndim == 3)
-            self._set_layer("Labels", "augmented labels", d.labels)
-            self._set_layer("Vectors", "displacement", _vectors(d.displacement), edge_color="yellow", edge_width=1.5)
+        def job():
+            seen_image = seen_region(image.read, image.shape, rows, cols, scale, order=1, side=PREVIEW_SIDE)
+            seen_labels = seen_region(labels.read, labels.shape, rows, cols, scale, order=0, side=PREVIEW_SIDE)
+            return seen_labels, elastic_deform(seen_image.data, seen_labels.data, grid=grid, sigma=sigma, seed=seed)
 
-        return self._start(lambda: elastic_deform(image, labels, grid=grid, sigma=sigma, seed=seed), done)
+        def done(result):
+            seen, d = result
+            place = self._placement(labels, seen)
+            self._set_layer("Image", "augmented image", d.image, rgb=d.image.ndim == 3, **place)
+            self._set_layer("Labels", "augmented labels", d.labels, **place)
+            self._set_layer("Vectors", "displacement", _vectors(d.displacement), edge_color="yellow", edge_width=1.5,
+                            **place)
+            self._describe("Augmentation", seen, scale)
+
+        return self._start(job, done)
 
     def show_weights(self):
-        """Show w(x) of the chosen labels as a translucent overlay."""
+        """Show w(x) of the labels in view, at the training scale, as a translucent overlay."""
         from ..metrics import as_instances
+        from ..rescale import seen_region
         from ..weightmap import weight_map
 
         try:
-            _, labels, labels_layer = self._inputs(need_image=False)
+            _, labels, (rows, cols), scale = self._inputs(need_image=False)
         except Exception as exc:
             notify_error(exc)
             return None
         w0, sigma = self.w0.value(), self.w_sigma.value()
-        spatial = dict(scale=labels_layer.scale[-2:], translate=labels_layer.translate[-2:])
 
-        def done(w):
-            layer = self._set_layer("Image", "weight map", w, colormap="inferno", blending="additive", opacity=0.7, **spatial)
+        def job():
+            seen = seen_region(labels.read, labels.shape, rows, cols, scale, order=0, side=PREVIEW_SIDE)
+            return seen, weight_map(as_instances(seen.data), w0=w0, sigma=sigma)
+
+        def done(result):
+            seen, w = result
+            layer = self._set_layer("Image", "weight map", w, colormap="inferno", blending="additive", opacity=0.7,
+                                    **self._placement(labels, seen))
             layer.contrast_limits = (0.0, max(float(w.max()), 1e-6))
+            self._describe("Weight map", seen, scale)
 
-        return self._start(lambda: weight_map(as_instances(labels), w0=w0, sigma=sigma), done)
+        return self._start(job, done)

@@ -451,15 +451,17 @@ class SegmentWidget(QWidget):
                 player.metadata[RESULT_KEY] = {"source": image_layer.name}
         from napari.utils.notifications import show_info
 
+        from ..rescale import scale_text
+
         message = f"{image_layer.name}: {n_objects} objects, segmented with {model_name or 'the model'}"
         if why:
             message += f" {why}"
         elif used_scale != 1:
-            message += f" at scale {used_scale:g}"
+            message += f" at scale {scale_text(used_scale)}"
         if on_disk:
             where = str(getattr(labels, "store_path", "a temporary zarr folder")).replace("file://", "")
             message += f" (labels stored in {where}; save the layer to keep them)"
-        at = f" at scale {used_scale:g}" if used_scale != 1 else ""
+        at = f" at scale {scale_text(used_scale)}" if used_scale != 1 else ""
         if warning:
             from napari.utils.notifications import show_warning
 
