@@ -337,6 +337,22 @@ def test_preview_shows_the_pixels_fine_tune_trains_on_at_the_segmented_scale(mak
     np.testing.assert_allclose(np.asarray(shown.translate) + PREVIEW_SIDE / 2, (3000, 1000), atol=2)
     assert 0 < sum(reads) <= 16 * 512**2  # the 4 x 4 chunks around the view (a quarter), not the whole image
     assert "scale" not in widget.status.text()
+    # a multiscale pair, zoomed out so that napari shows a coarser level: the preview is of
+    # level 0 around the same place (the view's corners are converted from the level shown)
+    viewer.add_image([big, big[::2, ::2], big[::4, ::4]], name="pyramid", multiscale=True)
+    pyramid_labels = viewer.add_labels([da.zeros((n, n), dtype=np.int32, chunks=512) for n in (4096, 2048, 1024)],
+                                       name="pyramid labels", multiscale=True)
+    camera.zoom = 0.3
+    camera.center = (0.0, 3000.0, 1000.0)[-len(camera.center):]
+    qtbot.waitUntil(lambda: pyramid_labels.data_level >= 1, timeout=10_000)
+    widget.image.setCurrentText("pyramid")
+    widget.labels.setCurrentText("pyramid labels")
+    assert widget.preview() is not None
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=60_000)
+    # napari widens a multiscale layer's corners to its chunks, so the centre is near, not at,
+    # the view's; read as level-0 pixels, level 1's corners would put it near (1500, 500)
+    centre = np.asarray(viewer.layers["augmented image"].translate) + PREVIEW_SIDE / 2
+    assert np.all(np.abs(centre - (3000, 1000)) < 800), centre
     assert not errors
 
 

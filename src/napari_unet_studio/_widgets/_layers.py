@@ -86,10 +86,13 @@ def n_levels(layer) -> int:
 
 
 def viewed_region(layer, plane: tuple[int, int]) -> tuple[slice, slice]:
-    """The rows and columns of ``layer``'s last two axes (data pixels, of a ``plane`` of that
-    shape) that the canvas shows; the whole plane when none of it is in view."""
+    """The rows and columns of ``layer``'s last two axes (data pixels of level 0, of a ``plane``
+    of that shape) that the canvas shows; the whole plane when none of it is in view."""
     h, w = plane
-    corners = np.asarray(layer.corner_pixels)[:, -2:]
+    corners = np.asarray(layer.corner_pixels, dtype=np.float64)[:, -2:]
+    if getattr(layer, "multiscale", False):  # corners of the level shown; the plane is level 0's
+        factor = np.asarray(layer.downsample_factors[layer.data_level], dtype=np.float64)[-2:]
+        corners = np.stack([corners[0] * factor, (corners[1] + 1) * factor - 1])
     y0, x0 = (int(max(c, 0)) for c in corners[0])
     y1, x1 = (int(min(c + 1, n)) for c, n in zip(corners[1], (h, w)))
     if y1 <= y0 or x1 <= x0:
