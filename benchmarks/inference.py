@@ -7,10 +7,11 @@ Run:  python benchmarks/inference.py [--device cpu] [--size 4096] [--out benchma
     its ReLU one call, channels_last; freed memory kept, ``allocator.py``) and, in the same run,
     as the plain module (``a0``: what ``predict`` ran before);
 (b) end-to-end ``predict`` throughput on a SIZE x SIZE image (reading, mirroring, normalising,
-    batching, writing) and its ratio to (a) (target >= 0.85); each in a fresh process, best of
+    writing) and its ratio to (a) (target >= 0.85); each in a fresh process, best of
     two, alternating with (b0): the same with freed memory handed back to the system at once
     (``UNET_STUDIO_KEEP_FREED_MEMORY=0``, glibc's usual behaviour; every tile's activations are
-    fresh pages);
+    fresh pages), and on the CPU with (b1): as many tiles a forward pass as a quarter of the
+    free memory holds (the CPU's default before one tile at a time);
 (c) peak memory above the input and output arrays for SIZE^2 vs 1024^2, each in a fresh process
     (it must not grow with the image);
 (d) U-Net++ pruned to L1..L4 vs the full network: end-to-end speed ratio;
@@ -85,27 +86,34 @@ def raw_forward(model, device, tile, repeats, plain=False):
 E2E_PROBE = """
 import sys, time, numpy as np, torch
 from napari_unet_studio import UNet, predict
-size, tile, device = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+from napari_unet_studio.inference import memory_batch
+from napari_unet_studio.tiling import plan_tiles
+size, tile, device, batching = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 torch.manual_seed(0)
 model = UNet()
 image = np.random.default_rng(0).integers(0, 255, (size, size), dtype=np.uint8)
+batch = memory_batch(model, torch.device(device), plan_tiles(image.shape, model.geometry, tile)) if batching == "memory" else None
 predict(model, image[:tile, :tile], device=device, tile_size=tile)  # kernels, thread pool
 best = float('inf')
 for _ in range(2):
     t = time.perf_counter()
-    predict(model, image, device=device, tile_size=tile)
+    predict(model, image, device=device, tile_size=tile, batch_size=batch)
     best = min(best, time.perf_counter() - t)
-print(best)
+print(best, batch)
 """
 
 
-def end_to_end_fresh(size, tile, device, keep=True):
+def end_to_end_fresh(size, tile, device, keep=True, batching="default"):
     """(Mpx/s, seconds) of ``predict`` on a ``size`` x ``size`` image in a fresh process, best
-    of two; ``keep=False`` hands freed memory back at once (glibc's usual behaviour)."""
+    of two; ``keep=False`` hands freed memory back at once (glibc's usual behaviour);
+    ``batching="memory"``: as many tiles a forward pass as free memory holds (the CPU's
+    default before one tile at a time)."""
     env = dict(os.environ, UNET_STUDIO_KEEP_FREED_MEMORY="1" if keep else "0")
-    out = subprocess.run([sys.executable, "-c", E2E_PROBE, str(size), str(tile), device.type],
+    out = subprocess.run([sys.executable, "-c", E2E_PROBE, str(size), str(tile), device.type, batching],
                          capture_output=True, text=True, check=True, env=env)
-    seconds = float(out.stdout.split()[-1])
+    if batching == "memory":
+        return size * size / float(out.stdout.split()[-2]) / 1e6, float(out.stdout.split()[-2]), int(out.stdout.split()[-1])
+    seconds = float(out.stdout.split()[-2])
     return size * size / seconds / 1e6, seconds
 
 
@@ -172,11 +180,21 @@ def main():
     results["a0_plain_forward_mpx_s"] = plain_mpx
     rows.append((f"(a0) plain module forward, tile {tile}", f"{plain_mpx:.3f} Mpx/s", f"{plain_s:.2f} s/tile"))
     runs = {True: [], False: []}
+    batched, batched_rows = [], []
     for _ in range(2):
         for keep in (False, True):
             runs[keep].append(end_to_end_fresh(args.size, tile, device, keep))
+        if device.type == "cpu":
+            batched.append(end_to_end_fresh(args.size, tile, device, batching="memory"))
     e2e_mpx, e2e_s = max(runs[True])
     before_mpx, before_s = max(runs[False])
+    if batched:
+        batched_mpx, batched_s, batch = max(batched)
+        results["b1_batched_mpx_s"] = batched_mpx
+        results["b1_batch"] = batch
+        results["b_over_b1"] = e2e_mpx / batched_mpx
+        batched_rows = [(f"(b1) predict, {batch} tiles a batch (before)", f"{batched_mpx:.3f} Mpx/s", f"{batched_s:.1f} s"),
+                        ("(b)/(b1)", f"{e2e_mpx / batched_mpx:.2f}", "one tile at a time vs batched by free memory")]
     results["a_raw_forward_mpx_s"] = raw_mpx
     results["b0_end_to_end_memory_not_kept_mpx_s"] = before_mpx
     results["b_end_to_end_mpx_s"] = e2e_mpx
@@ -191,6 +209,7 @@ def main():
         ("(b)/(b0)", f"{e2e_mpx / before_mpx:.2f}", "freed memory kept vs not"),
         ("(b)/(a)", f"{e2e_mpx / raw_mpx:.3f}", "target >= 0.85"),
         ("(a)/(a0)", f"{raw_mpx / plain_mpx:.2f}", "inference copy vs plain module"),
+        *batched_rows,
     ]
     results["a_over_a0"] = raw_mpx / plain_mpx
     if device.type == "cpu":
