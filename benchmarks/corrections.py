@@ -157,7 +157,8 @@ def method_options(method: str, preds) -> dict:
     """``train`` options of a method: ``plain`` or ``corrections``, and modifiers joined by ``+``
     (``replay``, ``keep-norm``, ``frozen``, ``tune-pp``: post-processing re-chosen with the weights, ``no-holdout``: the last weights, ``distill``: unedited pixels train
     on the starting model's probabilities rather than its labels, ``lr=X``, ``share=X``: the share of crops
-    centred on corrections, ``weight=X``: corrected pixels' extra loss weight, ``tile=N``: the crops' input edge); ``replay`` and ``keep-norm`` alone mean
+    centred on corrections, ``weight=X``: corrected pixels' extra loss weight, ``tile=N``: the crops' input edge,
+    ``batch=N``: crops a step); ``replay`` and ``keep-norm`` alone mean
     corrections with that modifier."""
     parts = method.split("+")
     extra = {"holdout": False} if parts[0] == "plain" else {"previous": preds, "holdout": True}
@@ -182,6 +183,8 @@ def method_options(method: str, preds) -> dict:
             extra["correction_weight"] = float(part[7:])
         elif part.startswith("tile="):
             extra["tile_size"] = int(part[5:])
+        elif part.startswith("batch="):
+            extra["batch_size"] = int(part[6:])
         elif part not in ("corrections", "plain"):
             raise SystemExit(f"unknown method part {part!r}")
     return extra
@@ -212,7 +215,7 @@ def main():
     parser.add_argument("--replay", action="store_true", help="also corrections + replay of the shipped nuclei sample")
     parser.add_argument("--methods", default="plain,corrections",
                         help="plain, or corrections with modifiers joined by '+': replay, keep-norm (BatchNorm statistics "
-                             "kept), frozen (encoder frozen), tune-pp (post-processing re-chosen), no-holdout (the last weights), distill, lr=X, share=X (crops on corrections), weight=X (their extra loss weight), tile=N (crop input edge); e.g. corrections+frozen+keep-norm")
+                             "kept), frozen (encoder frozen), tune-pp (post-processing re-chosen), no-holdout (the last weights), distill, lr=X, share=X (crops on corrections), weight=X (their extra loss weight), tile=N (crop input edge), batch=N (crops a step); e.g. corrections+frozen+keep-norm")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", default="1", choices=("1", "auto"), help="segment at scale 1, or as the dock does")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "corrections.json"))

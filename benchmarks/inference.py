@@ -16,7 +16,7 @@ Run:  python benchmarks/inference.py [--device cpu] [--size 4096] [--out benchma
     (it must not grow with the image);
 (d) U-Net++ pruned to L1..L4 vs the full network: end-to-end speed ratio;
 (e) tile-size sweep: end-to-end throughput against the input tile edge (justifies the auto cap);
-(f) the CPU's limit: fp32 matmul peak (measured in this run) over the network's FLOPs per output
+(f) the CPU's limit: fp32 matmul peak (measured in this run, ``training_speed.matmul_peak``) over the network's FLOPs per output
     pixel (counted by torch's FlopCounterMode at the auto tile), and (b) as a fraction of it.
 
 Weights are random: speed and memory do not depend on them.
