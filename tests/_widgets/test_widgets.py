@@ -356,6 +356,29 @@ def test_preview_shows_the_pixels_fine_tune_trains_on_at_the_segmented_scale(mak
     assert not errors
 
 
+def test_preview_of_a_stack_takes_the_slice_shown_in_the_layers_own_pixels(make_napari_viewer, qtbot, errors):
+    """A stack with a z step of 4 beside a layer with a z step of 1: the viewer's step 8 is the
+    stack's slice 2."""
+    from napari_unet_studio.weightmap import weight_map
+
+    viewer = make_napari_viewer()
+    labels = np.zeros((5, 40, 40), np.int32)
+    for z in range(5):
+        labels[z, 5 + 2 * z : 15 + 2 * z, 5:15] = 1
+        labels[z, 5 + 2 * z : 15 + 2 * z, 16:26] = 2  # touching objects: a weight map that tells slices apart
+    viewer.add_image(np.zeros((20, 40, 40), np.float32), name="fine z")
+    viewer.add_image(labels.astype(np.float32), name="stack", scale=(4, 1, 1))
+    viewer.add_labels(labels, name="stack labels", scale=(4, 1, 1))
+    viewer.dims.set_point(0, 8)
+    widget = open_widget(viewer, "Preview augmentation and weights")
+    widget.image.setCurrentText("stack")
+    widget.labels.setCurrentText("stack labels")
+    assert widget.show_weights() is not None
+    qtbot.waitUntil(lambda: "weight map" in viewer.layers and widget.run_button.isEnabled(), timeout=30_000)
+    np.testing.assert_allclose(viewer.layers["weight map"].data, weight_map(labels[2]), atol=1e-6)
+    assert not errors
+
+
 def _painted_viewer(make_napari_viewer):
     from test_training import synthetic_cells
 

@@ -36,7 +36,9 @@ class _Plane:
         array = layer_array(layer)
         self.data = array.data
         n_spatial = len(array.spatial_shape)
-        self.index = tuple(int(i) for i in viewer.dims.current_step[: n_spatial - 2]) if n_spatial > 2 else ()
+        # the slice shown, in the layer's own pixels (its z scale or offset may differ from the viewer's steps)
+        lead = np.asarray(layer.world_to_data(viewer.dims.point), dtype=np.float64)[: n_spatial - 2]
+        self.index = tuple(int(min(max(round(c), 0), n - 1)) for c, n in zip(lead, array.spatial_shape))
         self.shape = tuple(int(n) for n in array.spatial_shape[-2:])
         self.layer = layer
 
