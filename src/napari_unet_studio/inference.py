@@ -181,8 +181,8 @@ def _batch_size(model, device: torch.device, plan: TilePlan, requested: int | No
     """Tiles per forward pass: ``requested``, else one on the CPU and :func:`memory_batch` on
     GPUs. On the CPU a tile is already large enough to keep every core busy, and batching only
     multiplies the activations' memory: measured (``benchmarks/inference.py``, 2 cores), one
-    tile at a time was 1.13x faster at 4096² (tiles of 1212 px, 2 a batch before) and 1.4x at
-    2048² with 1020 px tiles (5 a batch)."""
+    tile at a time was 1.08x faster at 4096² (tiles of 1212 px, 2 a batch before; 1.13x in a
+    probe) and 1.4x at 2048² with 1020 px tiles (5 a batch)."""
     if requested is not None:
         return max(1, int(requested))
     if device.type == "cpu":
