@@ -4,7 +4,8 @@ The fine-tuning goal on stained tissue (DSB 2018 ``color``, a kind the default m
 saw) is AP@0.5 >= 0.55 on the held-out images after fine-tuning on 2 painted images for 3
 minutes. This tries single levers against the package's defaults, one run each, same seed:
 re-choosing the post-processing with the weights (``tune_postprocess``), a larger learning rate,
-both, and a larger batch. RGB images meet the one-channel model as their luminance, as in
+both, a larger batch, crops just large enough for the images resized to 0.5 (``crop 348``) and
+zoom augmentation (objects resized by up to 1.25x or 1.5x). RGB images meet the one-channel model as their luminance, as in
 ``finetune.py``.
 
 ``--images`` picks other training images (indices into the sorted training set, or ``all``) to
@@ -45,6 +46,9 @@ VARIANTS = {
     "lr 1e-3": {"lr": 1e-3},
     "lr 1e-3 + tune_postprocess": {"lr": 1e-3, "tune_postprocess": True},
     "batch 4": {"batch_size": 4},
+    "crop 348": {"tile_size": 348},  # output 164 px: enough for 128 x 160, stained tissue at 0.5
+    "zoom 0.25": {"augment": {"scale": 0.25}},
+    "zoom 0.5": {"augment": {"scale": 0.5}},
 }
 
 
