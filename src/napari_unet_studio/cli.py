@@ -677,7 +677,7 @@ def run_train(args: argparse.Namespace) -> int:
         if run.get("holdout_skipped"):
             val += f" ({run['holdout_skipped']})"
     if "corrections" in run:
-        val += f"; {run['corrections']} corrections emphasised"
+        val += f"; {run['corrections']} correction{'s' if run['corrections'] != 1 else ''} emphasised"
     if "input_widened" in run:
         val += "; first convolution widened to RGB"
     print(

@@ -792,6 +792,11 @@ def test_a_runs_message_says_why_nothing_was_held_out():
     assert ("AP@0.5 0.600 on the corrections (the images are unlike the model's training data, so its own labels "
             "were not held out to judge it)") in text
     assert text.endswith("3 corrections emphasised")
+    run.update(corrections=1, choice_ap50=0.0)  # the weights chosen on outlines alone: say so
+    text = describe_run(run)
+    assert "were not held out to judge it): not one of them right yet, train longer; 1 correction emphasised" in text
+    run["best_step"] = 0
+    assert "right yet" not in describe_run(run) and "kept the starting weights" in describe_run(run)
 
 
 def test_segment_at_a_chosen_or_automatic_scale_and_fine_tune_there(make_napari_viewer, qtbot, monkeypatch, errors):
@@ -838,3 +843,21 @@ def test_segment_at_a_chosen_or_automatic_scale_and_fine_tune_there(make_napari_
     run = card_of(state_for(viewer).model).provenance["training"][-1]
     assert run["scale"] == 0.5 and "trained at scale 0.5" in tune.status.text()
     assert not errors
+
+
+@pytest.mark.parametrize("name", ["Model", "Segment", "Preview augmentation and weights", "Fine-tune"])
+def test_long_names_and_messages_do_not_widen_the_docks(make_napari_viewer, name):
+    """A dock wider than its messages would push napari's canvas out of the window: found when a
+    Fine-tune message (one line, no wrapping) hid the image entirely. Long layer names (files
+    named by date, sample and channel) and long messages must wrap or elide instead."""
+    viewer = make_napari_viewer()
+    long_name = "2026-11-23_experiment-42_sample-3_DAPI_stitched_max-projection_corrected"
+    viewer.add_image(np.zeros((32, 32), np.float32), name=long_name)
+    viewer.add_labels(np.zeros((32, 32), np.int32), name=long_name + " labels")
+    widget = open_widget(viewer, name)
+    if hasattr(widget, "add_pair"):
+        widget.add_pair()  # the pair list shows both names
+    for label in [w for w in vars(widget).values() if type(w).__name__ == "QLabel"]:
+        label.setText("a message in plain words, " * 12)
+    widget.adjustSize()
+    assert widget.minimumSizeHint().width() < 500

@@ -101,6 +101,20 @@ class JobSlot:
         QThreadPool.globalInstance().waitForDone(int(self.WAIT * 1000))
 
 
+def keep_narrow(widget, labels=()) -> None:
+    """Keep a dock as narrow as its controls, whatever the text it shows: its combo boxes size
+    to a dozen characters (a long layer name is elided; the list that opens shows it whole) and
+    ``labels`` (messages) wrap. A dock as wide as a one-line message pushes napari's canvas out
+    of the window."""
+    from qtpy.QtWidgets import QComboBox
+
+    for combo in widget.findChildren(QComboBox):
+        combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        combo.setMinimumContentsLength(12)
+    for label in labels:
+        label.setWordWrap(True)
+
+
 def set_tooltips(widget, tips: dict[str, str]) -> None:
     """Give ``widget``'s controls (attribute name -> text) their tooltips."""
     for name, text in tips.items():

@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import JobSlot, RunCancelRow, camera_of, layers_of, notify_error, set_choices, set_tooltips
+from ._common import JobSlot, RunCancelRow, camera_of, keep_narrow, layers_of, notify_error, set_choices, set_tooltips
 from ._layers import viewed_region
 from ._settings import persist
 from ._state import state_for
@@ -242,8 +242,11 @@ def describe_run(run: dict) -> str:
         text += f", AP@0.5 {run['choice_ap50']:.3f} on the {run['chosen_by']}"
         if run.get("holdout_skipped"):
             text += f" ({run['holdout_skipped']})"
+        if best and run["choice_ap50"] == 0:
+            text += ": not one of them right yet, train longer"
     if run.get("corrections"):
-        text += f"; {run['corrections']} corrections emphasised"
+        n = run["corrections"]
+        text += f"; {n} correction{'s' if n != 1 else ''} emphasised"
     if run.get("scale", 1) != 1:
         from ..rescale import scale_text
 
@@ -357,6 +360,7 @@ class FineTuneWidget(QWidget):
             "deep": "U-Net++ only: train every output head, so the model can be pruned for speed",
             "freeze": "Keep the contracting path fixed: faster, and safer with very few labels",
         })
+        keep_narrow(self, labels=(self.status,))
         self.add_button.clicked.connect(self.add_pair)
         self.remove_button.clicked.connect(self._remove_pair)
         self.run_button.clicked.connect(self.run)

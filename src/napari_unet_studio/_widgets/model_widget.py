@@ -16,7 +16,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import JobSlot, notify_error, set_choices, set_tooltips
+from ._common import JobSlot, keep_narrow, notify_error, set_choices, set_tooltips
 from ._settings import persist
 from ._state import state_for
 
@@ -158,6 +158,7 @@ class ModelWidget(QWidget):
             "width": "Channels of the first level (the paper: 64; 16 keeps CPU training fast)",
             "new_button": "Make a new untrained model the active one",
         })
+        keep_narrow(self, labels=(self.info,))
         self.state.connect(self._refresh)
         self.destroyed.connect(lambda *_: self.state.disconnect(self._refresh))
         self._refresh()

@@ -17,7 +17,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 from superqt import QLabeledDoubleSlider, QLabeledSlider
 
-from ._common import layers_of, notify_error, set_choices, set_tooltips
+from ._common import keep_narrow, layers_of, notify_error, set_choices, set_tooltips
 from ._layers import layer_array, viewed_region
 from ._settings import persist
 
@@ -106,6 +106,7 @@ class PreviewWidget(QWidget):
             "reseed_button": "Another random deformation",
             "weights_button": "Show the loss weight map of the labels in view, at the scale Fine-tune trains them at",
         })
+        keep_narrow(self, labels=(self.status,))
         self._refresh_layers()
 
     def _slider(self, kind, low, high, value):

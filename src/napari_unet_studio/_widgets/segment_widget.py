@@ -19,7 +19,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..errors import UnetStudioError
-from ._common import JobSlot, ProgressBridge, RunCancelRow, layers_of, notify_error, set_choices, set_tooltips
+from ._common import JobSlot, ProgressBridge, RunCancelRow, keep_narrow, layers_of, notify_error, set_choices, set_tooltips
 from ._settings import persist
 from ._state import state_for
 
@@ -226,6 +226,7 @@ class SegmentWidget(QWidget):
             "save_button": "Write the last result's per-object measurements (area, centroid, box, shape, intensities) "
                            "to a CSV file; they also show when you hover over an object",
         })
+        keep_narrow(self, labels=(self.model_label, self.status))
         self.state.connect(self._refresh_model)
         self.destroyed.connect(lambda *_: self.state.disconnect(self._refresh_model))
         self._refresh_layers()
