@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 
-from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import QHBoxLayout, QPushButton, QWidget
+from qtpy.QtCore import QObject, QSize, Qt, Signal
+from qtpy.QtWidgets import QFrame, QHBoxLayout, QPushButton, QScrollArea, QVBoxLayout, QWidget
 
 
 class ProgressBridge(QObject):
@@ -99,6 +99,46 @@ class JobSlot:
         from qtpy.QtCore import QThreadPool
 
         QThreadPool.globalInstance().waitForDone(int(self.WAIT * 1000))
+
+
+class _DockScroll(QScrollArea):
+    """Scrolls a dock's controls vertically, never sideways. It asks for the controls' whole
+    width, and for their whole height up to :attr:`SCREEN_SHARE` of the screen, so two docks
+    stacked in napari's dock area both show most of their controls and neither is squeezed."""
+
+    SCREEN_SHARE = 0.45
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt naming)
+        controls = self.widget()
+        if controls is None:
+            return super().minimumSizeHint()
+        want = controls.minimumSizeHint()
+        screen = self.screen()
+        tallest = int(self.SCREEN_SHARE * screen.availableGeometry().height()) if screen is not None else 400
+        return QSize(want.width() + self.verticalScrollBar().sizeHint().width(), min(want.height(), tallest))
+
+    def sizeHint(self) -> QSize:  # noqa: N802 (Qt naming)
+        controls = self.widget()
+        if controls is None:
+            return super().sizeHint()
+        want = controls.sizeHint()
+        return QSize(want.width() + self.verticalScrollBar().sizeHint().width(), want.height())
+
+
+def scrolling_layout(widget):
+    """The layout for a dock's controls, inside a scroll area that fills ``widget``: when napari
+    gives the dock less height than its controls need (two docks stacked on a laptop screen),
+    it scrolls instead of squeezing its rows over each other. Returns the controls' layout."""
+    outer = QVBoxLayout(widget)
+    outer.setContentsMargins(0, 0, 0, 0)
+    area = _DockScroll(widget)
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.Shape.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    controls = QWidget(area)
+    area.setWidget(controls)
+    outer.addWidget(area)
+    return QVBoxLayout(controls)
 
 
 def keep_narrow(widget, labels=()) -> None:

@@ -24,11 +24,10 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
-from ._common import JobSlot, RunCancelRow, camera_of, keep_narrow, layers_of, notify_error, set_choices, set_tooltips
+from ._common import JobSlot, RunCancelRow, camera_of, keep_narrow, layers_of, notify_error, scrolling_layout, set_choices, set_tooltips
 from ._layers import viewed_region
 from ._settings import persist
 from ._state import state_for
@@ -272,7 +271,7 @@ class FineTuneWidget(QWidget):
         self._live_layers: list = []
         self._live_pairs: list = []
         self._live_image = None
-        layout = QVBoxLayout(self)
+        layout = scrolling_layout(self)
         form = QFormLayout()
         self.image = QComboBox(parent=self)
         self.labels = QComboBox(parent=self)

@@ -12,11 +12,10 @@ from qtpy.QtWidgets import (
     QPlainTextEdit,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
-from ._common import JobSlot, keep_narrow, notify_error, set_choices, set_tooltips
+from ._common import JobSlot, keep_narrow, notify_error, scrolling_layout, set_choices, set_tooltips
 from ._settings import persist
 from ._state import state_for
 
@@ -74,7 +73,7 @@ class ModelWidget(QWidget):
         self.state = state_for(napari_viewer)
         self.worker = None
         self.job = JobSlot(self)  # closing the viewer while a model loads is clean
-        layout = QVBoxLayout(self)
+        layout = scrolling_layout(self)
         self.info = QLabel(parent=self)
         self.info.setWordWrap(True)
         layout.addWidget(self.info)

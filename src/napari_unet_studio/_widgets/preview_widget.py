@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLabel, QPushButton, QWidget
 from superqt import QLabeledDoubleSlider, QLabeledSlider
 
-from ._common import keep_narrow, layers_of, notify_error, set_choices, set_tooltips
+from ._common import keep_narrow, layers_of, notify_error, scrolling_layout, set_choices, set_tooltips
 from ._layers import layer_array, viewed_region
 from ._settings import persist
 
@@ -62,7 +62,7 @@ class PreviewWidget(QWidget):
         self.viewer = napari_viewer
         self.worker = None
         self.seed = 0
-        layout = QVBoxLayout(self)
+        layout = scrolling_layout(self)
         form = QFormLayout()
         self.image = QComboBox(parent=self)
         self.labels = QComboBox(parent=self)

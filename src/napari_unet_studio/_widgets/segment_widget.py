@@ -14,12 +14,11 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
 from ..errors import UnetStudioError
-from ._common import JobSlot, ProgressBridge, RunCancelRow, keep_narrow, layers_of, notify_error, set_choices, set_tooltips
+from ._common import JobSlot, ProgressBridge, RunCancelRow, keep_narrow, layers_of, notify_error, scrolling_layout, set_choices, set_tooltips
 from ._settings import persist
 from ._state import state_for
 
@@ -144,7 +143,7 @@ class SegmentWidget(QWidget):
         self.job = JobSlot(self)  # closing the viewer cancels a running segmentation cleanly
         self.cancel_flag = self.job.cancel_flag
         self.bridge = ProgressBridge()  # no parent: the worker may still hold it after the dock is gone
-        layout = QVBoxLayout(self)
+        layout = scrolling_layout(self)
         self.model_label = QLabel(parent=self)
         self.model_label.setToolTip("The active model (choose another in the Model dock)")
         layout.addWidget(self.model_label)
