@@ -348,3 +348,25 @@ def test_measure_writes_one_table_per_image(tmp_path, rng, capsys):
     zrows = list(csv.DictReader(open(tmp_path / "z" / "cells.csv")))
     assert [(r["label"], r["area"], r["bbox_max_x"]) for r in zrows] == [(r["label"], r["area"], r["bbox_max_x"]) for r in rows]
     assert "solidity" not in zrows[0]
+
+
+def test_tile_progress_is_drawn_on_a_terminal_only(capsys, monkeypatch):
+    """A batch job's log keeps every redraw of a progress bar: per-image tile bars filled logs of
+    folders with carriage-return noise. They show on a terminal, not in a log."""
+    import sys
+    import time
+
+    from napari_unet_studio.cli import _progress_bar
+
+    def drive():
+        bar, update = _progress_bar(False, "image.png")
+        update(1, 2)
+        time.sleep(0.4)  # past the bar's delay
+        update(2, 2)
+        bar.close()
+
+    drive()
+    assert "image.png" not in capsys.readouterr().err  # stderr is a pipe here, as in a log
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    drive()
+    assert "image.png" in capsys.readouterr().err

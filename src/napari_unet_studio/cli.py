@@ -203,10 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _progress_bar(quiet: bool, desc: str):
-    """A tqdm bar on stderr and a ``(done, total)`` callback that drives it."""
+    """A tqdm bar on stderr and a ``(done, total)`` callback that drives it. Shown on a terminal
+    only: in a log file (a batch job, a cluster) every redraw of every image's bar would be kept,
+    where the warnings and the summary line are what is read."""
     from tqdm import tqdm
 
-    bar = tqdm(total=0, desc=desc, unit="tile", disable=quiet, file=sys.stderr, leave=False, dynamic_ncols=True, delay=0.3)
+    shown = not quiet and sys.stderr.isatty()
+    bar = tqdm(total=0, desc=desc, unit="tile", disable=not shown, file=sys.stderr, leave=False, dynamic_ncols=True, delay=0.3)
 
     def update(done: int, total: int) -> None:
         if bar.total != total:
