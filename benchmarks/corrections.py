@@ -158,7 +158,8 @@ def method_options(method: str, preds) -> dict:
     (``replay``, ``keep-norm``, ``frozen``, ``tune-pp``: post-processing re-chosen with the weights, ``no-holdout``: the last weights, ``distill``: unedited pixels train
     on the starting model's probabilities rather than its labels, ``lr=X``, ``share=X``: the share of crops
     centred on corrections, ``weight=X``: corrected pixels' extra loss weight, ``tile=N``: the crops' input edge,
-    ``batch=N``: crops a step); ``replay`` and ``keep-norm`` alone mean
+    ``batch=N``: crops a step, ``luminance``: RGB images meet the model as their luminance instead of widening its
+    first convolution); ``replay`` and ``keep-norm`` alone mean
     corrections with that modifier."""
     parts = method.split("+")
     extra = {"holdout": False} if parts[0] == "plain" else {"previous": preds, "holdout": True}
@@ -175,6 +176,8 @@ def method_options(method: str, preds) -> dict:
             extra["tune_postprocess"] = True
         elif part == "no-holdout":
             extra["holdout"] = False
+        elif part == "luminance":
+            extra["widen_for_rgb"] = False
         elif part.startswith("lr="):
             extra["lr"] = float(part[3:])
         elif part.startswith("share="):
@@ -215,7 +218,7 @@ def main():
     parser.add_argument("--replay", action="store_true", help="also corrections + replay of the shipped nuclei sample")
     parser.add_argument("--methods", default="plain,corrections",
                         help="plain, or corrections with modifiers joined by '+': replay, keep-norm (BatchNorm statistics "
-                             "kept), frozen (encoder frozen), tune-pp (post-processing re-chosen), no-holdout (the last weights), distill, lr=X, share=X (crops on corrections), weight=X (their extra loss weight), tile=N (crop input edge), batch=N (crops a step); e.g. corrections+frozen+keep-norm")
+                             "kept), frozen (encoder frozen), tune-pp (post-processing re-chosen), no-holdout (the last weights), distill, luminance (RGB as luminance, not widened), lr=X, share=X (crops on corrections), weight=X (their extra loss weight), tile=N (crop input edge), batch=N (crops a step); e.g. corrections+frozen+keep-norm")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", default="1", choices=("1", "auto"), help="segment at scale 1, or as the dock does")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "corrections.json"))

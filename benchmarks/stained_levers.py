@@ -6,7 +6,7 @@ minutes. This tries single levers against the package's defaults, one run each, 
 re-choosing the post-processing with the weights (``tune_postprocess``), a larger learning rate,
 both, a larger batch, crops just large enough for the images resized to 0.5 (``crop 348``) and
 zoom augmentation (objects resized by up to 1.25x or 1.5x). RGB images meet the one-channel model as their luminance, as in
-``finetune.py``.
+``finetune.py``, except in ``widened`` (the package's default: the first convolution widened to take RGB).
 
 ``--images`` picks other training images (indices into the sorted training set, or ``all``) to
 see how much the choice of the 2 images matters, and ``--steps`` trains a fixed number of steps
@@ -49,6 +49,7 @@ VARIANTS = {
     "crop 348": {"tile_size": 348},  # output 164 px: enough for 128 x 160, stained tissue at 0.5
     "zoom 0.25": {"augment": {"scale": 0.25}},
     "zoom 0.5": {"augment": {"scale": 0.5}},
+    "widened": {"widen_for_rgb": True},  # the package's default for RGB images: the first convolution takes RGB
 }
 
 
@@ -93,8 +94,8 @@ def main() -> None:
         scale = float(scale)
         start = time.perf_counter()
         budget = {"steps": args.steps} if args.steps else {"time_budget": args.budget}
-        model, history = train(load_model("default"), train_images, train_labels, seed=0, widen_for_rgb=False,
-                               scale=scale, **budget, **VARIANTS[name])
+        options = {"widen_for_rgb": False, **VARIANTS[name]}
+        model, history = train(load_model("default"), train_images, train_labels, seed=0, scale=scale, **budget, **options)
         run = card_of(model).provenance["training"][-1]
         row = {"variant": name, "images": args.images, "scale": scale, "steps": len(history), "best_step": run.get("best_step"),
                "train_s": time.perf_counter() - start, "ap50": ap50(model), "postprocess": dict(card_of(model).postprocess)}
