@@ -422,3 +422,36 @@ def test_a_full_disk_while_saving_is_an_oserror_and_leaves_no_file(tmp_path, mon
         save_model(tiny("unet", depth=2, base_channels=2), tmp_path / "m.safetensors")
     assert info.value.errno == 28 and "No space left" in str(info.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sparse_64_bit_ids_train_weigh_and_measure_like_sequential_ones():
+    """Labels from other tools may carry 64-bit ids (a tracker's, a hash): the weight map's and
+    the measurements' per-object boxes were allocated per id value, and 2**40 gave a bare
+    MemoryError. Sparse ids now give exactly what the same objects with ids 1..n give."""
+    from napari_unet_studio import measure, train, weight_map
+    from napari_unet_studio.models import UNet
+
+    rng = np.random.default_rng(0)
+    image = rng.random((96, 96)).astype(np.float32)
+    labels = np.zeros((96, 96), np.int64)
+    labels[20:40, 20:40], labels[60:80, 50:70], labels[60:80, 72:90] = 1, 2, 3
+    sparse = labels * 2**40
+    np.testing.assert_array_equal(weight_map(sparse), weight_map(labels))
+    table, sequential = measure(sparse, image), measure(labels, image)
+    assert list(table["label"]) == [2**40, 2**41, 3 * 2**40]
+    for key in sequential:
+        if key != "label":
+            np.testing.assert_array_equal(table[key], sequential[key])
+    torch.manual_seed(0)
+    model, history = train(UNet(depth=2, base_channels=4), [image], [sparse], steps=2, tile_size=92)
+    assert len(history) == 2
+
+
+def test_negative_label_ids_are_refused_in_plain_words():
+    from napari_unet_studio import InputError, train
+    from napari_unet_studio.models import UNet
+
+    labels = np.zeros((64, 64), np.int32)
+    labels[10:30, 10:30], labels[40:60, 40:60] = -1, -2  # (one value alone is a mask: its regions are the objects)
+    with pytest.raises(InputError, match="0 .background. or positive object ids, found negative values"):
+        train(UNet(depth=2, base_channels=4), [np.ones((64, 64), np.float32)], [labels], steps=1, tile_size=92)

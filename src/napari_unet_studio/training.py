@@ -233,6 +233,9 @@ def prepare_pair(
             raise InputError(f"region mask of shape {region.shape} does not match the labels' {labels.shape}")
         ignore |= ~region
     instances = as_instances(np.where(ignore, 0, labels))
+    if instances.min(initial=0) < 0:
+        raise InputError("labels must be 0 (background) or positive object ids, found negative values "
+                         "(a value meaning 'not annotated' can be given as the ignore value)")
     corrections = None
     corrected = np.zeros(labels.shape, bool)
     if previous is not None:
