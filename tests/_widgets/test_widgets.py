@@ -868,8 +868,9 @@ def test_long_names_and_messages_do_not_widen_the_docks(make_napari_viewer, name
 @pytest.mark.parametrize("name", ["Segment", "Fine-tune"])
 def test_a_short_dock_scrolls_instead_of_squeezing_its_rows(make_napari_viewer, qtbot, name):
     """Two docks stacked on a laptop screen get less height than their controls need: found as
-    the Segment dock's rows drawn over each other beside the Fine-tune dock. A dock asks for at
-    most 45 % of the screen's height, its controls keep their height, and the rest scrolls."""
+    the Segment dock's rows drawn over each other beside the Fine-tune dock. A dock asks for a
+    fifth of the screen's height at least (four fit in a window), its controls keep their height,
+    and the rest scrolls."""
     from qtpy.QtWidgets import QAbstractButton, QComboBox, QScrollArea
 
     viewer = make_napari_viewer()
@@ -879,10 +880,9 @@ def test_a_short_dock_scrolls_instead_of_squeezing_its_rows(make_napari_viewer, 
     widget.show()
     qtbot.waitExposed(widget)
     screen = widget.screen().availableGeometry().height()
-    assert widget.height() <= 0.45 * screen + 1  # the dock can be that short (napari squeezed it anyway)
+    assert widget.height() <= max(120, 0.2 * screen) + 1  # the dock can be that short (napari squeezed it anyway)
     controls = widget.findChildren(QComboBox) + widget.findChildren(QAbstractButton)
     assert controls and all(c.height() >= c.minimumSizeHint().height() for c in controls if c.isVisible())
     area = widget.findChild(QScrollArea)
     assert area.horizontalScrollBar().maximum() == 0  # never sideways: the dock is as wide as its controls
-    if name == "Fine-tune":  # taller than 45 % of any screen it is tested on: the rest is a scroll away
-        assert area.verticalScrollBar().maximum() > 0
+    assert area.verticalScrollBar().maximum() > 0  # both are taller than a fifth of the screen: the rest is a scroll away

@@ -103,10 +103,11 @@ class JobSlot:
 
 class _DockScroll(QScrollArea):
     """Scrolls a dock's controls vertically, never sideways. It asks for the controls' whole
-    width, and for their whole height up to :attr:`SCREEN_SHARE` of the screen, so two docks
-    stacked in napari's dock area both show most of their controls and neither is squeezed."""
+    width; for their whole height as its preferred size, and for at least :attr:`SCREEN_SHARE` of
+    the screen's height (all of it if the controls are shorter), so that a dock added below
+    another shows its first controls, and four docks still fit in a window on a laptop screen."""
 
-    SCREEN_SHARE = 0.45
+    SCREEN_SHARE = 0.2
 
     def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt naming)
         controls = self.widget()
@@ -114,8 +115,8 @@ class _DockScroll(QScrollArea):
             return super().minimumSizeHint()
         want = controls.minimumSizeHint()
         screen = self.screen()
-        tallest = int(self.SCREEN_SHARE * screen.availableGeometry().height()) if screen is not None else 400
-        return QSize(want.width() + self.verticalScrollBar().sizeHint().width(), min(want.height(), tallest))
+        least = max(120, int(self.SCREEN_SHARE * screen.availableGeometry().height())) if screen is not None else 160
+        return QSize(want.width() + self.verticalScrollBar().sizeHint().width(), min(want.height(), least))
 
     def sizeHint(self) -> QSize:  # noqa: N802 (Qt naming)
         controls = self.widget()
