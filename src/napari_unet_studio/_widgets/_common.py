@@ -1,11 +1,11 @@
-"""Helpers shared by the widgets: notifications, worker progress bridge, layer choices."""
+"""Helpers shared by the widgets: notifications, worker progress bridge, layer choices, dock layout."""
 
 from __future__ import annotations
 
 import threading
 
 from qtpy.QtCore import QObject, QSize, Qt, Signal
-from qtpy.QtWidgets import QFrame, QHBoxLayout, QPushButton, QScrollArea, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QComboBox, QFrame, QHBoxLayout, QPushButton, QScrollArea, QVBoxLayout, QWidget
 
 
 class ProgressBridge(QObject):
@@ -147,8 +147,6 @@ def keep_narrow(widget, labels=()) -> None:
     to a dozen characters (a long layer name is elided; the list that opens shows it whole) and
     ``labels`` (messages) wrap. A dock as wide as a one-line message pushes napari's canvas out
     of the window."""
-    from qtpy.QtWidgets import QComboBox
-
     for combo in widget.findChildren(QComboBox):
         combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         combo.setMinimumContentsLength(12)
