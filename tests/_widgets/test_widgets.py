@@ -886,3 +886,16 @@ def test_a_short_dock_scrolls_instead_of_squeezing_its_rows(make_napari_viewer, 
     area = widget.findChild(QScrollArea)
     assert area.horizontalScrollBar().maximum() == 0  # never sideways: the dock is as wide as its controls
     assert area.verticalScrollBar().maximum() > 0  # both are taller than a fifth of the screen: the rest is a scroll away
+
+
+def test_a_dock_is_never_taller_than_its_controls_want(make_napari_viewer, qtbot):
+    """Stacked under the Segment dock, the Fine-tune dock got only its minimum height while empty
+    space sat under the Segment dock's controls (napari keeps the first dock's height). A dock
+    asks for no more than its controls' height, following them as their messages grow."""
+    viewer = make_napari_viewer(show=True)  # a hidden dock is not laid out
+    widget = open_widget(viewer, "Segment")
+    qtbot.waitUntil(lambda: widget.maximumHeight() < 5000, timeout=5000)
+    before = widget.maximumHeight()
+    widget.status.setText("a message in plain words, " * 40)  # wraps over several lines
+    qtbot.waitUntil(lambda: widget.maximumHeight() > before, timeout=5000)
+    assert widget.maximumHeight() < 5000

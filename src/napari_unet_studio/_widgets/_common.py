@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from qtpy.QtCore import QObject, QSize, Qt, Signal
+from qtpy.QtCore import QEvent, QObject, QSize, Qt, Signal
 from qtpy.QtWidgets import QComboBox, QFrame, QHBoxLayout, QPushButton, QScrollArea, QVBoxLayout, QWidget
 
 
@@ -139,7 +139,25 @@ def scrolling_layout(widget):
     controls = QWidget(area)
     area.setWidget(controls)
     outer.addWidget(area)
-    return QVBoxLayout(controls)
+    layout = QVBoxLayout(controls)
+    # Never taller than the controls: napari's dock area then gives the rest to the docks
+    # beside it instead of leaving it empty under these controls. Followed as they change.
+    cap = _HeightCap(widget, controls)
+    controls.installEventFilter(cap)
+    return layout
+
+
+class _HeightCap(QObject):
+    """Keeps ``widget`` no taller than ``controls`` want (their size hint), as they change."""
+
+    def __init__(self, widget, controls) -> None:
+        super().__init__(widget)
+        self.widget, self.controls = widget, controls
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 (Qt naming)
+        if event.type() == QEvent.Type.LayoutRequest:
+            self.widget.setMaximumHeight(max(self.controls.sizeHint().height(), self.widget.minimumSizeHint().height()))
+        return False
 
 
 def keep_narrow(widget, labels=()) -> None:
