@@ -68,13 +68,11 @@ def measure(labels, image=None, *, channel_axis: int | None = None, axes: str | 
         return table
     from skimage.measure import regionprops_table
 
+    from .metrics import compact_ids
+
     shape = SHAPE_3D if labels.ndim == 3 else SHAPE_2D
     properties = shape + (INTENSITY if intensity is not None else ())
-    inverse = None
-    if labels.max(initial=0) > labels.size:  # sparse ids (64-bit ones from other tools): a box per id would not fit
-        from skimage.segmentation import relabel_sequential
-
-        labels, _, inverse = relabel_sequential(labels)
+    labels, inverse = compact_ids(labels)  # regionprops makes a box per id value
     table = regionprops_table(labels, intensity_image=intensity, properties=properties)
     if inverse is not None:
         table["label"] = inverse[table["label"]]

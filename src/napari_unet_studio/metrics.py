@@ -32,6 +32,16 @@ def as_instances(labels: np.ndarray) -> np.ndarray:
     return labels.astype(np.int64, copy=False)
 
 
+def compact_ids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``labels`` with ids 1..n when its ids are sparse beyond its pixel count (64-bit ids from
+    other tools), and the map back (``original = inverse[compact]``); otherwise ``labels`` as it
+    is and None. Anything that allocates per id value (``ndi.find_objects``, regionprops) needs it."""
+    if labels.max(initial=0) <= labels.size:
+        return labels, None
+    compact, _, inverse = relabel_sequential(labels)
+    return compact, inverse
+
+
 def iou_matrix(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     """IoU of every (true object, predicted object) pair, shape ``(n_true, n_pred)``."""
     pred = relabel_sequential(np.asarray(pred, dtype=np.int64))[0]

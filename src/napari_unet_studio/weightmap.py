@@ -20,7 +20,8 @@ import math
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.segmentation import relabel_sequential
+
+from .metrics import compact_ids
 
 #: Separation terms below this are dropped (bounds the difference to the naive computation).
 DEFAULT_TOLERANCE = 1e-6
@@ -59,8 +60,7 @@ def nearest_two_distances(labels: np.ndarray, radius: float) -> tuple[np.ndarray
     d1 = np.full(labels.shape, np.inf, np.float32)
     d2 = np.full(labels.shape, np.inf, np.float32)
     r = int(math.ceil(radius))
-    if labels.max(initial=0) > labels.size:  # sparse ids (64-bit ones from other tools): one box per id would not fit
-        labels = relabel_sequential(labels)[0]
+    labels = compact_ids(labels)[0]  # one box per id value below
     for index, box in enumerate(ndi.find_objects(labels), start=1):
         if box is None:
             continue

@@ -126,6 +126,19 @@ class _DockScroll(QScrollArea):
         return QSize(want.width() + self.verticalScrollBar().sizeHint().width(), want.height())
 
 
+class _HeightCap(QObject):
+    """Keeps ``widget`` no taller than ``controls`` want (their size hint), as they change."""
+
+    def __init__(self, widget, controls) -> None:
+        super().__init__(widget)
+        self.widget, self.controls = widget, controls
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 (Qt naming)
+        if event.type() == QEvent.Type.LayoutRequest:
+            self.widget.setMaximumHeight(max(self.controls.sizeHint().height(), self.widget.minimumSizeHint().height()))
+        return False
+
+
 def scrolling_layout(widget):
     """The layout for a dock's controls, inside a scroll area that fills ``widget``: when napari
     gives the dock less height than its controls need (two docks stacked on a laptop screen),
@@ -139,25 +152,10 @@ def scrolling_layout(widget):
     controls = QWidget(area)
     area.setWidget(controls)
     outer.addWidget(area)
-    layout = QVBoxLayout(controls)
     # Never taller than the controls: napari's dock area then gives the rest to the docks
     # beside it instead of leaving it empty under these controls. Followed as they change.
-    cap = _HeightCap(widget, controls)
-    controls.installEventFilter(cap)
-    return layout
-
-
-class _HeightCap(QObject):
-    """Keeps ``widget`` no taller than ``controls`` want (their size hint), as they change."""
-
-    def __init__(self, widget, controls) -> None:
-        super().__init__(widget)
-        self.widget, self.controls = widget, controls
-
-    def eventFilter(self, obj, event) -> bool:  # noqa: N802 (Qt naming)
-        if event.type() == QEvent.Type.LayoutRequest:
-            self.widget.setMaximumHeight(max(self.controls.sizeHint().height(), self.widget.minimumSizeHint().height()))
-        return False
+    controls.installEventFilter(_HeightCap(widget, controls))
+    return QVBoxLayout(controls)
 
 
 def keep_narrow(widget, labels=()) -> None:
