@@ -203,6 +203,23 @@ def seg(model, image) -> np.ndarray:
     return segment(model, image)
 
 
+def interpolated(tuned, alpha: float):
+    """A copy of ``tuned`` whose weights lie ``alpha`` of the way from the default model's to its
+    own (``alpha=1``: ``tuned`` itself; WiSE-FT, Wortsman et al. 2022). BatchNorm statistics are
+    interpolated alike; the card (post-processing, provenance) is the tuned model's."""
+    import copy
+
+    from napari_unet_studio.training import widen_input
+
+    start = load_model("default")
+    if tuned.in_channels == 3 and start.in_channels == 1:
+        start = widen_input(start)
+    mixed = copy.deepcopy(tuned)
+    a, b = start.state_dict(), tuned.state_dict()
+    mixed.load_state_dict({k: (a[k] + alpha * (b[k] - a[k])) if b[k].is_floating_point() else b[k] for k in b})
+    return mixed.eval()
+
+
 def ap50(model, images, labels) -> float:
     return float(np.mean([average_precision(seg(model, im), lab)[0.5] for im, lab in zip(images, labels)]))
 
@@ -211,6 +228,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", default="fluo,color,em")
     parser.add_argument("--budgets", default="60")
+    parser.add_argument("--steps", type=int, default=None, help="a fixed number of steps instead of each budget "
+                        "(about 90 are 60 s on the development machine); then the machine need not be quiet")
     parser.add_argument("--k", type=int, default=5, help="errors corrected per image")
     parser.add_argument("--images", type=int, default=2, help="painted images")
     parser.add_argument("--eval", type=int, default=10, help="held-out images")
@@ -220,6 +239,8 @@ def main():
                         help="plain, or corrections with modifiers joined by '+': replay, keep-norm (BatchNorm statistics "
                              "kept), frozen (encoder frozen), tune-pp (post-processing re-chosen), no-holdout (the last weights), distill, luminance (RGB as luminance, not widened), lr=X, share=X (crops on corrections), weight=X (their extra loss weight), tile=N (crop input edge), batch=N (crops a step); e.g. corrections+frozen+keep-norm")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--interpolate", default="", help="also score the weights this far from the default model's to "
+                        "the fine-tuned ones, e.g. 0.25,0.5,0.75 (WiSE-FT; not time-budgeted)")
     parser.add_argument("--scale", default="1", choices=("1", "auto"), help="segment at scale 1, or as the dock does")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "corrections.json"))
     args = parser.parse_args()
@@ -254,7 +275,8 @@ def main():
                     model = load_model("default")
                     extra = method_options(method, preds)
                     start = time.perf_counter()
-                    model, history = train(model, images, labels, time_budget=budget, seed=args.seed, ignore_value=ignore,
+                    length = {"steps": args.steps} if args.steps else {"time_budget": budget}
+                    model, history = train(model, images, labels, **length, seed=args.seed, ignore_value=ignore,
                                            scale=train_scale, **extra)
                     seconds = time.perf_counter() - start
                     new = [seg(model, im) for im in images]
@@ -267,6 +289,13 @@ def main():
                     results.append(row)
                     print(f"  {painting:6} {method:24} {budget:4.0f} s  {row['steps']:4d} steps (best {row['best_step']:4d})  "
                           f"kept {row['kept']:.2f}  held-out AP@0.5 {before:.3f} -> {row['ap50_after']:.3f}", flush=True)
+                    for alpha in [float(a) for a in args.interpolate.split(",") if a]:
+                        mixed = interpolated(model, alpha)
+                        kept = kept_list([seg(mixed, im) for im in images], truths, chosen, preds)
+                        results.append({**row, "interpolate": alpha, "kept": float(np.mean(kept)) if kept else None,
+                                        "ap50_after": ap50(mixed, eval_images, eval_labels)})
+                        print(f"  {'':6} {'  weights x ' + format(alpha, 'g'):24} {'':27}  kept {results[-1]['kept']:.2f}  "
+                              f"held-out AP@0.5 {before:.3f} -> {results[-1]['ap50_after']:.3f}", flush=True)
         Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
 

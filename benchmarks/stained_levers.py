@@ -38,6 +38,7 @@ from napari_unet_studio.metrics import average_precision
 from napari_unet_studio.postprocess import labels_from_probabilities, options_for
 from napari_unet_studio.rescale import choose_scale
 
+from corrections import interpolated
 from encoding import load
 
 VARIANTS = {
@@ -71,6 +72,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="a fixed number of steps instead of --budget")
     parser.add_argument("--flips", action="store_true", help="also score with flip-averaged probabilities")
     parser.add_argument("--scale", nargs="+", default=["1"], help="train at these scales (or 'auto'); one run each")
+    parser.add_argument("--interpolate", default="", help="also score the weights this far from the default model's "
+                        "to the fine-tuned ones, e.g. 0.5,0.75 (WiSE-FT)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "stained_levers.jsonl")
     args = parser.parse_args()
     train_images, train_labels = load(args.data / "train", None, 0)
@@ -103,6 +106,9 @@ def main() -> None:
         row["ap50_chosen_scale"] = ap50(model, chosen)
         if args.flips:
             row["ap50_flips"] = ap50(model, flip_averaged)
+        for alpha in [float(a) for a in args.interpolate.split(",") if a]:
+            row[f"ap50_chosen_scale_x{alpha:g}"] = ap50(interpolated(model, alpha), chosen)
+            print(f"  weights x {alpha:g}: AP@0.5 chosen scale {row[f'ap50_chosen_scale_x{alpha:g}']:.3f}", flush=True)
         print(f"{name:<28} images {args.images:<6} scale {scale:<5g} {row['steps']:4d} steps (best {row['best_step']})  "
               f"AP@0.5 at 1 {row['ap50']:.3f}, at {scale:g} {row['ap50_at_trained_scale']:.3f}, "
               f"chosen {row['ap50_chosen_scale']:.3f}"

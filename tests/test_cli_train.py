@@ -34,7 +34,7 @@ def test_train_then_predict_then_evaluate(tmp_path, dataset, capsys):
     code = main(["train", "--images", str(images), "--labels", str(labels), "--out", str(out), "--depth", "2",
                  "--base-channels", "4", "--steps", "3", "--tile-size", "60", "--seed", "0", "-q"])
     text = capsys.readouterr().out
-    assert code == 0 and text.startswith("trained 3 steps on 2 images")
+    assert code == 0 and text.startswith("trained on 2 images") and ": 3 steps (all steps done)" in text
     model = load_model(out)
     assert card_of(model).provenance["training"][-1]["steps"] == 3 and model.depth == 2
     assert main(["predict", str(images), "-o", str(tmp_path / "pred"), "-m", str(out), "-q"]) == 0

@@ -529,7 +529,7 @@ def test_the_regions_around_corrections_score_only_the_objects_they_are_about():
 def test_live_training_stopped_during_a_preview_says_it_was_stopped():
     """The user switched Live off while the view was being segmented: the record says the
     live training was stopped, not that a time budget ran out."""
-    from napari_unet_studio._widgets.finetune_widget import describe_run
+    from napari_unet_studio.provenance import describe_outcome
 
     image, labels = synthetic_cells((128, 128), n=10)
     session = TrainingSession(small_unet(), seed=0, tile_size=92, holdout=False)
@@ -549,4 +549,4 @@ def test_live_training_stopped_during_a_preview_says_it_was_stopped():
     run = card_of(model).provenance["training"][-1]
     assert len(previews) == 1 and previews[0]["labels"].shape == (64, 64)
     assert run["stopped"] == "cancelled" and run["live"]
-    assert describe_run(run).startswith(f"live training stopped at step {run['steps']}")
+    assert describe_outcome(run).startswith(f"live training stopped at step {run['steps']}")

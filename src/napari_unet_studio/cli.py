@@ -580,6 +580,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .devices import resolve_device
     from .card import build_model, card_of
     from .encodings import TRAINABLE
+    from .provenance import describe_outcome
     from .training import train
 
     out = Path(args.out)
@@ -670,23 +671,7 @@ def run_train(args: argparse.Namespace) -> int:
     if run["stopped"] == "diverged":
         print(f"unet-studio: warning: the loss stopped being finite at step {run['steps'] + 1} (try a lower --lr); "
               f"kept the weights of step {run['best_step']}", file=sys.stderr)
-    val = ""
-    if "val_ap50" in run:
-        val = f", best val AP@0.5 {run['val_ap50']:.3f} at step {run['best_step']}"
-    elif "choice_ap50" in run:
-        val = f", best AP@0.5 on the {run['chosen_by']} {run['choice_ap50']:.3f} at step {run['best_step']}"
-        if run["best_step"] == 0:
-            val += ": no step improved on the starting weights, which were kept"
-        if run.get("holdout_skipped"):
-            val += f" ({run['holdout_skipped']})"
-    if "corrections" in run:
-        val += f"; {run['corrections']} correction{'s' if run['corrections'] != 1 else ''} emphasised"
-    if "input_widened" in run:
-        val += "; first convolution widened to RGB"
-    print(
-        f"trained {run['steps']} steps on {len(images)} images in {time.perf_counter() - start:.0f} s "
-        f"({how}{val}) -> {written}"
-    )
+    print(f"trained on {len(images)} images in {time.perf_counter() - start:.0f} s: {describe_outcome(run)} -> {written}")
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_USAGE if failure else 0

@@ -82,6 +82,41 @@ def describe_run(run: dict, number: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def describe_outcome(run: dict) -> str:
+    """How a training run ended, in one line of plain words (the Fine-tune dock's message and the
+    command line's summary): steps, the weights kept and what chose them, corrections, scale."""
+    best = run["best_step"]
+    if run.get("live") and run["stopped"] == "cancelled":
+        text = f"live training stopped at step {run['steps']}, kept the best weights (step {best})"
+    elif run["stopped"] == "cancelled":
+        text = f"cancelled at step {run['steps']}, kept the best weights (step {best})"
+    elif run["stopped"] == "diverged":
+        text = f"stopped at step {run['steps']}: the loss was no longer finite (try a lower learning rate); kept step {best}"
+    elif best == 0 and run["steps"]:
+        text = (f"{run['steps']} steps, none better than the starting weights on the "
+                f"{run.get('chosen_by', 'validation')}: kept the starting weights (paint more, or train longer)")
+    else:
+        text = f"{run['steps']} steps ({'time budget' if run['stopped'] == 'time' else 'all steps'} done), best weights at step {best}"
+    if "val_ap50" in run:
+        text += f", validation AP@0.5 {run['val_ap50']:.3f}"
+    elif "choice_ap50" in run:
+        text += f", AP@0.5 {run['choice_ap50']:.3f} on the {run['chosen_by']}"
+        if run.get("holdout_skipped"):
+            text += f" ({run['holdout_skipped']})"
+        if best and run["choice_ap50"] == 0:
+            text += ": not one of them right yet, train longer"
+    if run.get("corrections"):
+        n = run["corrections"]
+        text += f"; {n} correction{'s' if n != 1 else ''} emphasised"
+    if run.get("input_widened"):
+        text += "; first convolution widened to RGB"
+    if run.get("scale", 1) != 1:
+        from .rescale import scale_text
+
+        text += f"; trained at scale {scale_text(run['scale'])}, as the images were segmented"
+    return text
+
+
 def history_text(model) -> str:
     """Every training run of ``model``'s card, numbered, in plain words; "untrained" if none."""
     from .card import card_of

@@ -781,22 +781,22 @@ def test_segment_at_a_unetpp_level_leaves_the_shared_model_as_it_was(make_napari
 
 
 def test_a_runs_message_says_why_nothing_was_held_out():
-    from napari_unet_studio._widgets.finetune_widget import describe_run
+    from napari_unet_studio.provenance import describe_outcome
     from napari_unet_studio.training import HOLDOUT_SKIPPED
 
     run = {"best_step": 40, "steps": 90, "stopped": "time", "chosen_by": "corrections", "choice_ap50": 0.6,
            "holdout_objects": 0, "corrections": 3}
-    assert "not held out" not in describe_run(run)
+    assert "not held out" not in describe_outcome(run)
     run["holdout_skipped"] = HOLDOUT_SKIPPED
-    text = describe_run(run)
+    text = describe_outcome(run)
     assert ("AP@0.5 0.600 on the corrections (the images are unlike the model's training data, so its own labels "
             "were not held out to judge it)") in text
     assert text.endswith("3 corrections emphasised")
     run.update(corrections=1, choice_ap50=0.0)  # the weights chosen on outlines alone: say so
-    text = describe_run(run)
+    text = describe_outcome(run)
     assert "were not held out to judge it): not one of them right yet, train longer; 1 correction emphasised" in text
     run["best_step"] = 0
-    assert "right yet" not in describe_run(run) and "kept the starting weights" in describe_run(run)
+    assert "right yet" not in describe_outcome(run) and "kept the starting weights" in describe_outcome(run)
 
 
 def test_segment_at_a_chosen_or_automatic_scale_and_fine_tune_there(make_napari_viewer, qtbot, monkeypatch, errors):

@@ -27,6 +27,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..provenance import describe_outcome
 from ._common import JobSlot, RunCancelRow, camera_of, keep_narrow, layers_of, notify_error, scrolling_layout, set_choices, set_tooltips
 from ._layers import viewed_region
 from ._settings import persist
@@ -219,38 +220,6 @@ class LossPlot(QWidget):
             painter.drawLine(QPointF(bx, top), QPointF(bx, top + h))
             painter.drawText(QPointF(bx + 3, top + th), f"kept: step {self.best_step}")
         painter.end()
-
-
-def describe_run(run: dict) -> str:
-    """A training run's provenance record in plain words."""
-    best = run["best_step"]
-    if run.get("live") and run["stopped"] == "cancelled":
-        text = f"live training stopped at step {run['steps']}, kept the best weights (step {best})"
-    elif run["stopped"] == "cancelled":
-        text = f"cancelled at step {run['steps']}, kept the best weights (step {best})"
-    elif run["stopped"] == "diverged":
-        text = f"stopped at step {run['steps']}: the loss was no longer finite (try a lower learning rate); kept step {best}"
-    elif best == 0 and run["steps"]:
-        text = (f"{run['steps']} steps, none better than the starting weights on the "
-                f"{run.get('chosen_by', 'validation')}: kept the starting weights (paint more, or train longer)")
-    else:
-        text = f"{run['steps']} steps ({'time budget' if run['stopped'] == 'time' else 'all steps'} done), best weights at step {best}"
-    if "val_ap50" in run:
-        text += f", validation AP@0.5 {run['val_ap50']:.3f}"
-    elif "choice_ap50" in run:
-        text += f", AP@0.5 {run['choice_ap50']:.3f} on the {run['chosen_by']}"
-        if run.get("holdout_skipped"):
-            text += f" ({run['holdout_skipped']})"
-        if best and run["choice_ap50"] == 0:
-            text += ": not one of them right yet, train longer"
-    if run.get("corrections"):
-        n = run["corrections"]
-        text += f"; {n} correction{'s' if n != 1 else ''} emphasised"
-    if run.get("scale", 1) != 1:
-        from ..rescale import scale_text
-
-        text += f"; trained at scale {scale_text(run['scale'])}, as the images were segmented"
-    return text
 
 
 class FineTuneWidget(QWidget):
@@ -705,8 +674,8 @@ class FineTuneWidget(QWidget):
         self.plot.best_step = run["best_step"]  # the last check is not a progress record
         self.plot.update()
         self.state.set_model(model, f"{self._name} (live)")
-        show_info(f"Live fine-tune off: {describe_run(run)}; the best weights are now the active model")
-        self.status.setText(describe_run(run))
+        show_info(f"Live fine-tune off: {describe_outcome(run)}; the best weights are now the active model")
+        self.status.setText(describe_outcome(run))
 
     def _on_live_finished(self) -> None:
         for layer, changed in self._live_layers:
@@ -752,8 +721,8 @@ class FineTuneWidget(QWidget):
         from napari.utils.notifications import show_info, show_warning
 
         show = show_warning if run["stopped"] == "diverged" else show_info
-        show(f"Fine-tune: {describe_run(run)}; the result is now the active model")
-        self.status.setText(describe_run(run))
+        show(f"Fine-tune: {describe_outcome(run)}; the result is now the active model")
+        self.status.setText(describe_outcome(run))
         if run["stopped"] != "steps" and run["stopped"] != "time":
             self.progress.setValue(0)  # no ETA left to show
 
