@@ -550,3 +550,66 @@ def test_live_training_stopped_during_a_preview_says_it_was_stopped():
     assert len(previews) == 1 and previews[0]["labels"].shape == (64, 64)
     assert run["stopped"] == "cancelled" and run["live"]
     assert describe_outcome(run).startswith(f"live training stopped at step {run['steps']}")
+
+
+def _stack_of_cells(n=4, shape=(96, 96)):
+    pairs = [synthetic_cells(shape, n=6, seed=s) for s in range(n)]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def test_the_slices_of_a_stack_to_train_on():
+    """Painted slices: those with objects (or anything but 'not annotated'); with the model's
+    labels known, the slices the user changed."""
+    from napari_unet_studio.training import painted_slices
+
+    _, labels = _stack_of_cells()
+    labels[1] = 0
+    assert painted_slices(labels) == [0, 2, 3]
+    sparse = np.full(labels.shape, 9, np.int32)
+    sparse[3, 5, :] = 0  # a background stroke only
+    assert painted_slices(sparse, ignore_value=9) == [3]
+    previous = labels.copy()
+    assert painted_slices(labels, previous) == [0, 2, 3]  # nothing changed: every painted slice
+    labels[2][labels[2] == 1] = 0  # the user erases an object on slice 2
+    assert painted_slices(labels, previous) == [2]
+
+
+def test_a_stack_trains_on_its_painted_slices_exactly_as_those_slices_alone():
+    """A stack whose one changed slice is 2 trains as that slice given as a 2-D image: the same
+    weights, the same record (named by slice)."""
+    stack, labels = _stack_of_cells()
+    previous = labels.copy()
+    labels[2][labels[2] == 1] = 0
+    options = dict(steps=3, tile_size=60, seed=0, fit_threads=False, holdout=False)
+    torch.manual_seed(0)
+    from_stack, _ = train(small_unet(), [stack], [labels], previous=[previous], names=["stack"], **options)
+    torch.manual_seed(0)
+    from_slice, _ = train(small_unet(), [stack[2]], [labels[2]], previous=[previous[2]], **options)
+    assert all(torch.equal(a, b) for a, b in zip(from_stack.state_dict().values(), from_slice.state_dict().values()))
+    run = card_of(from_stack).provenance["training"][-1]
+    assert [d["name"] for d in run["data"]] == ["stack [2]"] and run["corrections"] == 1
+
+
+def test_strokes_on_a_stack_update_only_the_slices_they_touch():
+    stack, labels = _stack_of_cells()
+    labels[1] = 0
+    session = TrainingSession(small_unet(), tile_size=60, seed=0, holdout=False)
+    session.set_pair("s", stack, labels)
+    assert session.prepare() and sorted(session.pairs) == [("s", 0), ("s", 2), ("s", 3)]
+    prepared = dict(session.pairs)
+    painted = labels.copy()
+    painted[1] = synthetic_cells((96, 96), n=6, seed=1)[1]  # slice 1 painted ...
+    painted[3] = 0  # ... slice 3 cleared
+    painted[0, :5, :5] = 77  # a change on slice 0 that the update does not name: not looked at
+    session.set_pair("s", stack, painted, slices=[1, 3])
+    session.prepare()
+    assert sorted(session.pairs) == [("s", 0), ("s", 1), ("s", 2)]
+    assert session.pairs[("s", 0)] is prepared[("s", 0)] and session.pairs[("s", 2)] is prepared[("s", 2)]
+    session.run(steps=1)
+    session.remove_pair("s")
+    session.prepare()
+    assert session.pairs == {}
+    with pytest.raises(InputError, match="no slice of the stack is painted"):
+        session.set_pair("empty", stack, np.zeros_like(labels))
+    with pytest.raises(InputError, match=r"do not match the stack's \(4, 96, 96\)"):
+        session.set_pair("bad", stack, labels[:, :50])

@@ -493,6 +493,49 @@ def _center(t: torch.Tensor, size: int) -> torch.Tensor:
     return t[..., top : top + size, left : left + size]
 
 
+def painted_slices(labels, previous=None, ignore_value: int | None = None, among: Sequence[int] | None = None) -> list[int]:
+    """The slices of a stack's ``labels`` (``(Z, Y, X)``) to train on, of ``among`` (all by
+    default): with ``previous`` (the labels the model gave), the slices the user changed, if
+    any; else the slices holding anything painted (an object, or, with ``ignore_value``, any
+    pixel not marked "not annotated"). A stack is usually painted a few slices at a time, and
+    an unpainted slice of zeros would teach that it holds no objects."""
+    among = range(labels.shape[0]) if among is None else among
+    changed, painted = [], []
+    for z in among:
+        plane = np.asarray(labels[z])
+        if previous is not None and not np.array_equal(plane, np.asarray(previous[z])):
+            changed.append(z)
+        if (plane != ignore_value).any() if ignore_value is not None else plane.any():
+            painted.append(z)
+    if previous is not None:
+        if changed:
+            return changed
+        if among is not None and len(among) < labels.shape[0]:
+            return []  # an update of some slices: they were not changed
+    return painted
+
+
+def planes_of(images: Sequence, labels: Sequence, channel_axis: int | None = None) -> tuple[list, list]:
+    """``images`` and ``labels`` with each stack replaced by its slices holding objects (for
+    validation pairs); 2-D pairs as they are."""
+    out_images, out_labels = [], []
+    for image, lab in zip(images, labels):
+        layout = ImageLayout(image, channel_axis)
+        if not layout.is_stack:
+            out_images.append(image)
+            out_labels.append(lab)
+            continue
+        lab = np.asarray(lab)
+        if lab.shape != layout.spatial_shape:
+            raise InputError(f"validation labels of shape {lab.shape} do not match the stack's {layout.spatial_shape}")
+        for z in painted_slices(lab):
+            index = [slice(None)] * len(layout.shape)
+            index[layout.spatial_axes[0]] = z
+            out_images.append(image[tuple(index)])
+            out_labels.append(lab[z])
+    return out_images, out_labels
+
+
 def _learning_rate(base: float, fraction: float, step: int, warmup: int = 20) -> float:
     """Linear warm-up, then cosine decay to 5 % of ``base`` as the run's fraction goes 0 -> 1."""
     if step < warmup:
@@ -704,6 +747,7 @@ class TrainingSession:
         if val_images is not None and len(val_images):
             if val_labels is None or len(val_labels) != len(val_images):
                 raise InputError("give one validation label image per validation image")
+            val_images, val_labels = planes_of(val_images, val_labels, channel_axis)
             self.validation = (
                 [self._at_scale(None, "", im, 1) for im in val_images],
                 [as_instances(self._at_scale(None, "", np.asarray(v), 0)) for v in val_labels],
@@ -731,6 +775,7 @@ class TrainingSession:
             prepare_pair(model, im, lab, w0=w0, sigma=sigma, channel_axis=channel_axis) for im, lab in (replay or [])
         ]
         self._pending: dict[Hashable, dict | None] = {}
+        self._stacks: dict = {}  # stack key -> (its image, {z: slice view}, the slices trained on)
         self._lock = threading.Lock()
         self._sampler: CropSampler | None = None
         self.step_count = 0
@@ -745,14 +790,69 @@ class TrainingSession:
         self.stopped = "steps"
 
     # -- pairs -----------------------------------------------------------------------------
-    def set_pair(self, key: Hashable, image, labels, *, region=None, previous=None, name: str | None = None) -> None:
+    def set_pair(self, key: Hashable, image, labels, *, region=None, previous=None, name: str | None = None,
+                 slices: Sequence[int] | None = None) -> None:
         """Add the pair ``key``, or replace it (the user painted more). Thread-safe; the pair is
         prepared by the training thread before its next step (or by :meth:`prepare`). ``name``
-        (a file or layer name; ``key`` by default) is what the run's record calls the image."""
+        (a file or layer name; ``key`` by default) is what the run's record calls the image.
+
+        A stack (``(Z, Y, X)``, optionally with channels; ``labels``, ``previous`` and
+        ``region`` of its spatial shape, ``region`` also 2-D for every slice) trains on its
+        painted slices (:func:`painted_slices`), each a 2-D pair of its own, keyed
+        ``(key, z)`` and named ``"name [z]"``. ``slices`` limits an update to those slices (the
+        user painted on them): only they are looked at, copied and prepared again."""
+        layout = ImageLayout(image, self.channel_axis)
+        if layout.is_stack:
+            self._set_stack(key, layout, labels, region, previous, str(key) if name is None else str(name), slices)
+            return
         labels = np.array(labels)  # a copy: the user may keep painting the layer
         with self._lock:
             self._pending[key] = {"image": image, "labels": labels, "region": region, "previous": previous,
                                   "name": str(key) if name is None else str(name)}
+
+    def _set_stack(self, key, layout: ImageLayout, labels, region, previous, name: str, slices) -> None:
+        """:meth:`set_pair` for a stack: its painted slices become 2-D pairs ``(key, z)``."""
+        z_axis = layout.spatial_axes[0]
+        if layout.channel_axis is not None and layout.channel_axis != len(layout.shape) - 1:
+            raise InputError(f"a stack to train on needs its channels last, got shape {layout.shape} "
+                             f"with channels on axis {layout.channel_axis}")
+        labels = labels if hasattr(labels, "shape") else np.asarray(labels)
+        for what, array in (("labels", labels), ("previous labels", previous)):
+            if array is not None and tuple(array.shape) != layout.spatial_shape:
+                raise InputError(f"{what} of shape {tuple(array.shape)} do not match the stack's {layout.spatial_shape}")
+        if region is not None:
+            region = np.asarray(region, bool)
+            if region.shape not in (layout.spatial_shape, layout.plane):
+                raise InputError(f"region mask of shape {region.shape} does not match the stack's "
+                                 f"{layout.spatial_shape} (or one slice's {layout.plane})")
+        with self._lock:
+            known = self._stacks.get(key)
+        done = set(known[2]) if known is not None else set()
+        views = known[1] if known is not None and known[0] is layout.image else {}
+        n = layout.n_slices
+        look = range(n) if slices is None else sorted({int(z) for z in slices if 0 <= int(z) < n})
+        keep = set(painted_slices(labels, previous, self.ignore_value, look))
+        if slices is not None and not (done - set(look)) | keep:  # nothing left: look at the whole stack
+            look = range(n)
+            keep = set(painted_slices(labels, previous, self.ignore_value))
+        if not keep and not done - set(look):
+            raise InputError(f"{name}: no slice of the stack is painted (no objects"
+                             + (", nothing marked other than 'not annotated'" if self.ignore_value is not None else "")
+                             + ("" if previous is None else ", no change from the model's labels") + ")")
+        for z in look:
+            if z in keep:
+                if z not in views:
+                    index = [slice(None)] * len(layout.shape)
+                    index[z_axis] = z
+                    views[z] = layout.image[tuple(index)]
+                plane = region if region is None or region.ndim == 2 else region[z]
+                self.set_pair((key, z), views[z], np.array(labels[z]), region=plane,
+                              previous=None if previous is None else np.asarray(previous[z]), name=f"{name} [{z}]")
+            elif z in done:
+                self.remove_pair((key, z))
+        done = (done - set(look)) | keep
+        with self._lock:
+            self._stacks[key] = (layout.image, views, done)
 
     def _at_scale(self, key, what: str, array, order: int):
         """``array`` (an image, labels or a mask) as the network sees it at the session's scale;
@@ -773,9 +873,12 @@ class TrainingSession:
         return resampled
 
     def remove_pair(self, key: Hashable) -> None:
-        """Stop training on the pair ``key`` (from the next step on). Thread-safe."""
+        """Stop training on the pair ``key`` (a stack: all its slices; from the next step on).
+        Thread-safe."""
         with self._lock:
-            self._pending[key] = None
+            stack = self._stacks.pop(key, None)
+            for sub in [key] if stack is None else [(key, z) for z in stack[2]]:
+                self._pending[sub] = None
 
     def prepare(self) -> list[Hashable]:
         """Prepare the pairs set since the last step; returns their keys. Raises
@@ -1322,7 +1425,9 @@ def train(
     images, labels
         Sequences of 2-D images (any size or dtype, optionally with channels) and their
         instance labels (0 = background; a label image with one non-zero value is a mask whose
-        connected components are the objects).
+        connected components are the objects). A stack (``(Z, Y, X)``, channels last if any)
+        with ``(Z, Y, X)`` labels trains on its painted slices (:func:`painted_slices`: with
+        ``previous``, the slices the user changed), each normalised on its own.
     steps, time_budget
         Stop after this many optimiser steps and/or seconds of training (whichever comes
         first); with neither, 500 steps.

@@ -279,3 +279,50 @@ def test_the_live_preview_follows_the_pair_the_user_selects(make_napari_viewer, 
     widget.live.setChecked(False)
     qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=60_000)
     assert not errors
+
+
+def _stack_viewer(make_napari_viewer):
+    """A 4-slice stack of cells whose labels are painted on slices 0 and 2 only."""
+    viewer = make_napari_viewer()
+    cells = [synthetic_cells((96, 96), n=6, seed=s) for s in range(4)]
+    stack = np.stack([c[0] for c in cells])
+    truth = np.stack([c[1] for c in cells]).astype(np.int32)
+    painted = truth.copy()
+    painted[[1, 3]] = 0
+    viewer.add_image(stack, name="stack")
+    layer = viewer.add_labels(painted, name="painted")
+    state_for(viewer).set_model(small_model(), "test model")
+    return viewer, stack, truth, layer
+
+
+def test_fine_tuning_on_a_stack_trains_on_its_painted_slices(make_napari_viewer, qtbot, errors):
+    viewer, _stack, _truth, _layer = _stack_viewer(make_napari_viewer)
+    widget = fine_tune_dock(viewer, "stack", "painted")
+    widget.steps.setValue(2)
+    widget.run()
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled() and "steps" in widget.status.text(), timeout=60_000)
+    assert not errors
+    run = card_of(state_for(viewer).model).provenance["training"][-1]
+    assert [d["name"] for d in run["data"]] == ["stack [0]", "stack [2]"] and run["steps"] == 2
+
+
+def test_live_mode_on_a_stack_takes_strokes_on_their_slice_and_previews_the_slice_in_view(make_napari_viewer, qtbot, errors):
+    viewer, stack, truth, layer = _stack_viewer(make_napari_viewer)
+    widget = fine_tune_dock(viewer, "stack", "painted")
+    widget.live.setChecked(True)
+    qtbot.waitUntil(lambda: widget.live_session is not None, timeout=30_000)
+    session = widget.live_session
+    qtbot.waitUntil(lambda: "stack live preview" in viewer.layers, timeout=60_000)
+    assert viewer.layers["stack live preview"].data.shape == (96, 96)  # one slice, shown over the stack
+    assert sorted(session.pairs) == [(0, 0), (0, 2)]
+    before = dict(session.pairs)
+    y, x = np.argwhere(truth[1] == 1)[0]
+    layer.paint((1, y, x), 5)  # a brush dab on slice 1
+    qtbot.waitUntil(lambda: (0, 1) in session.pairs, timeout=30_000)
+    assert session.pairs[(0, 0)] is before[(0, 0)] and session.pairs[(0, 2)] is before[(0, 2)]  # not prepared again
+    viewer.dims.set_current_step(0, 3)
+    np.testing.assert_array_equal(widget._current_view()[0], stack[3])  # the preview follows the slice in view
+    widget.live.setChecked(False)
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=60_000)
+    assert card_of(state_for(viewer).model).provenance["training"][-1]["live"]
+    assert not errors

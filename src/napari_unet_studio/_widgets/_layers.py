@@ -98,3 +98,34 @@ def viewed_region(layer, plane: tuple[int, int]) -> tuple[slice, slice]:
     if y1 <= y0 or x1 <= x0:
         y0, x0, y1, x1 = 0, 0, h, w
     return slice(y0, y1), slice(x0, x1)
+
+
+def shown_index(layer, point) -> tuple[int, ...]:
+    """The indices along the leading axes of ``layer``'s stack (empty for a plane) that the
+    viewer shows at ``point`` (``viewer.dims.point``), in the layer's own pixels (its z scale or
+    offset may differ from the viewer's steps), clipped to the stack."""
+    spatial = layer_array(layer).spatial_shape
+    lead = np.asarray(layer.world_to_data(point), dtype=np.float64)[: len(spatial) - 2]
+    return tuple(int(min(max(round(c) if np.isfinite(c) else 0, 0), n - 1)) for c, n in zip(lead, spatial))
+
+
+def edited_slices(event) -> list[int] | None:
+    """The first-axis indices (slices of a stack) a Labels ``paint`` event changed, or None when
+    the event does not say (then every slice may have changed)."""
+    found: set[int] = set()
+    for atom in getattr(event, "value", None) or ():
+        key = getattr(atom, "slice_key", None)  # a masked paint: its bounding box
+        if key is not None:
+            first = key[0]
+            if isinstance(first, slice):
+                if first.stop is None:
+                    return None
+                found.update(range(first.start or 0, first.stop, first.step or 1))
+            else:
+                found.add(int(first))
+            continue
+        try:  # (indices, old values, new values): a numpy multi-index
+            found.update(int(z) for z in np.unique(np.asarray(atom[0][0])))
+        except (TypeError, IndexError, ValueError):
+            return None
+    return sorted(found) or None

@@ -11,7 +11,7 @@ import copy
 import time
 
 import numpy as np
-from qtpy.QtCore import QObject, QPointF, QRectF, Qt, Signal
+from qtpy.QtCore import QObject, QPointF, QRectF, Qt, QTimer, Signal
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -29,7 +29,7 @@ from qtpy.QtWidgets import (
 
 from ..provenance import describe_outcome
 from ._common import JobSlot, RunCancelRow, camera_of, keep_narrow, layers_of, notify_error, scrolling_layout, set_choices, set_tooltips
-from ._layers import viewed_region
+from ._layers import edited_slices, layer_array, shown_index, viewed_region
 from ._settings import persist
 from ._state import state_for
 
@@ -386,9 +386,10 @@ class FineTuneWidget(QWidget):
         image_layer, labels_layer = self._layer(image_name), self._layer(labels_name)
         if image_layer is None or labels_layer is None:
             raise InputError(f"layer {image_name if image_layer is None else labels_name!r} no longer exists")
-        image, lab = np.asarray(image_layer.data), np.array(labels_layer.data)
-        if image.shape[:2] != lab.shape:
-            raise InputError(f"{what} {labels_name!r} {lab.shape} do not match image {image_name!r} {image.shape[:2]}")
+        pixels = layer_array(image_layer)  # level 0 of a multiscale image
+        image, lab = np.asarray(pixels.data), np.array(labels_layer.data)
+        if pixels.spatial_shape != lab.shape:
+            raise InputError(f"{what} {labels_name!r} {lab.shape} do not match image {image_name!r} {pixels.spatial_shape}")
         return image, lab
 
     def _collect(self):
@@ -588,30 +589,42 @@ class FineTuneWidget(QWidget):
         self._name = self.state.name
         self._live_on = True
         self._live_pending = set()
-        # Strokes on the pairs' Labels layers replace that pair in the session (or wait for it:
-        # the session is built in the worker, which took 260 ms of frozen GUI on this thread).
+        # Strokes (paint events) and new data (the layer's data replaced) on the pairs' Labels
+        # layers replace that pair in the session (or wait for it: the session is built in the
+        # worker, which took 260 ms of frozen GUI on this thread). Not napari's set_data, which
+        # every redraw and every move through a stack's slices sends.
         self._live_layers = []
         for key, (image_name, labels_name, regions_name) in enumerate(self.pairs):
             layer = self._layer(labels_name)
 
-            def changed(*_, key=key, image=images[key], layer=layer, region=regions[key], name=image_name):
+            def changed(event, *, key=key):
                 if self.live_session is None:
                     self._live_pending.add(key)
-                else:
-                    self.live_session.set_pair(key, image, layer.data, region=region, previous=segmented_labels(layer),
-                                               name=name)
+                    return
+                # a stroke on a stack: only the slices it touched are looked at again (None: all)
+                slices = edited_slices(event) if self._live_pairs[key][1].data.ndim == 3 and getattr(
+                    event, "type", "") == "paint" else None
+                dirty = self._live_dirty
+                dirty[key] = None if slices is None or (key in dirty and dirty[key] is None) else sorted(
+                    set(dirty.get(key) or ()) | set(slices))
+                # read the labels once napari has written them: it sends paint before writing the
+                # pixels of a single dab (a brush stroke's event comes after all of them)
+                QTimer.singleShot(0, self._send_live_strokes)
 
             layer.events.paint.connect(changed)
-            layer.events.set_data.connect(changed)
+            layer.events.data.connect(changed)
             self._live_layers.append((layer, changed))
         # The preview follows the pair the user works on: the selected image or labels layer of
         # a pair (the first pair's image until one is selected).
         self._live_pairs = [(self._layer(i), self._layer(l)) for i, l, _ in self.pairs]
+        self._live_inputs = list(zip(images, regions, [i for i, _, _ in self.pairs]))
+        self._live_dirty = {}
         self._live_image = self._live_pairs[0][0]
         self._live_view = None
         self._update_live_view()
         camera_of(self.viewer).events.center.connect(self._update_live_view)
         camera_of(self.viewer).events.zoom.connect(self._update_live_view)
+        self.viewer.dims.events.current_step.connect(self._update_live_view)
         self.viewer.layers.selection.events.active.connect(self._on_active_layer)
         self.cancel_flag.clear()
         self.plot.reset()
@@ -629,12 +642,32 @@ class FineTuneWidget(QWidget):
         )
         return self.job.track(self.worker)
 
+    def _send_live_strokes(self) -> None:
+        """Hand the labels painted since the last call to the live session (main thread)."""
+        from ..errors import UnetStudioError
+        from .segment_widget import segmented_labels
+
+        dirty, self._live_dirty = self._live_dirty, {}
+        if self.live_session is None:
+            return
+        for key, slices in dirty.items():
+            layer = self._live_pairs[key][1]
+            image, region, name = self._live_inputs[key]
+            try:
+                self.live_session.set_pair(key, image, layer.data, region=region, previous=segmented_labels(layer),
+                                           name=name, slices=slices)
+            except UnetStudioError as exc:  # e.g. every painted slice erased: it keeps training on the last ones
+                self.status.setText(f"live: {exc}")
+
     def _update_live_view(self, *_) -> None:
-        """Remember (main thread) which part of the live image is in view, for the worker."""
+        """Remember (main thread) which part of the live image is in view, for the worker: of a
+        stack, the slice in view."""
         layer = self._live_image
         if layer is None:
             return
-        self._live_view = (layer.data, viewed_region(layer, layer.data.shape[:2]))
+        pixels = layer_array(layer)
+        data = pixels.data[shown_index(layer, self.viewer.dims.point)] if pixels.is_stack else pixels.data
+        self._live_view = (data, viewed_region(layer, pixels.spatial_shape[-2:]))
 
     def _on_active_layer(self, event) -> None:
         """The preview follows the pair whose image or labels layer the user selects."""
@@ -652,15 +685,16 @@ class FineTuneWidget(QWidget):
         if "session" in preview:
             self.live_session = preview["session"]
             for key in sorted(self._live_pending):  # strokes painted while the session was built
-                _layer, changed = self._live_layers[key]
-                changed()
+                self._live_dirty[key] = None
             self._live_pending = set()
+            self._send_live_strokes()
             return
         image = next((i for i, _ in self._live_pairs if i.data is preview.get("image")), self._live_image)
         name = f"{image.name} live preview"
         layer = next((l for l in layers_of(self.viewer, "Labels") if l.name == name), None)
-        if layer is None or layer.data.shape != image.data.shape[:2]:
-            layer = self.viewer.add_labels(np.zeros(image.data.shape[:2], np.int32), name=name, opacity=0.5,
+        plane = layer_array(image).spatial_shape[-2:]  # of a stack: the slice in view, shown over every slice
+        if layer is None or layer.data.shape != plane:
+            layer = self.viewer.add_labels(np.zeros(plane, np.int32), name=name, opacity=0.5,
                                            scale=image.scale[-2:], translate=image.translate[-2:])
         show_preview(layer, preview["window"], preview["labels"])
         self.status.setText(f"live: step {preview['step']}, preview of the region in view updated")
@@ -680,10 +714,11 @@ class FineTuneWidget(QWidget):
     def _on_live_finished(self) -> None:
         for layer, changed in self._live_layers:
             layer.events.paint.disconnect(changed)
-            layer.events.set_data.disconnect(changed)
+            layer.events.data.disconnect(changed)
         self._live_layers = []
         camera_of(self.viewer).events.center.disconnect(self._update_live_view)
         camera_of(self.viewer).events.zoom.disconnect(self._update_live_view)
+        self.viewer.dims.events.current_step.disconnect(self._update_live_view)
         self.viewer.layers.selection.events.active.disconnect(self._on_active_layer)
         self.live_session = None
         self._live_on = False

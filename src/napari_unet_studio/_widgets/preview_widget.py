@@ -18,7 +18,7 @@ from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLabel, QPushBut
 from superqt import QLabeledDoubleSlider, QLabeledSlider
 
 from ._common import keep_narrow, layers_of, notify_error, scrolling_layout, set_choices, set_tooltips
-from ._layers import layer_array, viewed_region
+from ._layers import layer_array, shown_index, viewed_region
 from ._settings import persist
 
 PREVIEW_KEY = "napari_unet_studio_preview"
@@ -35,10 +35,7 @@ class _Plane:
     def __init__(self, layer, viewer) -> None:
         array = layer_array(layer)
         self.data = array.data
-        n_spatial = len(array.spatial_shape)
-        # the slice shown, in the layer's own pixels (its z scale or offset may differ from the viewer's steps)
-        lead = np.asarray(layer.world_to_data(viewer.dims.point), dtype=np.float64)[: n_spatial - 2]
-        self.index = tuple(int(min(max(round(c), 0), n - 1)) for c, n in zip(lead, array.spatial_shape))
+        self.index = shown_index(layer, viewer.dims.point)
         self.shape = tuple(int(n) for n in array.spatial_shape[-2:])
         self.layer = layer
 
