@@ -24,6 +24,10 @@ held-out) at the scale the package chooses (``rescale.segment_choosing_scale``),
 at the scale chosen for the first painted image; ``--scale 1`` (the default) is the loop
 without object scales.
 
+``--interpolate 0.25,0.5,0.75`` also scores weights that far from the default model's to the
+fine-tuned ones (WiSE-FT); ``--steps N`` trains a fixed number of steps instead of each budget,
+so the machine need not be quiet.
+
 Run alone on a quiet machine (it is time-budgeted):
     python benchmarks/corrections.py [--kinds fluo,color,em] [--budgets 60] [--k 5] [--images 2] [--scale 1|auto]
 Writes benchmarks/results/corrections.json.

@@ -16,9 +16,12 @@ a measure of what test-time augmentation would add). ``--scale S`` fine-tunes on
 resized by ``S`` (``auto``: the scale the package chooses for the first training image, as the
 Segment dock would) and also scores each held-out image at the scale the package chooses for
 it with the fine-tuned model (``rescale.choose_scale``, the dock's and CLI's default).
+``--interpolate 0.5,0.75`` also scores weights that far from the default model's to the
+fine-tuned ones (WiSE-FT).
 
 Run alone (time-budgeted):  python benchmarks/stained_levers.py [VARIANT ...] [--data DIR]
                             [--images 0,1 | all] [--steps N] [--flips] [--scale S|auto ...]
+                            [--interpolate X,...]
 Appends one JSON line per run to benchmarks/results/stained_levers.jsonl.
 """
 

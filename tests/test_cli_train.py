@@ -116,3 +116,22 @@ def test_ctrl_c_writes_the_best_model_so_far(tmp_path, dataset):
     assert "Traceback" not in stderr
     assert "cancelled" in stdout
     assert load_model(out).card.provenance["training"][-1]["stopped"] == "cancelled"
+
+
+def test_train_on_a_stack_takes_its_painted_slices(tmp_path, capsys):
+    """A z-stack TIFF with labels on slices 0 and 2 (slice 1 unpainted) trains on those two."""
+    import tifffile
+
+    (tmp_path / "im").mkdir()
+    (tmp_path / "lab").mkdir()
+    cells = [synthetic_cells((96, 96), n=6, seed=s) for s in range(3)]
+    labels = np.stack([c[1] for c in cells]).astype(np.uint16)
+    labels[1] = 0
+    tifffile.imwrite(tmp_path / "im" / "a.tif", np.stack([c[0] for c in cells]), imagej=True, metadata={"axes": "ZYX"})
+    tifffile.imwrite(tmp_path / "lab" / "a.tif", labels, imagej=True, metadata={"axes": "ZYX"})
+    out = tmp_path / "m.safetensors"
+    code = main(["train", "--images", str(tmp_path / "im"), "--labels", str(tmp_path / "lab"), "--out", str(out),
+                 "--depth", "2", "--base-channels", "4", "--steps", "2", "--tile-size", "60", "-q"])
+    assert code == 0 and capsys.readouterr().out.startswith("trained on 1 image in")
+    run = card_of(load_model(out)).provenance["training"][-1]
+    assert [d["name"] for d in run["data"]] == ["a.tif [0]", "a.tif [2]"]

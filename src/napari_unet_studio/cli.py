@@ -498,16 +498,19 @@ def _by_stem(paths: list[Path]) -> dict[str, Path]:
 def _read_pairs(pairs, what: str):
     import numpy as np
 
+    from .inference import ImageLayout
     from .io import read_image
     from .metrics import as_instances
 
     images, labels = [], []
     for image_path, label_path in pairs:
         image, lab = read_image(image_path), read_image(label_path)
-        if lab.ndim != 2 or not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool):
-            raise InputError(f"{label_path}: a label image must be 2-D integers, got {lab.dtype} of shape {lab.shape}")
-        if image.shape[:2] != lab.shape:
-            raise InputError(f"{what}: {image_path} is {image.shape[:2]} but {label_path} is {lab.shape}")
+        if lab.ndim not in (2, 3) or not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool):
+            raise InputError(f"{label_path}: a label image must be 2-D (or a stack's 3-D) integers, got {lab.dtype} "
+                             f"of shape {lab.shape}")
+        spatial = ImageLayout(image).spatial_shape  # a stack trains on its painted slices
+        if spatial != lab.shape:
+            raise InputError(f"{what}: {image_path} is {spatial} but {label_path} is {lab.shape}")
         lab = as_instances(lab)
         if lab.max() == 0:
             raise InputError(f"{label_path}: the label image is empty (no objects)")
@@ -671,7 +674,8 @@ def run_train(args: argparse.Namespace) -> int:
     if run["stopped"] == "diverged":
         print(f"unet-studio: warning: the loss stopped being finite at step {run['steps'] + 1} (try a lower --lr); "
               f"kept the weights of step {run['best_step']}", file=sys.stderr)
-    print(f"trained on {len(images)} images in {time.perf_counter() - start:.0f} s: {describe_outcome(run)} -> {written}")
+    n = len(images)
+    print(f"trained on {n} image{'s' if n != 1 else ''} in {time.perf_counter() - start:.0f} s: {describe_outcome(run)} -> {written}")
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_USAGE if failure else 0
@@ -692,8 +696,9 @@ def _read_previous(pairs, folder: str, labels) -> list:
         if path is None:
             raise InputError(f"--previous: no labels named {image_path.stem} in {folder}")
         prev = read_image(path)
-        if prev.ndim != 2 or not (np.issubdtype(prev.dtype, np.integer) or prev.dtype == bool):
-            raise InputError(f"{path}: a label image must be 2-D integers, got {prev.dtype} of shape {prev.shape}")
+        if prev.ndim not in (2, 3) or not (np.issubdtype(prev.dtype, np.integer) or prev.dtype == bool):
+            raise InputError(f"{path}: a label image must be 2-D (or a stack's 3-D) integers, got {prev.dtype} "
+                             f"of shape {prev.shape}")
         if prev.shape != lab.shape:
             raise InputError(f"--previous: {path} is {prev.shape} but the labels are {lab.shape}")
         previous.append(prev)
