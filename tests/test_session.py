@@ -609,6 +609,12 @@ def test_strokes_on_a_stack_update_only_the_slices_they_touch():
     session.remove_pair("s")
     session.prepare()
     assert session.pairs == {}
+    region = np.zeros(labels.shape, bool)
+    region[2, 10:80, 10:80] = True  # a region drawn on slice 2 only: the other slices are not trained on
+    session.set_pair("r", stack, labels, region=region)
+    session.prepare()
+    assert sorted(k for k in session.pairs if k[0] == "r") == [("r", 2)]
+    session.remove_pair("r")
     with pytest.raises(InputError, match="no slice of the stack is painted"):
         session.set_pair("empty", stack, np.zeros_like(labels))
     with pytest.raises(InputError, match=r"do not match the stack's \(4, 96, 96\)"):

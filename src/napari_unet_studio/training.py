@@ -831,14 +831,19 @@ class TrainingSession:
         views = known[1] if known is not None and known[0] is layout.image else {}
         n = layout.n_slices
         look = range(n) if slices is None else sorted({int(z) for z in slices if 0 <= int(z) < n})
-        keep = set(painted_slices(labels, previous, self.ignore_value, look))
+        def to_train(among):  # painted, and (regions drawn on some slices) inside a region
+            found = set(painted_slices(labels, previous, self.ignore_value, among))
+            return found if region is None or region.ndim == 2 else {z for z in found if region[z].any()}
+
+        keep = to_train(look)
         if slices is not None and not (done - set(look)) | keep:  # nothing left: look at the whole stack
             look = range(n)
-            keep = set(painted_slices(labels, previous, self.ignore_value))
+            keep = to_train(look)
         if not keep and not done - set(look):
             raise InputError(f"{name}: no slice of the stack is painted (no objects"
                              + (", nothing marked other than 'not annotated'" if self.ignore_value is not None else "")
-                             + ("" if previous is None else ", no change from the model's labels") + ")")
+                             + ("" if previous is None else ", no change from the model's labels")
+                             + ("" if region is None or region.ndim == 2 else " inside the regions") + ")")
         for z in look:
             if z in keep:
                 if z not in views:

@@ -442,7 +442,9 @@ def test_fine_tune_user_errors(make_napari_viewer, qtbot, errors):
     widget.image.setCurrentText("img")
     widget.labels.setCurrentText("lab")
     widget.add_pair()
+    widget.status.setText("120 steps (time budget done), best weights at step 80")  # an earlier run's message
     assert widget.run() is None and "do not match" in errors[-1]
+    assert widget.status.text() == errors[-1]  # the dock says it too: notifications fade
     # nothing painted yet: the cause is named (the error comes from the worker)
     viewer.add_labels(np.zeros((40, 40), np.int32), name="empty")
     widget.pairs.clear()
@@ -452,7 +454,7 @@ def test_fine_tune_user_errors(make_napari_viewer, qtbot, errors):
     widget.steps.setValue(1)
     assert widget.run() is not None
     qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=30_000)
-    assert "no objects" in errors[-1]
+    assert "no objects" in errors[-1] and widget.status.text() == errors[-1]
     assert state_for(viewer).name == "test model"
 
 

@@ -176,16 +176,18 @@ def set_tooltips(widget, tips: dict[str, str]) -> None:
         getattr(widget, name).setToolTip(text)
 
 
-def notify_error(exc: BaseException) -> None:
-    """Show a user-caused error as a napari notification naming the cause."""
+def notify_error(exc: BaseException, status=None) -> None:
+    """Show a user-caused error as a napari notification naming the cause, and in the dock's
+    ``status`` label when given (a notification fades; the dock should not go on showing the
+    message of an earlier run)."""
     from napari.utils.notifications import show_error
 
     from ..errors import UnetStudioError
 
-    if isinstance(exc, UnetStudioError):
-        show_error(str(exc))
-    else:
-        show_error(f"{type(exc).__name__}: {exc}")
+    text = str(exc) if isinstance(exc, UnetStudioError) else f"{type(exc).__name__}: {exc}"
+    show_error(text)
+    if status is not None:
+        status.setText(text)
 
 
 def camera_of(viewer):

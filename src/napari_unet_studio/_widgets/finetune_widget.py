@@ -363,7 +363,7 @@ class FineTuneWidget(QWidget):
         if not pair[0] or not pair[1]:
             from ..errors import InputError
 
-            notify_error(InputError("choose an Image and a Labels layer"))
+            notify_error(InputError("choose an Image and a Labels layer"), self.status)
             return
         if pair not in self.pairs:
             self.pairs.append(pair)
@@ -472,7 +472,7 @@ class FineTuneWidget(QWidget):
             images, labels, regions, previous = self._collect()
             val_images, val_labels = self._collect_validation()
         except UnetStudioError as exc:
-            notify_error(exc)
+            notify_error(exc, self.status)
             return None
         if self.state.model is None:  # the choices are fine: load the default, then start
             return self._load_default_then(self.run)
@@ -480,7 +480,7 @@ class FineTuneWidget(QWidget):
             model = self.state.model  # copied in the worker
             self._check_channels(images, val_images or [], model)
         except UnetStudioError as exc:
-            notify_error(exc)
+            notify_error(exc, self.status)
             return None
         steps = self.steps.value() or None
         kwargs = dict(
@@ -510,7 +510,7 @@ class FineTuneWidget(QWidget):
         self._name = self.state.name
         self.worker = create_worker(
             _fine_tune_job, model, images, labels, **kwargs,
-            _connect={"returned": self._on_done, "errored": notify_error, "finished": self._on_finished},
+            _connect={"returned": self._on_done, "errored": lambda exc: notify_error(exc, self.status), "finished": self._on_finished},
         )
         return self.job.track(self.worker)
 
@@ -531,7 +531,7 @@ class FineTuneWidget(QWidget):
         def failed(exc) -> None:
             self.buttons.set_busy(False)
             self.status.setText("")
-            notify_error(exc)
+            notify_error(exc, self.status)
 
         self.buttons.set_busy(True)
         self.status.setText("loading the default model…")
@@ -562,12 +562,12 @@ class FineTuneWidget(QWidget):
         from .segment_widget import segmented_labels
 
         if self.job.running:
-            notify_error(InputError("wait for the running fine-tune to end, or cancel it"))
+            notify_error(InputError("wait for the running fine-tune to end, or cancel it"), self.status)
             return None
         try:
             images, labels, regions, previous = self._collect()
         except UnetStudioError as exc:
-            notify_error(exc)
+            notify_error(exc, self.status)
             return None
         if self.state.model is None:
             return self._load_default_then(self.start_live)
@@ -575,7 +575,7 @@ class FineTuneWidget(QWidget):
             model = self.state.model  # copied in the worker
             self._check_channels(images, [], model)
         except UnetStudioError as exc:
-            notify_error(exc)
+            notify_error(exc, self.status)
             return None
         options = dict(
             schedule="constant", lr=self.lr.value() or None, device=self.state.device,
@@ -637,7 +637,7 @@ class FineTuneWidget(QWidget):
         self.run_button.setEnabled(False)
         self.worker = create_worker(
             _live_job, model, pairs, options, self._current_view, cancel=self.cancel_flag, progress=self.bridge,
-            _connect={"yielded": self._on_preview, "returned": self._on_live_done, "errored": notify_error,
+            _connect={"yielded": self._on_preview, "returned": self._on_live_done, "errored": lambda exc: notify_error(exc, self.status),
                       "finished": self._on_live_finished},
         )
         return self.job.track(self.worker)

@@ -140,7 +140,7 @@ class PreviewWidget(QWidget):
         from napari.qt.threading import create_worker
 
         self._set_busy(True)
-        self.worker = create_worker(fn, _connect={"returned": done, "errored": notify_error, "finished": lambda: self._set_busy(False)})
+        self.worker = create_worker(fn, _connect={"returned": done, "errored": lambda exc: notify_error(exc, self.status), "finished": lambda: self._set_busy(False)})
         return self.worker
 
     def _set_busy(self, busy: bool) -> None:
@@ -189,7 +189,7 @@ class PreviewWidget(QWidget):
         try:
             image, labels, (rows, cols), scale = self._inputs(need_image=True)
         except Exception as exc:
-            notify_error(exc)
+            notify_error(exc, self.status)
             return None
         grid, sigma, seed = self.grid.value(), self.sigma.value(), self.seed
 
@@ -218,7 +218,7 @@ class PreviewWidget(QWidget):
         try:
             _, labels, (rows, cols), scale = self._inputs(need_image=False)
         except Exception as exc:
-            notify_error(exc)
+            notify_error(exc, self.status)
             return None
         w0, sigma = self.w0.value(), self.w_sigma.value()
 

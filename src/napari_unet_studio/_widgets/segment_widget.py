@@ -276,7 +276,7 @@ class SegmentWidget(QWidget):
 
         layer = self._chosen_layer()
         if layer is None:
-            notify_error(UnetStudioError("select an Image layer to segment"))
+            notify_error(UnetStudioError("select an Image layer to segment"), self.status)
             return None
         # With no active model the default is loaded in the worker: loading torch and a model
         # took 1.3 s of frozen GUI on the first Segment. Its checks then run there too.
@@ -290,7 +290,7 @@ class SegmentWidget(QWidget):
                 self.status.setText(f"Is the first axis of {layer.name} slices of a volume or frames of a time series? Choose it under 'Stack'.")
                 notify_error(UnetStudioError(
                     f"{layer.name} is a stack whose axis labels do not say what its first axis is: choose "
-                    "'slices of a volume' or 'time series' under Stack"))
+                    "'slices of a volume' or 'time series' under Stack"))  # the status asks the question
                 return None
             axes, track = choice if choice is not None else (pixels.axes, False)
             stack_options = {"axes": axes, "track": track}
@@ -303,7 +303,7 @@ class SegmentWidget(QWidget):
             try:
                 conversion = channel_conversion(ImageLayout(data, channel_axis).n_channels, model.in_channels)
             except UnetStudioError as exc:
-                notify_error(UnetStudioError(f"{layer.name}: {exc}"))
+                notify_error(UnetStudioError(f"{layer.name}: {exc}"), self.status)
                 return None
             if conversion:
                 from napari.utils.notifications import show_info
@@ -312,7 +312,7 @@ class SegmentWidget(QWidget):
             try:
                 options_for(model, **options)  # refused here, before a worker starts
             except UnetStudioError as exc:
-                notify_error(exc)
+                notify_error(exc, self.status)
                 return None
         prune_level = "keep"
         if model is not None and model.arch == "unetpp":
@@ -354,7 +354,7 @@ class SegmentWidget(QWidget):
 
         layer = self._measured
         if layer is None or layer not in self.viewer.layers:
-            notify_error(UnetStudioError("segment an image first: there are no measurements to save"))
+            notify_error(UnetStudioError("segment an image first: there are no measurements to save"), self.status)
             self.save_button.setEnabled(False)
             return None
         if path is None:
@@ -369,7 +369,7 @@ class SegmentWidget(QWidget):
         try:
             write_csv(path, table)
         except OSError as exc:
-            notify_error(UnetStudioError(f"cannot write {path}: {exc.strerror or exc}"))
+            notify_error(UnetStudioError(f"cannot write {path}: {exc.strerror or exc}"), self.status)
             return None
         from napari.utils.notifications import show_info
 
@@ -401,7 +401,7 @@ class SegmentWidget(QWidget):
 
             show_info("Segmentation cancelled; no layer was changed")
         else:
-            notify_error(exc)
+            notify_error(exc, self.status)
 
     def _on_finished(self) -> None:
         self.buttons.set_busy(False)
