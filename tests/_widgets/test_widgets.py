@@ -902,3 +902,46 @@ def test_a_dock_is_never_taller_than_its_controls_want(make_napari_viewer, qtbot
     widget.status.setText("a message in plain words, " * 40)  # wraps over several lines
     qtbot.waitUntil(lambda: widget.maximumHeight() > before, timeout=5000)
     assert widget.maximumHeight() < 5000
+
+
+def test_a_large_image_is_fine_tuned_on_its_regions_only(make_napari_viewer, qtbot, monkeypatch, errors):
+    """An image over the in-memory size (made small here) is never used whole: without Regions
+    the dock says what to do; with them, each region is a training image of its own, read alone."""
+    import napari_unet_studio._widgets._layers as layers_module
+
+    monkeypatch.setattr(layers_module, "LARGE_PIXELS", 64 * 64)
+    viewer = _painted_viewer(make_napari_viewer)
+    state_for(viewer).set_model(small_model(), "test model")
+    widget = fine_tune_dock(viewer)
+    assert widget.run() is None and "draw rectangles around what you painted" in errors[-1]
+    boxes = [np.array([[10, 10], [10, 70], [60, 70], [60, 10]]), np.array([[70, 20], [70, 90], [120, 90], [120, 20]])]
+    viewer.add_shapes(boxes, shape_type="rectangle", name="regions")
+    widget.pairs.clear()
+    widget.regions.setCurrentText("regions")
+    widget.add_pair()
+    assert widget.start_live() is None and "live mode needs an image that fits in memory" in errors[-1]
+    widget.steps.setValue(1)
+    run_and_wait(qtbot, widget)
+    run = card_of(state_for(viewer).model).provenance["training"][-1]
+    assert [(d["name"], tuple(d["shape"])) for d in run["data"]] == [
+        ("cells (rows 10-61, columns 10-71)", (51, 61)), ("cells (rows 70-121, columns 20-91)", (51, 71))]
+
+
+def test_region_windows_cut_each_shape_s_mask_to_its_box(make_napari_viewer, monkeypatch):
+    import napari_unet_studio._widgets._layers as layers_module
+    from napari_unet_studio._widgets._layers import region_windows
+
+    viewer = make_napari_viewer()
+    shapes = viewer.add_shapes([np.array([[5, 5], [5, 30], [40, 18]]), np.array([[50, 50], [50, 90], [90, 90], [90, 50]])],
+                               shape_type=["polygon", "ellipse"], name="r")
+    full = shapes.to_masks(mask_shape=(100, 100))
+    windows = region_windows(shapes, (100, 100))
+    assert len(windows) == 2
+    for (index, mask), whole in zip(windows, full):
+        np.testing.assert_array_equal(mask, whole[index])
+        assert whole.sum() == mask.sum()  # nothing of the shape outside its box
+    monkeypatch.setattr(layers_module, "REGION_PIXELS", 100)
+    from napari_unet_studio import InputError
+
+    with pytest.raises(InputError, match="too large to train on"):
+        region_windows(shapes, (100, 100))

@@ -129,3 +129,45 @@ def edited_slices(event) -> list[int] | None:
         except (TypeError, IndexError, ValueError):
             return None
     return sorted(found) or None
+
+
+#: The largest region (pixels) of a large image that fine-tuning reads as one training image.
+REGION_PIXELS = 4096 * 4096
+
+
+def region_windows(shapes, spatial_shape: tuple[int, ...]) -> list[tuple[tuple, np.ndarray]]:
+    """One ``(index, mask)`` per shape of a Shapes layer, for reading a large image region by
+    region: ``index`` is the bounding box of the shape in the image's pixels (``(rows, cols)``,
+    or ``(z, rows, cols)`` for a stack, whose regions must be drawn on its slices) and ``mask``
+    marks the shape inside it. Shapes outside the image are skipped; a box over
+    :data:`REGION_PIXELS` is refused (InputError)."""
+    from napari.layers import Shapes
+
+    from ..errors import InputError
+
+    stack = len(spatial_shape) == 3
+    if stack and shapes.ndim < 3:
+        raise InputError(f"the regions in {shapes.name!r} are 2-D: draw the regions of a stack on its slices")
+    h, w = spatial_shape[-2:]
+    windows = []
+    for vertices, kind in zip(shapes.data, shapes.shape_type):
+        vertices = np.asarray(vertices, dtype=np.float64)
+        y0, x0 = (max(int(np.floor(c)), 0) for c in vertices[:, -2:].min(axis=0))
+        y1, x1 = (min(int(np.ceil(c)) + 1, n) for c, n in zip(vertices[:, -2:].max(axis=0), (h, w)))
+        if y1 <= y0 or x1 <= x0:
+            continue
+        if (y1 - y0) * (x1 - x0) > REGION_PIXELS:
+            side = int(REGION_PIXELS ** 0.5)
+            raise InputError(f"a region of {y1 - y0} x {x1 - x0} pixels in {shapes.name!r} is too large to train on: "
+                             f"draw regions of at most {side} x {side} around what you painted")
+        mask = Shapes([vertices[:, -2:] - (y0, x0)], shape_type=[kind]).to_masks(mask_shape=(y1 - y0, x1 - x0))[0]
+        index: tuple = (slice(y0, y1), slice(x0, x1))
+        if stack:
+            z = int(round(float(vertices[0, -3])))
+            if not 0 <= z < spatial_shape[0]:
+                continue
+            index = (z,) + index
+        windows.append((index, np.asarray(mask, bool)))
+    if not windows:
+        raise InputError(f"no region of {shapes.name!r} lies on the image")
+    return windows

@@ -29,7 +29,7 @@ from qtpy.QtWidgets import (
 
 from ..provenance import describe_outcome
 from ._common import JobSlot, RunCancelRow, camera_of, keep_narrow, layers_of, notify_error, scrolling_layout, set_choices, set_tooltips
-from ._layers import edited_slices, layer_array, shown_index, viewed_region
+from ._layers import edited_slices, layer_array, region_windows, shown_index, viewed_region
 from ._settings import persist
 from ._state import state_for
 
@@ -222,6 +222,12 @@ class LossPlot(QWidget):
         painter.end()
 
 
+def _megapixels(pixels) -> str:
+    """A layer's size in words, e.g. "20000 x 20000 pixels, 400 megapixels"."""
+    shape = pixels.spatial_shape
+    return f"{' x '.join(map(str, shape))} pixels, {float(np.prod(shape, dtype=np.float64)) / 1e6:.0f} megapixels"
+
+
 class FineTuneWidget(QWidget):
     """Fine-tune the active model on pairs of Image and (painted) Labels layers."""
 
@@ -378,43 +384,79 @@ class FineTuneWidget(QWidget):
     def _layer(self, name: str):
         return next((l for l in self.viewer.layers if l.name == name), None)
 
-    def _pair(self, image_name: str, labels_name: str, what: str = "labels"):
-        """The (image, labels) arrays of two layers, checked; the labels are a copy, since the
-        user may keep painting while we train. Raises InputError naming the cause."""
+    def _layers_of_pair(self, image_name: str, labels_name: str, what: str = "labels"):
+        """The image's pixels (:func:`layer_array`, level 0, not read) and the Labels layer of a
+        pair, checked to match. Raises InputError naming the cause."""
         from ..errors import InputError
 
         image_layer, labels_layer = self._layer(image_name), self._layer(labels_name)
         if image_layer is None or labels_layer is None:
             raise InputError(f"layer {image_name if image_layer is None else labels_name!r} no longer exists")
         pixels = layer_array(image_layer)  # level 0 of a multiscale image
-        image, lab = np.asarray(pixels.data), np.array(labels_layer.data)
-        if pixels.spatial_shape != lab.shape:
-            raise InputError(f"{what} {labels_name!r} {lab.shape} do not match image {image_name!r} {pixels.spatial_shape}")
-        return image, lab
+        shape = tuple(int(n) for n in labels_layer.data.shape)
+        if pixels.spatial_shape != shape:
+            raise InputError(f"{what} {labels_name!r} {shape} do not match image {image_name!r} {pixels.spatial_shape}")
+        return pixels, labels_layer
 
-    def _collect(self):
-        """Images, labels, region masks and the labels Segment gave (None where the labels layer
-        is not a Segment result) of the chosen pairs, or raise InputError."""
+    def _pair(self, image_name: str, labels_name: str, what: str = "labels"):
+        """The (image, labels) arrays of two layers, checked; the labels are a copy, since the
+        user may keep painting while we train. Raises InputError naming the cause."""
+        pixels, labels_layer = self._layers_of_pair(image_name, labels_name, what)
+        if pixels.is_large:
+            from ..errors import InputError
+
+            raise InputError(f"{image_name!r} is too large to use whole here ({_megapixels(pixels)}): "
+                             "train on regions of it (Regions) instead")
+        return np.asarray(pixels.data), np.array(labels_layer.data)
+
+    def _collect(self, live: bool = False):
+        """Images, labels, region masks, the labels Segment gave (None where the labels layer
+        is not a Segment result) and names of the chosen pairs, or raise InputError.
+
+        A large image (more pixels than napari-unet-studio holds in memory comfortably) is never
+        read whole: each region of its Regions layer becomes a pair of its own, read from the
+        image and the labels alone (not in live mode, which trains on whole pairs)."""
         from ..errors import InputError
 
         if not self.pairs:
             raise InputError("add at least one (Image, Labels) pair to fine-tune on")
         from .segment_widget import segmented_labels
 
-        images, labels, regions, previous = [], [], [], []
+        images, labels, regions, previous, names = [], [], [], [], []
         for image_name, labels_name, regions_name in self.pairs:
-            image, lab = self._pair(image_name, labels_name)
-            previous.append(segmented_labels(self._layer(labels_name)))
-            mask = None
+            pixels, labels_layer = self._layers_of_pair(image_name, labels_name)
+            shapes = None
             if regions_name != NONE:
                 shapes = self._layer(regions_name)
                 if shapes is None or len(shapes.data) == 0:
                     raise InputError(f"the Shapes layer {regions_name!r} holds no regions")
+            given = segmented_labels(labels_layer)
+            if pixels.is_large:
+                if live or shapes is None:
+                    raise InputError(
+                        f"{image_name!r} is large ({_megapixels(pixels)}): " + (
+                            "live mode needs an image that fits in memory; fine-tune on regions of it instead"
+                            if live else "draw rectangles around what you painted in a Shapes layer and choose it "
+                            "under Regions; only those regions are read and trained on"))
+                for index, mask in region_windows(shapes, pixels.spatial_shape):
+                    images.append(np.asarray(pixels.data[index]))
+                    labels.append(np.array(labels_layer.data[index]))
+                    regions.append(mask)
+                    previous.append(None if given is None else np.asarray(given[index]))
+                    rows, cols = index[-2:]
+                    where = (f"slice {index[0]}, " if len(index) == 3 else "") + f"rows {rows.start}-{rows.stop}, columns {cols.start}-{cols.stop}"
+                    names.append(f"{image_name} ({where})")
+                continue
+            image, lab = np.asarray(pixels.data), np.array(labels_layer.data)
+            mask = None
+            if shapes is not None:
                 mask = np.asarray(shapes.to_masks(mask_shape=lab.shape)).any(axis=0)
             images.append(image)
             labels.append(lab)
             regions.append(mask)
-        return images, labels, regions, previous
+            previous.append(given)
+            names.append(image_name)
+        return images, labels, regions, previous, names
 
     def _scale(self) -> float:
         """The scale to train at: the one Segment saw the first pair's image at (1 for labels
@@ -469,7 +511,7 @@ class FineTuneWidget(QWidget):
         from ..errors import UnetStudioError
 
         try:
-            images, labels, regions, previous = self._collect()
+            images, labels, regions, previous, names = self._collect()
             val_images, val_labels = self._collect_validation()
         except UnetStudioError as exc:
             notify_error(exc, self.status)
@@ -488,7 +530,7 @@ class FineTuneWidget(QWidget):
             time_budget=None if steps else float(self.budget.value()),
             regions=regions,
             previous=previous,
-            names=[image_name for image_name, _, _ in self.pairs],
+            names=names,
             progress=self.bridge,
             cancel=self.cancel_flag,
             lr=self.lr.value() or None,
@@ -565,7 +607,7 @@ class FineTuneWidget(QWidget):
             notify_error(InputError("wait for the running fine-tune to end, or cancel it"), self.status)
             return None
         try:
-            images, labels, regions, previous = self._collect()
+            images, labels, regions, previous, _names = self._collect(live=True)
         except UnetStudioError as exc:
             notify_error(exc, self.status)
             return None
