@@ -135,12 +135,30 @@ def edited_slices(event) -> list[int] | None:
 REGION_PIXELS = 4096 * 4096
 
 
-def region_windows(shapes, spatial_shape: tuple[int, ...]) -> list[tuple[tuple, np.ndarray]]:
+def shapes_in_pixels_of(layer, shapes) -> list[np.ndarray]:
+    """The vertices of each shape of a Shapes layer in ``layer``'s pixels (a layer shown at
+    another scale or offset, such as labels made at a coarser level, has pixels of its own)."""
+    if shapes.ndim != layer.ndim:
+        return [np.asarray(v, dtype=np.float64) for v in shapes.data]
+    return [np.array([layer.world_to_data(shapes.data_to_world(point)) for point in v], dtype=np.float64)
+            for v in shapes.data]
+
+
+def region_masks(layer, shapes, shape: tuple[int, ...]) -> np.ndarray:
+    """One boolean mask of ``shape`` (``layer``'s pixels) covering every shape of ``shapes``."""
+    from napari.layers import Shapes
+
+    moved = Shapes(shapes_in_pixels_of(layer, shapes), shape_type=list(shapes.shape_type))
+    return np.asarray(moved.to_masks(mask_shape=shape)).any(axis=0)
+
+
+def region_windows(shapes, spatial_shape: tuple[int, ...], layer=None) -> list[tuple[tuple, np.ndarray]]:
     """One ``(index, mask)`` per shape of a Shapes layer, for reading a large image region by
     region: ``index`` is the bounding box of the shape in the image's pixels (``(rows, cols)``,
     or ``(z, rows, cols)`` for a stack, whose regions must be drawn on its slices) and ``mask``
-    marks the shape inside it. Shapes outside the image are skipped; a box over
-    :data:`REGION_PIXELS` is refused (InputError)."""
+    marks the shape inside it, in the pixels of ``layer`` (the labels; the Shapes layer's own
+    when None). Shapes outside the image are skipped; a box over :data:`REGION_PIXELS` is
+    refused (InputError)."""
     from napari.layers import Shapes
 
     from ..errors import InputError
@@ -150,7 +168,8 @@ def region_windows(shapes, spatial_shape: tuple[int, ...]) -> list[tuple[tuple, 
         raise InputError(f"the regions in {shapes.name!r} are 2-D: draw the regions of a stack on its slices")
     h, w = spatial_shape[-2:]
     windows = []
-    for vertices, kind in zip(shapes.data, shapes.shape_type):
+    outlines = shapes.data if layer is None else shapes_in_pixels_of(layer, shapes)
+    for vertices, kind in zip(outlines, shapes.shape_type):
         vertices = np.asarray(vertices, dtype=np.float64)
         y0, x0 = (max(int(np.floor(c)), 0) for c in vertices[:, -2:].min(axis=0))
         y1, x1 = (min(int(np.ceil(c)) + 1, n) for c, n in zip(vertices[:, -2:].max(axis=0), (h, w)))

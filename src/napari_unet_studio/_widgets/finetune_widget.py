@@ -29,7 +29,7 @@ from qtpy.QtWidgets import (
 
 from ..provenance import describe_outcome
 from ._common import JobSlot, RunCancelRow, camera_of, keep_narrow, layers_of, notify_error, scrolling_layout, set_choices, set_tooltips
-from ._layers import edited_slices, layer_array, region_windows, shown_index, viewed_region
+from ._layers import edited_slices, layer_array, n_levels, region_masks, region_windows, shown_index, viewed_region
 from ._settings import persist
 from ._state import state_for
 
@@ -392,8 +392,10 @@ class FineTuneWidget(QWidget):
         image_layer, labels_layer = self._layer(image_name), self._layer(labels_name)
         if image_layer is None or labels_layer is None:
             raise InputError(f"layer {image_name if image_layer is None else labels_name!r} no longer exists")
-        pixels = layer_array(image_layer)  # level 0 of a multiscale image
         shape = tuple(int(n) for n in labels_layer.data.shape)
+        # of a multiscale image, the level the labels were made at (Segment's level choice)
+        levels = [layer_array(image_layer, level) for level in range(n_levels(image_layer))]
+        pixels = next((p for p in levels if p.spatial_shape == shape), levels[0])
         if pixels.spatial_shape != shape:
             raise InputError(f"{what} {labels_name!r} {shape} do not match image {image_name!r} {pixels.spatial_shape}")
         return pixels, labels_layer
@@ -438,7 +440,7 @@ class FineTuneWidget(QWidget):
                             "live mode needs an image that fits in memory; fine-tune on regions of it instead"
                             if live else "draw rectangles around what you painted in a Shapes layer and choose it "
                             "under Regions; only those regions are read and trained on"))
-                for index, mask in region_windows(shapes, pixels.spatial_shape):
+                for index, mask in region_windows(shapes, pixels.spatial_shape, labels_layer):
                     images.append(np.asarray(pixels.data[index]))
                     labels.append(np.array(labels_layer.data[index]))
                     regions.append(mask)
@@ -450,7 +452,7 @@ class FineTuneWidget(QWidget):
             image, lab = np.asarray(pixels.data), np.array(labels_layer.data)
             mask = None
             if shapes is not None:
-                mask = np.asarray(shapes.to_masks(mask_shape=lab.shape)).any(axis=0)
+                mask = region_masks(labels_layer, shapes, lab.shape)
             images.append(image)
             labels.append(lab)
             regions.append(mask)
