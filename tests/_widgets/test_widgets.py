@@ -968,3 +968,8 @@ def test_labels_made_at_a_coarser_level_fine_tune_at_that_level_with_regions_in_
     run_and_wait(qtbot, widget)
     run = card_of(state_for(viewer).model).provenance["training"][-1]
     assert tuple(run["data"][0]["shape"]) == (64, 64) and run["steps"] == 1
+    preview = open_widget(viewer, "Preview augmentation and weights")  # the same pairing there
+    preview.image.setCurrentText("cells")
+    preview.labels.setCurrentText("painted")
+    assert preview.preview() is not None
+    qtbot.waitUntil(lambda: "augmented image" in viewer.layers and preview.run_button.isEnabled(), timeout=30_000)

@@ -85,6 +85,13 @@ def n_levels(layer) -> int:
     return len(layer.data) if getattr(layer, "multiscale", False) else 1
 
 
+def level_like(layer, shape: tuple[int, ...]) -> int:
+    """The level of a multiscale ``layer`` whose pixels have the spatial ``shape`` (labels made
+    at that level), else 0."""
+    return next((level for level in range(n_levels(layer))
+                 if layer_array(layer, level).spatial_shape == tuple(shape)), 0)
+
+
 def viewed_region(layer, plane: tuple[int, int]) -> tuple[slice, slice]:
     """The rows and columns of ``layer``'s last two axes (data pixels of level 0, of a ``plane``
     of that shape) that the canvas shows; the whole plane when none of it is in view."""

@@ -29,7 +29,7 @@ from qtpy.QtWidgets import (
 
 from ..provenance import describe_outcome
 from ._common import JobSlot, RunCancelRow, camera_of, keep_narrow, layers_of, notify_error, scrolling_layout, set_choices, set_tooltips
-from ._layers import edited_slices, layer_array, n_levels, region_masks, region_windows, shown_index, viewed_region
+from ._layers import edited_slices, layer_array, level_like, region_masks, region_windows, shown_index, viewed_region
 from ._settings import persist
 from ._state import state_for
 
@@ -385,17 +385,16 @@ class FineTuneWidget(QWidget):
         return next((l for l in self.viewer.layers if l.name == name), None)
 
     def _layers_of_pair(self, image_name: str, labels_name: str, what: str = "labels"):
-        """The image's pixels (:func:`layer_array`, level 0, not read) and the Labels layer of a
-        pair, checked to match. Raises InputError naming the cause."""
+        """The image's pixels (:func:`layer_array`, not read; of a multiscale image the level the
+        labels match) and the Labels layer of a pair, checked to match. Raises InputError naming
+        the cause."""
         from ..errors import InputError
 
         image_layer, labels_layer = self._layer(image_name), self._layer(labels_name)
         if image_layer is None or labels_layer is None:
             raise InputError(f"layer {image_name if image_layer is None else labels_name!r} no longer exists")
         shape = tuple(int(n) for n in labels_layer.data.shape)
-        # of a multiscale image, the level the labels were made at (Segment's level choice)
-        levels = [layer_array(image_layer, level) for level in range(n_levels(image_layer))]
-        pixels = next((p for p in levels if p.spatial_shape == shape), levels[0])
+        pixels = layer_array(image_layer, level_like(image_layer, shape))  # the level the labels were made at
         if pixels.spatial_shape != shape:
             raise InputError(f"{what} {labels_name!r} {shape} do not match image {image_name!r} {pixels.spatial_shape}")
         return pixels, labels_layer

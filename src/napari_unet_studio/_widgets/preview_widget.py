@@ -18,7 +18,7 @@ from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLabel, QPushBut
 from superqt import QLabeledDoubleSlider, QLabeledSlider
 
 from ._common import keep_narrow, layers_of, notify_error, scrolling_layout, set_choices, set_tooltips
-from ._layers import layer_array, shown_index, viewed_region
+from ._layers import layer_array, level_like, shown_index, viewed_region
 from ._settings import persist
 
 PREVIEW_KEY = "napari_unet_studio_preview"
@@ -29,11 +29,11 @@ PREVIEW_SIDE = 1024
 
 
 class _Plane:
-    """The plane of a layer that the viewer shows (level 0 of a multiscale layer; the current
-    slice of a stack), read lazily, region by region."""
+    """The plane of a layer that the viewer shows (``level`` of a multiscale layer, 0 by
+    default; the current slice of a stack), read lazily, region by region."""
 
-    def __init__(self, layer, viewer) -> None:
-        array = layer_array(layer)
+    def __init__(self, layer, viewer, level: int = 0) -> None:
+        array = layer_array(layer, level)
         self.data = array.data
         self.index = shown_index(layer, viewer.dims.point)
         self.shape = tuple(int(n) for n in array.spatial_shape[-2:])
@@ -158,7 +158,9 @@ class PreviewWidget(QWidget):
         if labels_layer is None:
             raise InputError("select a Labels layer")
         labels = _Plane(labels_layer, self.viewer)
-        image = _Plane(image_layer, self.viewer) if image_layer is not None else None
+        image = None
+        if image_layer is not None:  # of a multiscale image, the level the labels were made at
+            image = _Plane(image_layer, self.viewer, level_like(image_layer, layer_array(labels_layer).spatial_shape))
         if image is not None and image.shape != labels.shape:
             raise InputError(f"the labels {labels.shape} and the image {image.shape} differ in shape")
         rows, cols = viewed_region(labels_layer, labels.shape)
