@@ -973,3 +973,39 @@ def test_labels_made_at_a_coarser_level_fine_tune_at_that_level_with_regions_in_
     preview.labels.setCurrentText("painted")
     assert preview.preview() is not None
     qtbot.waitUntil(lambda: "augmented image" in viewer.layers and preview.run_button.isEnabled(), timeout=30_000)
+
+
+def test_labels_segmented_to_disk_keep_what_the_model_gave_so_corrections_reach_fine_tuning(make_napari_viewer, qtbot,
+                                                                                            monkeypatch, errors):
+    """A large image's labels go to disk, and the user paints on them there: a copy of what the
+    model gave, kept beside them, tells fine-tuning (on a region) what was corrected."""
+    import zarr
+
+    import napari_unet_studio._widgets._layers as layers_module
+    from napari_unet_studio._widgets.segment_widget import segmented_labels
+    from test_training import synthetic_cells
+
+    monkeypatch.setattr(layers_module, "LARGE_PIXELS", 64 * 64)
+    viewer = make_napari_viewer()
+    image, _ = synthetic_cells(shape=(128, 128), n=12, seed=3)
+    viewer.add_image(image, name="cells")
+    state_for(viewer).set_model(small_model(), "test model")
+    segment = open_widget(viewer, "Segment")
+    segment.image.setCurrentText("cells")
+    run_and_wait(qtbot, segment)
+    layer = viewer.layers["cells labels"]
+    given = segmented_labels(layer)
+    assert isinstance(layer.data, zarr.Array) and isinstance(given, zarr.Array)
+    np.testing.assert_array_equal(given[:], layer.data[:])
+    layer.data[20:40, 20:40] = 77  # the user paints an object (into the zarr on disk)
+    assert not (given[20:40, 20:40] == 77).any()  # what the model gave is kept
+    viewer.add_shapes([np.array([[0, 0], [0, 64], [64, 64], [64, 0]])], shape_type="rectangle", name="regions")
+    widget = open_widget(viewer, "Fine-tune")
+    widget.image.setCurrentText("cells")
+    widget.labels.setCurrentText("cells labels")
+    widget.regions.setCurrentText("regions")
+    widget.add_pair()
+    widget.steps.setValue(1)
+    run_and_wait(qtbot, widget)
+    assert card_of(state_for(viewer).model).provenance["training"][-1].get("corrections", 0) >= 1
+    assert not errors

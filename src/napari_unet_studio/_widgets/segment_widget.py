@@ -52,7 +52,8 @@ def _segment_job(model, data, *, to_disk: str | None = None, prune_level: object
     """Worker body: segment ``data`` (loading the default model first when ``model`` is None);
     returns ``(labels, probabilities or None, the model loaded or None, a warning when the image
     looks unlike the model's training data or None, the number of objects, the objects'
-    measurements or None, (the scale used, a sentence on why when it was chosen or None))``.
+    measurements or None, (the scale used, a sentence on why when it was chosen or None), the
+    labels as the model gave them when they went to disk, or None)``.
 
     ``scale``: a factor, or ``"auto"``: the one :func:`~napari_unet_studio.rescale.choose_scale`
     picks (measured here, in the worker).
@@ -60,7 +61,9 @@ def _segment_job(model, data, *, to_disk: str | None = None, prune_level: object
     With ``to_disk`` (a name), the labels go block by block into a new OME-Zarr image in a
     temporary folder (never held whole in memory) and no probabilities are kept; the
     unfamiliar-image check then looks at a central window of a plane, and the measurements are
-    those that add up block by block (no eccentricity or solidity).
+    those that add up block by block (no eccentricity or solidity). A copy of the labels goes
+    beside them (``NAME.given.zarr``), chunk by chunk: the layer is painted on, and what the
+    model gave tells fine-tuning where the corrections are.
 
     ``prune_level`` (other than ``"keep"``): segment with a copy of the U-Net++ pruned to it,
     made here (copying a model is long work), so the shared model stays as the docks know it."""
@@ -105,7 +108,10 @@ def _segment_job(model, data, *, to_disk: str | None = None, prune_level: object
         from ..measurements import measure
 
         table = measure(labels, np.asarray(data), channel_axis=kwargs.get("channel_axis"), axes=kwargs.get("axes"))
-        return labels, probs, loaded, warning, int(labels.max()), table, (scale, why)
+        return labels, probs, loaded, warning, int(labels.max()), table, (scale, why), None
+    import dask.array as da
+    import zarr
+
     from ..io import max_label
 
     n = max_label(out)
@@ -113,7 +119,10 @@ def _segment_job(model, data, *, to_disk: str | None = None, prune_level: object
     from ..measurements import measure_blocks  # what adds up block by block
 
     table = measure_blocks(out, data if kwargs.get("channel_axis") is None and layout.n_channels == 1 else None)
-    return out, None, loaded, warning, n, table, (scale, why)
+    given = zarr.create_array(str(folder / f"{to_disk}.given.zarr"), shape=out.shape, chunks=out.chunks,
+                              dtype=out.dtype, fill_value=0)
+    da.store(da.from_zarr(out), given, lock=False)
+    return out, None, loaded, warning, n, table, (scale, why), given
 
 
 def segmented_scale(layer) -> float | None:
@@ -410,9 +419,10 @@ class SegmentWidget(QWidget):
         """Add (or update our own untouched) result layers; never overwrite painted labels.
 
         The labels as the model gave them stay in the layer's metadata (``"labels"``): what the
-        user paints over them later are the corrections fine-tuning emphasises. Labels written
-        to disk (a zarr array) always become a new layer, read lazily by napari."""
-        labels, probs, loaded, warning, n_objects, table, (used_scale, why) = result
+        user paints over them later are the corrections fine-tuning emphasises (for labels on
+        disk, the copy beside them, read lazily). Labels written to disk (a zarr array) always
+        become a new layer, read lazily by napari."""
+        labels, probs, loaded, warning, n_objects, table, (used_scale, why), given = result
         if loaded is not None and self.state.model is None:
             self.state.set_model(loaded, model_name)
         scale = np.asarray(image_layer.scale, float)
@@ -429,7 +439,7 @@ class SegmentWidget(QWidget):
             target = self.viewer.add_labels(labels, name=name, **spatial)
         target.metadata[RESULT_KEY] = {
             "checksum": None if on_disk else _checksum(labels), "source": image_layer.name, "model": model_name,
-            "labels": None if on_disk else labels.copy(), "scale": used_scale,
+            "labels": given if on_disk else labels.copy(), "scale": used_scale,
         }
         if table is not None:  # napari shows them on hover; "index" ties a row to its label
             target.features = {"index": table["label"], **{k: v for k, v in table.items() if k != "label"}}
