@@ -950,7 +950,7 @@ def test_region_windows_cut_each_shape_s_mask_to_its_box(make_napari_viewer, mon
 def test_labels_made_at_a_coarser_level_fine_tune_at_that_level_with_regions_in_their_pixels(make_napari_viewer, qtbot):
     """Segment at level 1 of a multiscale image gives labels at half the size, shown at scale 2:
     Fine-tune pairs them with level 1, and a region drawn over them covers their own pixels."""
-    from napari.layers import Shapes
+    from napari.layers import Labels, Shapes
     from test_training import synthetic_cells
 
     from napari_unet_studio._widgets._layers import region_masks
@@ -962,6 +962,9 @@ def test_labels_made_at_a_coarser_level_fine_tune_at_that_level_with_regions_in_
     shapes = viewer.add_shapes([np.array([[0, 0], [0, 64], [64, 64], [64, 0]])], shape_type="rectangle", name="regions")
     expected = Shapes([np.array([[0, 0], [0, 32], [32, 32], [32, 0]])], shape_type="rectangle").to_masks(mask_shape=(64, 64))[0]
     np.testing.assert_array_equal(region_masks(coarse, shapes, (64, 64)), expected)
+    stack = Labels(np.zeros((3, 64, 64), np.int32))  # 2-D shapes over a stack: one region for every slice
+    np.testing.assert_array_equal(region_masks(stack, Shapes([np.array([[0, 0], [0, 32], [32, 32], [32, 0]])],
+                                                             shape_type="rectangle"), (3, 64, 64)), expected)
     state_for(viewer).set_model(small_model(), "test model")
     widget = fine_tune_dock(viewer)
     widget.steps.setValue(1)

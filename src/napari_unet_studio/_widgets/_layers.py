@@ -152,11 +152,12 @@ def shapes_in_pixels_of(layer, shapes) -> list[np.ndarray]:
 
 
 def region_masks(layer, shapes, shape: tuple[int, ...]) -> np.ndarray:
-    """One boolean mask of ``shape`` (``layer``'s pixels) covering every shape of ``shapes``."""
+    """One boolean mask of ``shape`` (``layer``'s pixels) covering every shape of ``shapes``;
+    2-D shapes over a stack give one 2-D mask, the same region on every slice."""
     from napari.layers import Shapes
 
     moved = Shapes(shapes_in_pixels_of(layer, shapes), shape_type=list(shapes.shape_type))
-    return np.asarray(moved.to_masks(mask_shape=shape)).any(axis=0)
+    return np.asarray(moved.to_masks(mask_shape=tuple(shape)[-moved.ndim:])).any(axis=0)
 
 
 def region_windows(shapes, spatial_shape: tuple[int, ...], layer=None) -> list[tuple[tuple, np.ndarray]]:
