@@ -319,8 +319,9 @@ class FineTuneWidget(QWidget):
         set_tooltips(self, {
             "image": "The image the labels were painted on",
             "labels": "Painted labels: 0 is background, each object its own id. A Segment result you painted over "
-                      "counts its changes as corrections, which are learned first",
-            "regions": "Optional Shapes layer: train only inside its shapes (paint a few regions fully)",
+                      "counts its changes as corrections, which are learned first. A stack trains on its painted slices",
+            "regions": "Optional Shapes layer: train only inside its shapes (paint a few regions fully). Needed for an "
+                       "image over 8192 x 8192 pixels: each shape is read and trained on alone, the image never whole",
             "add_button": "Add the chosen image and labels to the training pairs",
             "remove_button": "Remove the selected pair",
             "pair_list": "The (image, labels) pairs fine-tuning trains on",
