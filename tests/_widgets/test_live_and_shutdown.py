@@ -326,3 +326,27 @@ def test_live_mode_on_a_stack_takes_strokes_on_their_slice_and_previews_the_slic
     qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=60_000)
     assert card_of(state_for(viewer).model).provenance["training"][-1]["live"]
     assert not errors
+
+
+def test_live_mode_takes_undo_and_redo_too(make_napari_viewer, qtbot, errors):
+    """napari sends no paint event for an undo, only a redraw: the plane in view is checked
+    against what the session has, so an undone stroke stops being trained on."""
+    viewer = make_napari_viewer()
+    image, labels = synthetic_cells((128, 128), n=10)
+    viewer.add_image(image, name="cells")
+    painted = viewer.add_labels(labels.astype(np.int32), name="painted")
+    state_for(viewer).set_model(small_model(), "test model")
+    widget = fine_tune_dock(viewer)
+    widget.live.setChecked(True)
+    qtbot.waitUntil(lambda: widget.live_session is not None, timeout=30_000)
+    session = widget.live_session
+    y, x = np.argwhere(labels == 0)[len(np.argwhere(labels == 0)) // 2]
+    painted.paint((y, x), 9)
+    qtbot.waitUntil(lambda: 0 in session.pairs and session.pairs[0].painted[y, x] == 9, timeout=30_000)
+    painted.undo()
+    qtbot.waitUntil(lambda: session.pairs[0].painted[y, x] == 0, timeout=30_000)
+    painted.redo()
+    qtbot.waitUntil(lambda: session.pairs[0].painted[y, x] == 9, timeout=30_000)
+    widget.live.setChecked(False)
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=60_000)
+    assert not errors

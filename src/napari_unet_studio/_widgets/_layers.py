@@ -107,6 +107,13 @@ def viewed_region(layer, plane: tuple[int, int]) -> tuple[slice, slice]:
     return slice(y0, y1), slice(x0, x1)
 
 
+def checksum(plane) -> int:
+    """A quick checksum of an array's pixels (about 1 ms for 1024 x 1024 labels): has it changed?"""
+    import zlib
+
+    return zlib.crc32(np.ascontiguousarray(plane).view(np.uint8))
+
+
 def shown_index(layer, point) -> tuple[int, ...]:
     """The indices along the leading axes of ``layer``'s stack (empty for a plane) that the
     viewer shows at ``point`` (``viewer.dims.point``), in the layer's own pixels (its z scale or

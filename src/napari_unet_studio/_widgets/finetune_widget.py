@@ -29,7 +29,7 @@ from qtpy.QtWidgets import (
 
 from ..provenance import describe_outcome
 from ._common import JobSlot, RunCancelRow, camera_of, keep_narrow, layers_of, notify_error, scrolling_layout, set_choices, set_tooltips
-from ._layers import edited_slices, layer_array, level_like, region_masks, region_windows, shown_index, viewed_region
+from ._layers import checksum, edited_slices, layer_array, level_like, region_masks, region_windows, shown_index, viewed_region
 from ._settings import persist
 from ._state import state_for
 
@@ -633,36 +633,43 @@ class FineTuneWidget(QWidget):
         self._name = self.state.name
         self._live_on = True
         self._live_pending = set()
-        # Strokes (paint events) and new data (the layer's data replaced) on the pairs' Labels
-        # layers replace that pair in the session (or wait for it: the session is built in the
-        # worker, which took 260 ms of frozen GUI on this thread). Not napari's set_data, which
-        # every redraw and every move through a stack's slices sends.
+        # Strokes and new data on the pairs' Labels layers replace that pair (of a stack, the
+        # slices painted) in the session (or wait for it: the session is built in the worker,
+        # which took 260 ms of frozen GUI on this thread).
         self._live_layers = []
         for key, (image_name, labels_name, regions_name) in enumerate(self.pairs):
             layer = self._layer(labels_name)
 
             def changed(event, *, key=key):
+                kind = getattr(event, "type", "")
                 if self.live_session is None:
-                    self._live_pending.add(key)
+                    if kind != "set_data":
+                        self._live_pending.add(key)
                     return
-                # a stroke on a stack: only the slices it touched are looked at again (None: all)
-                slices = edited_slices(event) if self._live_pairs[key][1].data.ndim == 3 and getattr(
-                    event, "type", "") == "paint" else None
-                dirty = self._live_dirty
-                dirty[key] = None if slices is None or (key in dirty and dirty[key] is None) else sorted(
-                    set(dirty.get(key) or ()) | set(slices))
+                if kind == "set_data":  # a redraw, or an undo or redo (napari sends nothing else for those)
+                    self._live_maybe.add(key)
+                else:  # a stroke on a stack: only the slices it touched are looked at again (None: all)
+                    slices = edited_slices(event) if self._live_pairs[key][1].data.ndim == 3 and kind == "paint" else None
+                    dirty = self._live_dirty
+                    dirty[key] = None if slices is None or (key in dirty and dirty[key] is None) else sorted(
+                        set(dirty.get(key) or ()) | set(slices))
                 # read the labels once napari has written them: it sends paint before writing the
                 # pixels of a single dab (a brush stroke's event comes after all of them)
                 QTimer.singleShot(0, self._send_live_strokes)
 
-            layer.events.paint.connect(changed)
-            layer.events.data.connect(changed)
+            # paint: strokes; data: the layer's data replaced; set_data: every redraw, and undo
+            # or redo, so those are checked against what was sent (a checksum of the plane in view)
+            for emitter in (layer.events.paint, layer.events.data, layer.events.set_data):
+                emitter.connect(changed)
             self._live_layers.append((layer, changed))
         # The preview follows the pair the user works on: the selected image or labels layer of
         # a pair (the first pair's image until one is selected).
         self._live_pairs = [(self._layer(i), self._layer(l)) for i, l, _ in self.pairs]
         self._live_inputs = list(zip(images, regions, [i for i, _, _ in self.pairs]))
         self._live_dirty = {}
+        self._live_maybe = set()
+        # checksums of the planes the session has, by (pair, slice or None): what a redraw is checked against
+        self._live_sent = {(key, None): checksum(lab) for key, lab in enumerate(labels) if lab.ndim == 2}
         self._live_image = self._live_pairs[0][0]
         self._live_view = None
         self._update_live_view()
@@ -692,8 +699,14 @@ class FineTuneWidget(QWidget):
         from .segment_widget import segmented_labels
 
         dirty, self._live_dirty = self._live_dirty, {}
+        maybe, self._live_maybe = self._live_maybe, set()
         if self.live_session is None:
             return
+        for key in maybe - set(dirty):  # a redraw: send the plane in view only if it differs from what was sent
+            layer = self._live_pairs[key][1]
+            z = shown_index(layer, self.viewer.dims.point)[0] if layer.data.ndim == 3 else None
+            if checksum(layer.data if z is None else layer.data[z]) != self._live_sent.get((key, z)):
+                dirty[key] = None if z is None else [z]
         for key, slices in dirty.items():
             layer = self._live_pairs[key][1]
             image, region, name = self._live_inputs[key]
@@ -702,6 +715,12 @@ class FineTuneWidget(QWidget):
                                            name=name, slices=slices)
             except UnetStudioError as exc:  # e.g. every painted slice erased: it keeps training on the last ones
                 self.status.setText(f"live: {exc}")
+            if layer.data.ndim == 2:
+                self._live_sent[(key, None)] = checksum(layer.data)
+            elif slices is None:  # the whole stack was sent: its slices' checksums are not known
+                self._live_sent = {k: v for k, v in self._live_sent.items() if k[0] != key}
+            else:
+                self._live_sent.update({(key, z): checksum(layer.data[z]) for z in slices})
 
     def _update_live_view(self, *_) -> None:
         """Remember (main thread) which part of the live image is in view, for the worker: of a
@@ -757,8 +776,8 @@ class FineTuneWidget(QWidget):
 
     def _on_live_finished(self) -> None:
         for layer, changed in self._live_layers:
-            layer.events.paint.disconnect(changed)
-            layer.events.data.disconnect(changed)
+            for emitter in (layer.events.paint, layer.events.data, layer.events.set_data):
+                emitter.disconnect(changed)
         self._live_layers = []
         camera_of(self.viewer).events.center.disconnect(self._update_live_view)
         camera_of(self.viewer).events.zoom.disconnect(self._update_live_view)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
 
 import numpy as np
 from qtpy.QtWidgets import (
@@ -21,6 +20,7 @@ from ..errors import UnetStudioError
 from ._common import JobSlot, ProgressBridge, RunCancelRow, keep_narrow, layers_of, notify_error, scrolling_layout, set_choices, set_tooltips
 from ._settings import persist
 from ._state import state_for
+from ._layers import checksum
 
 RESULT_KEY = "napari_unet_studio"
 MODELS = "model's"
@@ -36,16 +36,12 @@ STACK_CHOICES = {
 }
 
 
-def _checksum(data) -> int:
-    return zlib.crc32(np.ascontiguousarray(data).view(np.uint8))
-
-
 def _is_untouched_result(layer) -> bool:
     """True when ``layer`` is a result of ours that nobody has painted on since."""
     meta = layer.metadata.get(RESULT_KEY)
     if not meta or meta.get("checksum") is None or not isinstance(layer.data, np.ndarray):
         return False  # labels on disk are never replaced (nor read whole to tell)
-    return meta.get("checksum") == _checksum(layer.data)
+    return meta.get("checksum") == checksum(layer.data)
 
 
 def _segment_job(model, data, *, to_disk: str | None = None, prune_level: object = "keep", scale="auto", **kwargs):
@@ -438,7 +434,7 @@ class SegmentWidget(QWidget):
         else:
             target = self.viewer.add_labels(labels, name=name, **spatial)
         target.metadata[RESULT_KEY] = {
-            "checksum": None if on_disk else _checksum(labels), "source": image_layer.name, "model": model_name,
+            "checksum": None if on_disk else checksum(labels), "source": image_layer.name, "model": model_name,
             "labels": given if on_disk else labels.copy(), "scale": used_scale,
         }
         if table is not None:  # napari shows them on hover; "index" ties a row to its label
