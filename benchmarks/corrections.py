@@ -162,7 +162,8 @@ def method_options(method: str, preds) -> dict:
     (``replay``, ``keep-norm``, ``frozen``, ``tune-pp``: post-processing re-chosen with the weights, ``no-holdout``: the last weights, ``distill``: unedited pixels train
     on the starting model's probabilities rather than its labels, ``lr=X``, ``share=X``: the share of crops
     centred on corrections, ``weight=X``: corrected pixels' extra loss weight, ``tile=N``: the crops' input edge,
-    ``batch=N``: crops a step, ``luminance``: RGB images meet the model as their luminance instead of widening its
+    ``batch=N``: crops a step, ``train-scale=X``: train at this object scale instead of the one chosen for
+    the first painted image, ``luminance``: RGB images meet the model as their luminance instead of widening its
     first convolution); ``replay`` and ``keep-norm`` alone mean
     corrections with that modifier."""
     parts = method.split("+")
@@ -190,6 +191,8 @@ def method_options(method: str, preds) -> dict:
             extra["correction_weight"] = float(part[7:])
         elif part.startswith("tile="):
             extra["tile_size"] = int(part[5:])
+        elif part.startswith("train-scale="):
+            extra["scale"] = float(part[12:])
         elif part.startswith("batch="):
             extra["batch_size"] = int(part[6:])
         elif part not in ("corrections", "plain"):
@@ -241,7 +244,7 @@ def main():
     parser.add_argument("--replay", action="store_true", help="also corrections + replay of the shipped nuclei sample")
     parser.add_argument("--methods", default="plain,corrections",
                         help="plain, or corrections with modifiers joined by '+': replay, keep-norm (BatchNorm statistics "
-                             "kept), frozen (encoder frozen), tune-pp (post-processing re-chosen), no-holdout (the last weights), distill, luminance (RGB as luminance, not widened), lr=X, share=X (crops on corrections), weight=X (their extra loss weight), tile=N (crop input edge), batch=N (crops a step); e.g. corrections+frozen+keep-norm")
+                             "kept), frozen (encoder frozen), tune-pp (post-processing re-chosen), no-holdout (the last weights), distill, luminance (RGB as luminance, not widened), lr=X, share=X (crops on corrections), weight=X (their extra loss weight), tile=N (crop input edge), batch=N (crops a step), train-scale=X (object scale to train at); e.g. corrections+frozen+keep-norm")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--interpolate", default="", help="also score the weights this far from the default model's to "
                         "the fine-tuned ones, e.g. 0.25,0.5,0.75 (WiSE-FT; not time-budgeted)")
@@ -281,7 +284,7 @@ def main():
                     start = time.perf_counter()
                     length = {"steps": args.steps} if args.steps else {"time_budget": budget}
                     model, history = train(model, images, labels, **length, seed=args.seed, ignore_value=ignore,
-                                           scale=train_scale, **extra)
+                                           **{"scale": train_scale, **extra})
                     seconds = time.perf_counter() - start
                     new = [seg(model, im) for im in images]
                     kept = kept_list(new, truths, chosen, preds)
