@@ -350,3 +350,21 @@ def test_live_mode_takes_undo_and_redo_too(make_napari_viewer, qtbot, errors):
     widget.live.setChecked(False)
     qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=60_000)
     assert not errors
+
+
+def test_the_slices_a_paint_event_names():
+    """Brush dabs and fills (a box per edit) and set-item edits (a multi-index) on a stack name
+    the slices they changed."""
+    from napari.layers import Labels
+
+    from napari_unet_studio._widgets._layers import edited_slices
+
+    layer = Labels(np.zeros((5, 30, 30), np.int32))
+    seen = []
+    layer.events.paint.connect(lambda event: seen.append(edited_slices(event)))
+    layer.paint((3, 10, 10), 4)
+    layer.data_setitem((np.array([1, 1, 4]), np.array([2, 3, 4]), np.array([5, 5, 5])), 7)
+    layer.n_edit_dimensions = 3
+    layer.brush_size = 3
+    layer.paint((2, 15, 15), 5)
+    assert seen == [[3], [1, 4], [1, 2, 3]]
