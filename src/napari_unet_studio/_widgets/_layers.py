@@ -197,7 +197,7 @@ def region_windows(shapes, spatial_shape: tuple[int, ...], layer=None) -> list[t
         mask = Shapes([vertices[:, -2:] - (y0, x0)], shape_type=[kind]).to_masks(mask_shape=(y1 - y0, x1 - x0))[0]
         index: tuple = (slice(y0, y1), slice(x0, x1))
         if stack:
-            z = int(round(float(vertices[0, -3])))
+            z = round(float(vertices[0, -3]))
             if not 0 <= z < spatial_shape[0]:
                 continue
             index = (z,) + index

@@ -603,7 +603,6 @@ class FineTuneWidget(QWidget):
         from napari.qt.threading import create_worker
 
         from ..errors import InputError, UnetStudioError
-        from .segment_widget import segmented_labels
 
         if self.job.running:
             notify_error(InputError("wait for the running fine-tune to end, or cancel it"), self.status)
