@@ -495,6 +495,15 @@ def _by_stem(paths: list[Path]) -> dict[str, Path]:
     return found
 
 
+def _check_label_image(path, lab) -> None:
+    """Refuse a label image that is not 2-D (or a stack's 3-D) integers, naming the file."""
+    import numpy as np
+
+    if lab.ndim not in (2, 3) or not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool):
+        raise InputError(f"{path}: a label image must be 2-D (or a stack's 3-D) integers, got {lab.dtype} "
+                         f"of shape {lab.shape}")
+
+
 def _read_pairs(pairs, what: str):
     import numpy as np
 
@@ -505,9 +514,7 @@ def _read_pairs(pairs, what: str):
     images, labels = [], []
     for image_path, label_path in pairs:
         image, lab = read_image(image_path), read_image(label_path)
-        if lab.ndim not in (2, 3) or not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool):
-            raise InputError(f"{label_path}: a label image must be 2-D (or a stack's 3-D) integers, got {lab.dtype} "
-                             f"of shape {lab.shape}")
+        _check_label_image(label_path, lab)
         spatial = ImageLayout(image).spatial_shape  # a stack trains on its painted slices
         if spatial != lab.shape:
             raise InputError(f"{what}: {image_path} is {spatial} but {label_path} is {lab.shape}")
@@ -696,9 +703,7 @@ def _read_previous(pairs, folder: str, labels) -> list:
         if path is None:
             raise InputError(f"--previous: no labels named {image_path.stem} in {folder}")
         prev = read_image(path)
-        if prev.ndim not in (2, 3) or not (np.issubdtype(prev.dtype, np.integer) or prev.dtype == bool):
-            raise InputError(f"{path}: a label image must be 2-D (or a stack's 3-D) integers, got {prev.dtype} "
-                             f"of shape {prev.shape}")
+        _check_label_image(path, prev)
         if prev.shape != lab.shape:
             raise InputError(f"--previous: {path} is {prev.shape} but the labels are {lab.shape}")
         previous.append(prev)

@@ -80,14 +80,22 @@ class ImageLayout:
         """Shape of the image without its channel axis."""
         return tuple(self.shape[a] for a in self.spatial_axes)
 
-    def read(self, index: int, rows: slice, cols: slice) -> np.ndarray:
-        """Pixels of slice ``index`` as a ``(y, x, C)`` numpy array (only this region is read)."""
+    def _key(self, index: int, rows: slice = slice(None), cols: slice = slice(None)) -> tuple:
         key: list = [slice(None)] * len(self.shape)
         if self.is_stack:
             key[self.spatial_axes[0]] = index
         key[self.spatial_axes[-2]] = rows
         key[self.spatial_axes[-1]] = cols
-        block = np.asarray(self.image[tuple(key)])
+        return tuple(key)
+
+    def slice_at(self, index: int):
+        """Slice ``index`` of a stack as the image's own array type (a lazy array stays lazy),
+        its channels where they were; a plane is returned as it is."""
+        return self.image[self._key(index)] if self.is_stack else self.image
+
+    def read(self, index: int, rows: slice, cols: slice) -> np.ndarray:
+        """Pixels of slice ``index`` as a ``(y, x, C)`` numpy array (only this region is read)."""
+        block = np.asarray(self.image[self._key(index, rows, cols)])
         if self.channel_axis is None:
             block = block[..., None]
         else:

@@ -499,6 +499,7 @@ def painted_slices(labels, previous=None, ignore_value: int | None = None, among
     any; else the slices holding anything painted (an object, or, with ``ignore_value``, any
     pixel not marked "not annotated"). A stack is usually painted a few slices at a time, and
     an unpainted slice of zeros would teach that it holds no objects."""
+    some = among is not None and len(among) < labels.shape[0]  # an update of some slices only
     among = range(labels.shape[0]) if among is None else among
     changed, painted = [], []
     for z in among:
@@ -507,11 +508,8 @@ def painted_slices(labels, previous=None, ignore_value: int | None = None, among
             changed.append(z)
         if (plane != ignore_value).any() if ignore_value is not None else plane.any():
             painted.append(z)
-    if previous is not None:
-        if changed:
-            return changed
-        if among is not None and len(among) < labels.shape[0]:
-            return []  # an update of some slices: they were not changed
+    if previous is not None and (changed or some):
+        return changed  # (of an update of some slices, none changed: nothing of them to train)
     return painted
 
 
@@ -529,9 +527,7 @@ def planes_of(images: Sequence, labels: Sequence, channel_axis: int | None = Non
         if lab.shape != layout.spatial_shape:
             raise InputError(f"validation labels of shape {lab.shape} do not match the stack's {layout.spatial_shape}")
         for z in painted_slices(lab):
-            index = [slice(None)] * len(layout.shape)
-            index[layout.spatial_axes[0]] = z
-            out_images.append(image[tuple(index)])
+            out_images.append(layout.slice_at(z))
             out_labels.append(lab[z])
     return out_images, out_labels
 
@@ -812,7 +808,6 @@ class TrainingSession:
 
     def _set_stack(self, key, layout: ImageLayout, labels, region, previous, name: str, slices) -> None:
         """:meth:`set_pair` for a stack: its painted slices become 2-D pairs ``(key, z)``."""
-        z_axis = layout.spatial_axes[0]
         if layout.channel_axis is not None and layout.channel_axis != len(layout.shape) - 1:
             raise InputError(f"a stack to train on needs its channels last, got shape {layout.shape} "
                              f"with channels on axis {layout.channel_axis}")
@@ -831,6 +826,7 @@ class TrainingSession:
         views = known[1] if known is not None and known[0] is layout.image else {}
         n = layout.n_slices
         look = range(n) if slices is None else sorted({int(z) for z in slices if 0 <= int(z) < n})
+
         def to_train(among):  # painted, and (regions drawn on some slices) inside a region
             found = set(painted_slices(labels, previous, self.ignore_value, among))
             return found if region is None or region.ndim == 2 else {z for z in found if region[z].any()}
@@ -847,9 +843,7 @@ class TrainingSession:
         for z in look:
             if z in keep:
                 if z not in views:
-                    index = [slice(None)] * len(layout.shape)
-                    index[z_axis] = z
-                    views[z] = layout.image[tuple(index)]
+                    views[z] = layout.slice_at(z)
                 plane = region if region is None or region.ndim == 2 else region[z]
                 self.set_pair((key, z), views[z], np.array(labels[z]), region=plane,
                               previous=None if previous is None else np.asarray(previous[z]), name=f"{name} [{z}]")

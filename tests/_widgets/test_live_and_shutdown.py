@@ -20,6 +20,17 @@ pytestmark = pytest.mark.usefixtures("isolated_settings")
 GUI_GAP_LIMIT = 0.4
 
 
+def _painted_cells(make_napari_viewer, shape=(128, 128), n=10):
+    """A viewer with synthetic cells, their labels painted in full, the test model active and the
+    Fine-tune dock holding that pair; returns (viewer, labels, the Labels layer, the dock)."""
+    viewer = make_napari_viewer()
+    image, labels = synthetic_cells(shape, n=n)
+    viewer.add_image(image, name="cells")
+    painted = viewer.add_labels(labels.astype(np.int32), name="painted")
+    state_for(viewer).set_model(small_model(), "test model")
+    return viewer, labels, painted, fine_tune_dock(viewer)
+
+
 def test_painted_corrections_reach_fine_tuning(make_napari_viewer, qtbot, monkeypatch):
     viewer = make_napari_viewer()
     image, _ = synthetic_cells((96, 96), n=6)
@@ -141,12 +152,7 @@ def close_once(qtbot, viewer, started) -> None:
 
 
 def test_closing_the_viewer_while_fine_tuning_cancels_cleanly(make_napari_viewer, qtbot, errors):
-    viewer = make_napari_viewer()
-    image, labels = synthetic_cells((128, 128), n=10)
-    viewer.add_image(image, name="cells")
-    viewer.add_labels(labels.astype(np.int32), name="painted")
-    state_for(viewer).set_model(small_model(), "test model")
-    widget = fine_tune_dock(viewer)
+    viewer, _labels, _painted, widget = _painted_cells(make_napari_viewer)
     widget.steps.setValue(100_000)
     records = []
     widget.bridge.recorded.connect(records.append)
@@ -227,12 +233,7 @@ def test_the_gui_thread_keeps_responding_in_live_mode(make_napari_viewer, qtbot,
 
     from qtpy.QtCore import QTimer
 
-    viewer = make_napari_viewer()
-    image, labels = synthetic_cells((256, 256), n=20)
-    viewer.add_image(image, name="cells")
-    painted = viewer.add_labels(labels.astype(np.int32), name="painted")
-    state_for(viewer).set_model(small_model(), "test model")
-    widget = fine_tune_dock(viewer)
+    viewer, labels, painted, widget = _painted_cells(make_napari_viewer, (256, 256), n=20)
     qtbot.wait(200)
     gaps, last = [], [time.perf_counter()]
 
@@ -331,12 +332,7 @@ def test_live_mode_on_a_stack_takes_strokes_on_their_slice_and_previews_the_slic
 def test_live_mode_takes_undo_and_redo_too(make_napari_viewer, qtbot, errors):
     """napari sends no paint event for an undo, only a redraw: the plane in view is checked
     against what the session has, so an undone stroke stops being trained on."""
-    viewer = make_napari_viewer()
-    image, labels = synthetic_cells((128, 128), n=10)
-    viewer.add_image(image, name="cells")
-    painted = viewer.add_labels(labels.astype(np.int32), name="painted")
-    state_for(viewer).set_model(small_model(), "test model")
-    widget = fine_tune_dock(viewer)
+    viewer, labels, painted, widget = _painted_cells(make_napari_viewer)
     widget.live.setChecked(True)
     qtbot.waitUntil(lambda: widget.live_session is not None, timeout=30_000)
     session = widget.live_session

@@ -934,8 +934,9 @@ def test_region_windows_cut_each_shape_s_mask_to_its_box(make_napari_viewer, mon
     viewer = make_napari_viewer()
     shapes = viewer.add_shapes([np.array([[5, 5], [5, 30], [40, 18]]), np.array([[50, 50], [50, 90], [90, 90], [90, 50]])],
                                shape_type=["polygon", "ellipse"], name="r")
+    labels = viewer.add_labels(np.zeros((100, 100), np.int32))
     full = shapes.to_masks(mask_shape=(100, 100))
-    windows = region_windows(shapes, (100, 100))
+    windows = region_windows(shapes, (100, 100), labels)
     assert len(windows) == 2
     for (index, mask), whole in zip(windows, full):
         np.testing.assert_array_equal(mask, whole[index])
@@ -944,7 +945,7 @@ def test_region_windows_cut_each_shape_s_mask_to_its_box(make_napari_viewer, mon
     from napari_unet_studio import InputError
 
     with pytest.raises(InputError, match="too large to train on"):
-        region_windows(shapes, (100, 100))
+        region_windows(shapes, (100, 100), labels)
 
 
 def test_labels_made_at_a_coarser_level_fine_tune_at_that_level_with_regions_in_their_pixels(make_napari_viewer, qtbot):

@@ -167,13 +167,12 @@ def region_masks(layer, shapes, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(moved.to_masks(mask_shape=tuple(shape)[-moved.ndim:])).any(axis=0)
 
 
-def region_windows(shapes, spatial_shape: tuple[int, ...], layer=None) -> list[tuple[tuple, np.ndarray]]:
+def region_windows(shapes, spatial_shape: tuple[int, ...], layer) -> list[tuple[tuple, np.ndarray]]:
     """One ``(index, mask)`` per shape of a Shapes layer, for reading a large image region by
     region: ``index`` is the bounding box of the shape in the image's pixels (``(rows, cols)``,
     or ``(z, rows, cols)`` for a stack, whose regions must be drawn on its slices) and ``mask``
-    marks the shape inside it, in the pixels of ``layer`` (the labels; the Shapes layer's own
-    when None). Shapes outside the image are skipped; a box over :data:`REGION_PIXELS` is
-    refused (InputError)."""
+    marks the shape inside it, in the pixels of ``layer`` (the labels). Shapes outside the image
+    are skipped; a box over :data:`REGION_PIXELS` is refused (InputError)."""
     from napari.layers import Shapes
 
     from ..errors import InputError
@@ -183,9 +182,7 @@ def region_windows(shapes, spatial_shape: tuple[int, ...], layer=None) -> list[t
         raise InputError(f"the regions in {shapes.name!r} are 2-D: draw the regions of a stack on its slices")
     h, w = spatial_shape[-2:]
     windows = []
-    outlines = shapes.data if layer is None else shapes_in_pixels_of(layer, shapes)
-    for vertices, kind in zip(outlines, shapes.shape_type):
-        vertices = np.asarray(vertices, dtype=np.float64)
+    for vertices, kind in zip(shapes_in_pixels_of(layer, shapes), shapes.shape_type):
         y0, x0 = (max(int(np.floor(c)), 0) for c in vertices[:, -2:].min(axis=0))
         y1, x1 = (min(int(np.ceil(c)) + 1, n) for c, n in zip(vertices[:, -2:].max(axis=0), (h, w)))
         if y1 <= y0 or x1 <= x0:
