@@ -11,7 +11,10 @@ noise. The shipped model segments every slice (2-D), then the slices are linked 
 * ``package``: :func:`napari_unet_studio.linking.link_slices` (one-to-one matching of shared
   pixels, pairs where half of the smaller object lies in the larger, one-slice gap closing
   after objects that end abruptly);
-  also through ``segment(..., axes="ZYX")`` to check that both agree.
+  also through ``segment(..., axes="ZYX")`` to check that both agree; ``package, no waist
+  cuts`` without cutting objects at their waists.
+
+``--stacked K`` places K pairs of nuclei touching along z in each stack (what the waist cut is for).
 
 Slices are normalised together (one volume, as ``segment(..., axes="ZYX")`` does); the
 ``package (frames normalised)`` row normalises each slice on its own, as before volumes were
@@ -48,27 +51,37 @@ from napari_unet_studio.postprocess import labels_from_probabilities, options_fo
 RESULTS = Path(__file__).parent / "results"
 
 
-def synthetic_stack(seed: int, z_step: float, shape=(160, 256, 256)):
-    """(image, truth) of a stack with ~40 non-overlapping ellipsoids; ``shape`` in pixels of the
-    isotropic volume, sampled every ``z_step`` in z."""
+def synthetic_stack(seed: int, z_step: float, shape=(160, 256, 256), stacked: int = 0):
+    """(image, truth) of a stack with ~40 ellipsoids; ``shape`` in pixels of the isotropic
+    volume, sampled every ``z_step`` in z. No two touch, except ``stacked`` pairs: two nuclei
+    on top of each other, touching along z (the second's centre a sum of their z radii above
+    the first's, shifted by up to 2 px sideways)."""
     rng = np.random.default_rng(seed)
     nz = int(shape[0] / z_step)
     zz, yy, xx = np.meshgrid(np.arange(nz) * z_step, np.arange(shape[1]), np.arange(shape[2]), indexing="ij")
     truth = np.zeros((nz, shape[1], shape[2]), np.int32)
     intensity = np.zeros(truth.shape, np.float32)
     centres, radii = [], []
-    for _ in range(2000):
-        if len(centres) == 40:
+    pairs = 0
+    for _ in range(4000):
+        if len(centres) >= 40:
             break
-        r = rng.uniform([7, 8, 8], [14, 16, 16])
-        c = rng.uniform(r + 2, np.array(shape) - r - 2)
-        if any(np.all(np.abs(c - d) < r + e + 3) for d, e in zip(centres, radii)):
-            continue  # boxes apart: ellipsoids never touch
-        centres.append(c)
-        radii.append(r)
-        inside = ((zz - c[0]) / r[0]) ** 2 + ((yy - c[1]) / r[1]) ** 2 + ((xx - c[2]) / r[2]) ** 2 < 1
-        truth[inside] = len(centres)
-        intensity[inside] = rng.uniform(0.4, 1.0)
+        group = [rng.uniform([7, 8, 8], [14, 16, 16])]
+        if pairs < stacked:
+            group.append(rng.uniform([7, 8, 8], [14, 16, 16]))
+        c = rng.uniform(group[0] + 2, np.array(shape) - group[0] - 2)
+        cs = [c] if len(group) == 1 else [c, c + [group[0][0] + group[1][0], *rng.uniform(-2, 2, 2)]]
+        if any(np.any(cc - r < 1) or np.any(cc + r > np.array(shape) - 2) for cc, r in zip(cs, group)):
+            continue  # the second of a pair outside the volume
+        if any(np.all(np.abs(cc - d) < r + e + 3) for cc, r in zip(cs, group) for d, e in zip(centres, radii)):
+            continue  # boxes apart: ellipsoids of different groups never touch
+        pairs += len(group) == 2
+        for cc, r in zip(cs, group):
+            centres.append(cc)
+            radii.append(r)
+            inside = ((zz - cc[0]) / r[0]) ** 2 + ((yy - cc[1]) / r[1]) ** 2 + ((xx - cc[2]) / r[2]) ** 2 < 1
+            truth[inside] = len(centres)
+            intensity[inside] = rng.uniform(0.4, 1.0)
     image = ndi.gaussian_filter(intensity, (1.5 / z_step, 1.5, 1.5)) * 200 + 10
     image = rng.poisson(image).astype(np.float32) + rng.normal(0, 3, image.shape).astype(np.float32)
     return np.clip(image, 0, 255).astype(np.uint8), truth
@@ -146,7 +159,7 @@ def drop_one_slice(ideal, truth, seed=0):
     return dropped
 
 
-def true_only(stacks: int) -> None:
+def true_only(stacks: int, stacked: int = 0) -> None:
     import napari_unet_studio.linking as linking
 
     def variant(labels, gap=True, tapering=linking.TAPERING_BELOW):
@@ -166,7 +179,7 @@ def true_only(stacks: int) -> None:
     rows = []
     for z_step in (2.0, 3.0, 4.0):
         for seed in range(stacks):
-            _, truth = synthetic_stack(seed, z_step)
+            _, truth = synthetic_stack(seed, z_step, stacked=stacked)
             ideal = per_slice_truth(truth)
             dropped = drop_one_slice(ideal, truth)
             kept = np.where(dropped > 0, truth, 0)
@@ -174,6 +187,8 @@ def true_only(stacks: int) -> None:
             for name, kwargs in (("package", {}), ("no gap closing", {"gap": False}), ("gaps after every end", {"tapering": 0.0})):
                 row[name] = scores(variant(ideal, **kwargs), truth)["AP50"]
                 row[name + ", slice dropped"] = scores(variant(dropped, **kwargs), kept)["AP50"]
+            row["no waist cuts"] = scores(link_slices(ideal, waists=False), truth)["AP50"]
+            row["no waist cuts, slice dropped"] = scores(link_slices(dropped, waists=False), kept)["AP50"]
             row["greedy IoU"] = scores(greedy_iou(ideal), truth)["AP50"]
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -183,7 +198,7 @@ def true_only(stacks: int) -> None:
         sel = [r for r in rows if r["z_step"] == z_step]
         print(f"{z_step:>6} | " + " | ".join(f"{np.mean([r[n] for r in sel]):>30.3f}" for n in names))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "linking_true.json").write_text(json.dumps(rows, indent=1))
+    (RESULTS / f"linking_true{'_stacked' if stacked else ''}.json").write_text(json.dumps(rows, indent=1))
 
 
 def scores(pred, truth):
@@ -195,14 +210,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stacks", type=int, default=3, help="stacks per z step")
     parser.add_argument("--true-only", action="store_true", help="linking of the true per-slice objects only (no model)")
+    parser.add_argument("--stacked", type=int, default=0, help="pairs of nuclei touching along z in each stack")
     args = parser.parse_args()
     if args.true_only:
-        return true_only(args.stacks)
+        return true_only(args.stacks, args.stacked)
     model = load_model("default")
     rows = []
     for z_step in (2.0, 3.0, 4.0):
         for seed in range(args.stacks):
-            image, truth = synthetic_stack(seed, z_step)
+            image, truth = synthetic_stack(seed, z_step, stacked=args.stacked)
             t0 = time.perf_counter()
             probs = predict(model, image)  # slices normalised together
             per_slice = np.zeros(image.shape, np.int32)
@@ -224,9 +240,11 @@ def main() -> None:
                 row[name] = scores(fn(per_slice), truth)
                 row[name + " (true slices)"] = scores(fn(ideal), truth)
             row["package (frames normalised)"] = scores(link_slices(frames), truth)
+            row["package, no waist cuts"] = scores(link_slices(per_slice, waists=False), truth)
+            row["package, no waist cuts (true slices)"] = scores(link_slices(ideal, waists=False), truth)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    methods = ["unlinked", "greedy IoU", "global IoU", "package"]
+    methods = ["unlinked", "greedy IoU", "global IoU", "package, no waist cuts", "package"]
     print("\n3-D AP@0.5, mean over stacks; in brackets: linking the true per-slice objects")
     print(f"\n{'z step':>6} | " + " | ".join(f"{m:>22}" for m in methods))
     for z_step in (2.0, 3.0, 4.0):
@@ -239,7 +257,7 @@ def main() -> None:
         frames = np.mean([r["package (frames normalised)"]["AP50"] for r in sel])
         print(f"{z_step:>6} | " + " | ".join(f"{c:>22}" for c in cells) + f" | frames normalised: {frames:.3f}")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "linking.json").write_text(json.dumps(rows, indent=1))
+    (RESULTS / f"linking{'_stacked' if args.stacked else ''}.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 from test_blocks import same_up_to_renumbering
 
 from napari_unet_studio import InputError
-from napari_unet_studio.linking import link_slices, match
+from napari_unet_studio.linking import link_slices, match, waist_cuts
 
 
 def ellipsoids(shape=(12, 80, 80), seed=0, n=8, z_step=3.0):
@@ -92,3 +93,53 @@ def test_a_tapering_object_is_not_linked_over_a_gap():
     assert link_slices(stack).max() == 2
     stack[2, 12:28, 12:28] = 1  # no longer tapering: slice 3 looks missed
     assert link_slices(stack).max() == 1
+
+
+def touching_in_z(z_step=3.0):
+    """Two ellipsoids on top of each other, touching along z (half a pixel into each other), and their per-slice objects as a
+    2-D segmentation gives them: where the caps share a slice they are one object."""
+    zz, yy, xx = np.mgrid[: int(52 / z_step), :60, :60].astype(np.float32)
+    zz *= z_step
+    truth = np.zeros(zz.shape, np.int32)
+    for i, (cz, rz, r) in enumerate(((12.0, 10.0, 16.0), (12.0 + 10.0 + 11.5, 12.0, 14.0)), 1):
+        truth[((zz - cz) / rz) ** 2 + ((yy - 30) / r) ** 2 + ((xx - 31) / r) ** 2 < 1] = i
+    slices = np.stack([ndi.label(plane > 0)[0] for plane in truth])
+    return truth, slices
+
+
+@pytest.mark.parametrize("z_step", [2.0, 3.0, 4.0])
+def test_two_nuclei_touching_in_z_are_cut_at_their_waist(z_step):
+    truth, slices = touching_in_z(z_step)
+    occupied = np.flatnonzero((truth > 0).any(axis=(1, 2)))
+    assert np.array_equal(occupied, np.arange(occupied[0], occupied[-1] + 1))  # no empty slice between them
+    assert link_slices(slices, waists=False).max() == 1  # matched slice to slice, they are one
+    linked = link_slices(slices)
+    assert linked.max() == 2
+    for i in (1, 2):  # each nucleus is one object; a cap section may go to either (sizes cannot tell)
+        best = np.bincount(linked[truth == i]).argmax()
+        both = ((truth == i) & (linked == best)).sum()
+        assert both / ((truth == i) | (linked == best)).sum() > 0.9
+
+
+def test_waist_cuts_only_deep_waists_and_goes_between_the_smaller_sections():
+    assert waist_cuts([10, 50, 100, 50, 10]) == []  # one nucleus: sections grow, then shrink
+    assert waist_cuts([20, 80, 100, 60, 100, 70, 20]) == []  # a slice under-segmented, not a waist
+    assert waist_cuts([10, 80, 100, 30, 10, 40, 90, 20]) == [3]  # between 30 and 10: 10's smaller neighbour
+    assert waist_cuts([10, 80, 100, 40, 10, 30, 90, 20]) == [4]  # between 10 and 30
+    assert waist_cuts([10, 100, 10, 100, 10, 100, 10]) == [2, 4]  # three nuclei
+    assert waist_cuts([100, 10]) == []
+
+
+def test_frames_of_a_time_series_are_not_cut_at_a_waist():
+    """A cell that shrinks and grows again over time is one track; in a volume, the same
+    sections are two objects touching along z."""
+    from test_blocks import pass_through
+
+    from napari_unet_studio import segment
+
+    stack = np.zeros((5, 40, 40), np.float32)
+    for t, half in enumerate((9, 9, 2, 9, 9)):
+        stack[t, 20 - half : 20 + half, 20 - half : 20 + half] = 1
+    model = pass_through()
+    assert segment(model, stack, min_size=1, axes="TYX", track=True).max() == 1
+    assert segment(model, stack, min_size=1, axes="ZYX").max() == 2

@@ -294,7 +294,7 @@ def _slice_key(stack: bool, s: int, region: tuple[slice, slice]) -> tuple:
 
 def segment_blocks(
     predictor, options: dict, out, bounds: Bounds, *, block_size: int | None = None, overlap: int | None = None,
-    link: bool = False, probabilities=None, progress=None, cancel=None, min_overlap: float | None = None,
+    link: str | None = None, probabilities=None, progress=None, cancel=None, min_overlap: float | None = None,
     journal=None,
 ) -> int:
     """Label the region ``bounds`` of every slice into ``out`` block by block (see the module's
@@ -304,7 +304,8 @@ def segment_blocks(
     ``options`` the checked post-processing settings; ``out`` an integer array shaped like the
     region (with the slice axis first for a stack), ``probabilities`` an optional float array
     with a class axis first that receives the cores' probabilities. ``link`` joins objects of
-    consecutive slices (:func:`.linking.link_stack`). ``progress(done, total)`` counts tiles.
+    consecutive slices (:func:`.linking.link_stack`): ``"volume"`` (cut at waists too) or
+    ``"tracks"``. ``progress(done, total)`` counts tiles.
     ``journal`` (a folder) records what is finished, so that a run interrupted with the same
     settings continues where it stopped (``probabilities`` are then not filled for the blocks
     done before).
@@ -407,7 +408,7 @@ def segment_blocks(
     if table is None:
         if stack and link:
             regions = [_cut(core, origin) for core in cores]
-            link_stack(out, regions, ids, min_overlap=min_overlap, cancel=cancel)
+            link_stack(out, regions, ids, min_overlap=min_overlap, waists=link == "volume", cancel=cancel)
         table = ids.table()
         if journal is not None:
             journal.record_table(table)

@@ -225,7 +225,7 @@ def segment_on_cluster(
     """
     from .blocks import DEFAULT_BLOCK, DEFAULT_OVERLAP, _grow, _intersect, block_grid, check_block_size
     from .checkpoint import load_model
-    from .inference import WindowPredictor, _check_out, stack_axes
+    from .inference import WindowPredictor, _check_out, linking_of
     from .postprocess import options_at_scale, options_for
     from .rescale import check_scale
 
@@ -253,7 +253,7 @@ def segment_on_cluster(
     predictor = WindowPredictor(loaded, image, tile_size=tile_size, device="cpu", channel_axis=channel_axis, axes=axes,
                                 scale=scale)
     layout = predictor.layout
-    link = predictor.volume or (stack_axes(axes, layout.is_stack) == "TYX" and bool(track))
+    link = linking_of(predictor, axes, track)
     statistics = {key: predictor.statistics(index) for key, index in
                   ([(-1, 0)] if not predictor.statistics.per_slice else [(s, s) for s in range(layout.n_slices)])}
     stack = layout.is_stack
@@ -334,7 +334,7 @@ def _run(client, job, image, n_slices, cores, earlier, stack, link, out, progres
     if stack and link:
         client.gather([client.submit(_shift_task, job, s, i, offsets[s, i], pure=False) for s, i in blocks])
         link_stack(out, [tuple(slice(a, b) for a, b in core) for core in cores], ids, min_overlap=DEFAULT_MIN_OVERLAP,
-                   cancel=cancel)
+                   waists=link == "volume", cancel=cancel)
         offsets = dict.fromkeys(blocks, 0)  # out now holds provisional ids
     table = ids.table()
     table_future = client.scatter(table, broadcast=True)

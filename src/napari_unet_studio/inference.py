@@ -603,7 +603,7 @@ def segment(
         model, image, tile_size=tile_size, device=device, channel_axis=channel_axis, axes=axes, scale=scale
     )
     layout = predictor.layout
-    link = predictor.volume or (stack_axes(axes, layout.is_stack) == "TYX" and bool(track))
+    link = linking_of(predictor, axes, track)
     bounds = _window_bounds(window, layout.plane)
     extent = (bounds[0][1] - bounds[0][0], bounds[1][1] - bounds[1][0])
     shape = ((layout.n_slices,) if layout.is_stack else ()) + extent
@@ -619,6 +619,14 @@ def segment(
             probabilities=probs, progress=progress, cancel=cancel, journal=journal,
         )
     return (out, probs) if return_probabilities else out
+
+
+def linking_of(predictor: WindowPredictor, axes: str | None, track: bool) -> str | None:
+    """How a stack's slices are linked: ``"volume"`` (3-D objects: matched, cut at waists, gaps
+    closed), ``"tracks"`` (frames of a time series, with ``track``) or ``None`` (not linked)."""
+    if predictor.volume:
+        return "volume"
+    return "tracks" if stack_axes(axes, predictor.layout.is_stack) == "TYX" and bool(track) else None
 
 
 def stack_axes(axes: str | None, is_stack: bool) -> str | None:

@@ -8,7 +8,10 @@ IoU, this holds at an object's top and bottom, where a small cap sits on a large
 (with a z step of 3 pixels, a nucleus' last slice often has an IoU of 0.1 with the one before).
 An object whose section shrinks towards its end (tapers) ends there; gaps are closed only
 after objects that end abruptly, which is what a missed slice looks like: this keeps two
-nuclei stacked in z apart. An object left without a successor is then matched, the
+nuclei stacked in z apart. In a volume, a linked object whose sections shrink to a narrow
+waist and grow again (under ``WAIST_BELOW`` of its largest section on both sides) is cut at
+the waist: two nuclei touching along z, whose caps the slices join. An object left without a
+successor is then matched, the
 same way, to an unmatched object two slices on: this closes a gap of one slice where an object
 was missed. Matched objects share one id.
 
@@ -31,6 +34,10 @@ DEFAULT_MIN_OVERLAP = 0.5
 #: An object whose last section is smaller than this share of the one before tapers: it ends
 #: there, and is not linked over a gap (benchmarks/linking.py: stacked nuclei stay apart).
 TAPERING_BELOW = 0.7
+#: A linked object whose section at some slice is under this share of its largest section both
+#: before and after that slice is two objects touching along z, and is cut at that waist
+#: (volumes only: a cell's area over time has no such shape; benchmarks/linking.py --stacked).
+WAIST_BELOW = 0.5
 
 
 def match(a: np.ndarray, b: np.ndarray, score: np.ndarray, allowed: np.ndarray | None = None) -> list[tuple[int, int]]:
@@ -112,16 +119,36 @@ def _allowed(a, b, shared, size_a: dict, size_b: dict, min_overlap: float) -> np
     return shared >= min_overlap * np.minimum(sa, sb)
 
 
-def link_stack(out, regions, ids, *, min_overlap: float = DEFAULT_MIN_OVERLAP, cancel=None) -> None:
+def waist_cuts(sizes, below: float = WAIST_BELOW) -> list[int]:
+    """Where to cut one linked object, given its section ``sizes`` slice by slice: indices
+    ``i`` meaning "between section i and i + 1". The narrowest section that is under ``below``
+    of the largest on both sides is a waist; the cut goes on the side of its smaller neighbour
+    (between two small caps rather than through a large section), and each part is looked at
+    again."""
+    sizes = [float(v) for v in sizes]
+    if len(sizes) < 3:
+        return []
+    before = np.maximum.accumulate(sizes)
+    after = np.maximum.accumulate(sizes[::-1])[::-1]
+    waist = [k for k in range(1, len(sizes) - 1) if sizes[k] <= below * min(before[k - 1], after[k + 1])]
+    if not waist:
+        return []
+    k = min(waist, key=lambda i: (sizes[i], i))
+    cut = k if sizes[k + 1] <= sizes[k - 1] else k - 1
+    return waist_cuts(sizes[: cut + 1], below) + [cut] + [cut + 1 + c for c in waist_cuts(sizes[cut + 1 :], below)]
+
+
+def link_stack(out, regions, ids, *, min_overlap: float = DEFAULT_MIN_OVERLAP, waists: bool = False, cancel=None) -> None:
     """Join, in ``ids`` (a :class:`~napari_unet_studio.blocks.Ids`), the objects of consecutive
-    slices of ``out`` (provisional ids, slice axis first) that :func:`match` pairs, then close
-    one-slice gaps. ``regions`` are ``(rows, cols)`` slices that tile the plane."""
+    slices of ``out`` (provisional ids, slice axis first) that :func:`match` pairs, cut (with
+    ``waists``, for the slices of a volume) objects at their waists (:func:`waist_cuts`), then
+    close one-slice gaps. ``regions`` are ``(rows, cols)`` slices that tile the plane."""
     if not 0 < min_overlap <= 1:
         raise InputError(f"min_overlap must lie in (0, 1], got {min_overlap}")
     n = int(out.shape[0])
     roots = ids.roots()
     sizes: list[dict] = [{} for _ in range(n)]  # object -> pixels, per slice, counted while matching
-    has_next: list[set] = [set() for _ in range(n)]
+    following: list[dict] = [{} for _ in range(n)]  # object -> its match in the slice after
     previous: list[dict] = [{} for _ in range(n)]  # object -> its match in the slice before
     for z in range(n - 1):
         if cancel is not None and cancel():
@@ -129,14 +156,26 @@ def link_stack(out, regions, ids, *, min_overlap: float = DEFAULT_MIN_OVERLAP, c
         counted = [sizes[z] if z == 0 else None, sizes[z + 1]]  # slice z was counted as the last one's z + 1
         a, b, shared = _overlaps(out, regions, roots, z, z + 1, sizes=counted)
         for x, y in match(a, b, shared, _allowed(a, b, shared, sizes[z], sizes[z + 1], min_overlap)):
-            ids.union(x, y)
-            has_next[z].add(x)
+            following[z][x] = y
             previous[z + 1][y] = x
+    if waists:
+        for z0 in range(n):
+            for x0 in [x for x in following[z0] if x not in previous[z0]]:  # each linked object from its first slice
+                chain = [(z0, x0)]
+                while chain[-1][1] in following[chain[-1][0]]:
+                    z, x = chain[-1]
+                    chain.append((z + 1, following[z][x]))
+                for i in waist_cuts([sizes[z][x] for z, x in chain]):
+                    (z, x), (_, y) = chain[i], chain[i + 1]
+                    del following[z][x], previous[z + 1][y]
+    for z in range(n - 1):
+        for x, y in following[z].items():
+            ids.union(x, y)
     for z in range(n - 2):
         if cancel is not None and cancel():
             raise Cancelled("segmentation cancelled")
         abrupt = [
-            x for x in set(sizes[z]) - has_next[z]
+            x for x in set(sizes[z]) - set(following[z])
             if x not in previous[z] or sizes[z][x] >= TAPERING_BELOW * sizes[z - 1][previous[z][x]]
         ]
         ends = np.array(sorted(abrupt), np.int64)
@@ -148,9 +187,11 @@ def link_stack(out, regions, ids, *, min_overlap: float = DEFAULT_MIN_OVERLAP, c
             ids.union(x, y)
 
 
-def link_slices(labels, *, min_overlap: float = DEFAULT_MIN_OVERLAP) -> np.ndarray:
+def link_slices(labels, *, min_overlap: float = DEFAULT_MIN_OVERLAP, waists: bool = True) -> np.ndarray:
     """3-D objects (or tracks) from per-slice labels ``(Z, Y, X)``: objects of consecutive
     slices that overlap are given one id, by the global matching described in this module.
+    ``waists``: cut objects at their waists (:func:`waist_cuts`; set it to False for the
+    frames of a time series).
     Ids of different slices are distinct objects even when equal. Returns int32 (int64 when
     needed) labels 1..N."""
     labels = np.asarray(labels)
@@ -167,7 +208,7 @@ def link_slices(labels, *, min_overlap: float = DEFAULT_MIN_OVERLAP) -> np.ndarr
         offset = ids.reserve(local.max())
         provisional[z] = np.where(local > 0, local + offset, 0)
         ids.written.append(np.unique(provisional[z][provisional[z] > 0]))
-    link_stack(provisional, [(slice(None), slice(None))], ids, min_overlap=min_overlap)
+    link_stack(provisional, [(slice(None), slice(None))], ids, min_overlap=min_overlap, waists=waists)
     table = ids.table()
     result = table[provisional]
     return result.astype(np.int32 if table.max() < np.iinfo(np.int32).max else np.int64)
