@@ -135,3 +135,31 @@ def test_train_on_a_stack_takes_its_painted_slices(tmp_path, capsys):
     assert code == 0 and capsys.readouterr().out.startswith("trained on 1 image in")
     run = card_of(load_model(out)).provenance["training"][-1]
     assert [d["name"] for d in run["data"]] == ["a.tif [0]", "a.tif [2]"]
+
+
+def test_train_normalises_a_stack_as_predict_does_from_its_axes(tmp_path, monkeypatch):
+    """What a stack's first axis is (slices of a volume, normalised together, or frames, each
+    on its own: see the session's tests) comes from the file's axis letters, or --axes."""
+    import tifffile
+
+    from napari_unet_studio import training
+
+    cells = [synthetic_cells((96, 96), n=6, seed=s) for s in range(3)]
+    seen = []
+
+    def recording_train(model, images, labels, **kwargs):
+        seen.append(kwargs["axes"])
+        raise KeyboardInterrupt  # stop there
+
+    monkeypatch.setattr(training, "train", recording_train)
+    for letters, extra in (("ZYX", []), ("TYX", []), ("ZYX", ["--axes", "TYX"]), ("QYX", [])):
+        folder = tmp_path / f"{letters}{len(extra)}"
+        (folder / "im").mkdir(parents=True)
+        (folder / "lab").mkdir()
+        metadata = {"axes": letters} if letters != "QYX" else None  # no axis letters in the file
+        tifffile.imwrite(folder / "im" / "a.tif", np.stack([c[0] for c in cells]), imagej=metadata is not None,
+                         metadata=metadata, photometric="minisblack")
+        tifffile.imwrite(folder / "lab" / "a.tif", np.stack([c[1] for c in cells]).astype(np.uint16))
+        main(["train", "--images", str(folder / "im"), "--labels", str(folder / "lab"), "--out",
+              str(folder / "m.safetensors"), "--steps", "1", "-q", *extra])  # stopped at once: nothing written
+    assert seen == [["ZYX"], ["TYX"], ["TYX"], ["ZYX"]]

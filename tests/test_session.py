@@ -575,19 +575,78 @@ def test_the_slices_of_a_stack_to_train_on():
 
 
 def test_a_stack_trains_on_its_painted_slices_exactly_as_those_slices_alone():
-    """A stack whose one changed slice is 2 trains as that slice given as a 2-D image: the same
-    weights, the same record (named by slice)."""
+    """A stack whose one changed slice is 2 trains as that slice given alone, normalised as
+    segment normalises it: with the volume's statistics (a Window of the stack), or its own as
+    a frame of a time series. The same weights, the same record (named by slice)."""
+    from napari_unet_studio.inference import Window
+
     stack, labels = _stack_of_cells()
+    stack[2] = stack[2] // 2  # a dimmer slice: its own statistics differ from the volume's
     previous = labels.copy()
     labels[2][labels[2] == 1] = 0
-    options = dict(steps=3, tile_size=60, seed=0, fit_threads=False, holdout=False)
-    torch.manual_seed(0)
-    from_stack, _ = train(small_unet(), [stack], [labels], previous=[previous], names=["stack"], **options)
-    torch.manual_seed(0)
-    from_slice, _ = train(small_unet(), [stack[2]], [labels[2]], previous=[previous[2]], **options)
-    assert all(torch.equal(a, b) for a, b in zip(from_stack.state_dict().values(), from_slice.state_dict().values()))
+    options = {"steps": 3, "tile_size": 60, "seed": 0, "fit_threads": False, "holdout": False}
+
+    def weights(images, labels, previous, **kw):
+        torch.manual_seed(0)
+        model, _ = train(small_unet(), images, labels, previous=previous, **options, **kw)
+        return model, list(model.state_dict().values())
+
+    from_stack, volume = weights([stack], [labels], [previous], names=["stack"])
+    _, window = weights([Window(stack, 2)], [labels[2]], [previous[2]])
+    _, frames = weights([stack], [labels], [previous], axes="TYX")
+    _, alone = weights([stack[2]], [labels[2]], [previous[2]])
+    assert all(torch.equal(a, b) for a, b in zip(volume, window))
+    assert all(torch.equal(a, b) for a, b in zip(frames, alone))
+    assert not all(torch.equal(a, b) for a, b in zip(volume, alone))
     run = card_of(from_stack).provenance["training"][-1]
     assert [d["name"] for d in run["data"]] == ["stack [2]"] and run["corrections"] == 1
+
+
+def test_a_window_is_normalised_as_segment_normalises_the_image_it_is_part_of():
+    """A dense window of a bright-background image (a region drawn on a large scan) is
+    normalised with the whole image's statistics, inversion included, as segment sees it; on
+    its own it would not be inverted, and the network would learn other pixels than it meets."""
+    from napari_unet_studio.card import card_of as card
+    from napari_unet_studio.inference import ImageLayout, Window, _SliceStatistics
+
+    model = small_unet()
+    norm = card(model).normalization
+    assert norm.invert == "auto"
+    rng = np.random.default_rng(0)
+    scan = np.full((300, 400), 220, np.uint8) + rng.integers(0, 10, (300, 400), dtype=np.uint8)
+    labels = np.zeros(scan.shape, np.int32)
+    for i, (y, x) in enumerate([(y, x) for y in range(20, 90, 14) for x in range(30, 100, 14)], 1):
+        scan[y : y + 12, x : x + 12] = 40  # dark nuclei, crowded in one corner
+        labels[y : y + 12, x : x + 12] = i
+    rows, cols = slice(19, 89), slice(29, 99)
+    window = Window(scan, None, rows, cols)
+    assert window.shape == (70, 70) and window.dtype == np.uint8
+    np.testing.assert_array_equal(np.asarray(window), scan[rows, cols])
+    whole = _SliceStatistics(ImageLayout(scan), model)(0)
+    assert whole[1][0] < 0 < norm.statistics(scan[rows, cols, None].astype(np.float32))[1][0]  # inverted only as a whole
+    pair = prepare_pair(model, window, labels[rows, cols], statistics=window.statistics(model))
+    expected = norm.apply(scan[rows, cols, None].astype(np.float32), whole)
+    np.testing.assert_allclose(pair.image, np.moveaxis(expected, -1, 0), rtol=1e-6)
+    session = TrainingSession(model, tile_size=60, seed=0, holdout=False)
+    session.set_pair("w", window, labels[rows, cols])
+    session.prepare()
+    np.testing.assert_allclose(session.pairs["w"].image, pair.image, rtol=1e-6)
+    seen, nuclei = session.pairs["w"].image[0], labels[rows, cols] > 0
+    assert seen[~nuclei].mean() < 0.2 and seen[nuclei].mean() > 0.8  # bright nuclei on dark, as the model knows them
+
+
+def test_bad_windows_and_stack_axes_are_refused():
+    from napari_unet_studio.inference import Window
+
+    stack, labels = _stack_of_cells()
+    with pytest.raises(InputError, match="slice"):
+        Window(stack)
+    with pytest.raises(InputError, match="slice"):
+        Window(stack[0], 0)
+    session = TrainingSession(small_unet(), tile_size=60, seed=0, holdout=False)
+    with pytest.raises(InputError, match="axes"):
+        session.set_pair("s", stack, labels, axes="XYZ")
+    assert Window(stack, 1, slice(10, 20)).shape == (10, 96)
 
 
 def test_strokes_on_a_stack_update_only_the_slices_they_touch():

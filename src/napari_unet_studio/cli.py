@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive_float, default=None,
                    help="learning rate (default: 1e-3 from random weights; when fine-tuning, 3e-4, or 3e-5 when the "
                         "images look like the model's own training data)")
+    t.add_argument("--axes", default=None, type=str.upper, choices=("ZYX", "TYX"),
+                   help="what a stack's first axis is, as for predict: ZYX slices of a volume (normalised together, as "
+                        "predict normalises them) or TYX frames (each on its own); default: the file's axis letters, else ZYX")
     t.add_argument("--scale", type=_factor, default=1.0, metavar="FACTOR",
                    help="train on the images resized by this factor: the scale predict segmented them at (it says "
                         "so when it is not 1; default: 1)")
@@ -504,14 +507,14 @@ def _check_label_image(path, lab) -> None:
                          f"of shape {lab.shape}")
 
 
-def _read_pairs(pairs, what: str):
-    import numpy as np
-
+def _read_pairs(pairs, what: str, override: str | None = None):
+    """Images, instance labels and (for stacks) what the first axis is: ``--axes``, else the
+    file's axis letters, else None (slices of a volume)."""
     from .inference import ImageLayout
-    from .io import read_image
+    from .io import declared_axes, read_image
     from .metrics import as_instances
 
-    images, labels = [], []
+    images, labels, axes = [], [], []
     for image_path, label_path in pairs:
         image, lab = read_image(image_path), read_image(label_path)
         _check_label_image(label_path, lab)
@@ -523,7 +526,8 @@ def _read_pairs(pairs, what: str):
             raise InputError(f"{label_path}: the label image is empty (no objects)")
         images.append(image)
         labels.append(lab)
-    return images, labels
+        axes.append(_layout_axes(image, declared_axes(image_path), override, image_path.name)[1] if len(spatial) == 3 else None)
+    return images, labels, axes
 
 
 def check_model_path(out: Path, overwrite: bool) -> None:
@@ -602,13 +606,13 @@ def run_train(args: argparse.Namespace) -> int:
                          "(or --init MODEL_FILE, the model that gave those labels); random weights were not wrong anywhere")
     device = resolve_device(args.device)
     pairs = _paired(args.images, args.labels, "training data")
-    images, labels = _read_pairs(pairs, "training data")
+    images, labels, axes = _read_pairs(pairs, "training data", args.axes)
     previous = None
     if args.previous is not None:
         previous = _read_previous(pairs, args.previous, labels)
     val_images = val_labels = None
     if args.val_images:
-        val_images, val_labels = _read_pairs(_paired(args.val_images, args.val_labels, "validation data"), "validation data")
+        val_images, val_labels, _ = _read_pairs(_paired(args.val_images, args.val_labels, "validation data"), "validation data")
     if args.init == "none":
         model = build_model(
             {
@@ -664,6 +668,7 @@ def run_train(args: argparse.Namespace) -> int:
             val_every=args.val_every,
             device=device,
             scale=args.scale,
+            axes=axes,
         )
     finally:
         bar.close()

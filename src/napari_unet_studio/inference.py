@@ -110,6 +110,52 @@ class ImageLayout:
         return block
 
 
+class Window:
+    """Part of an image as an array-like: one slice of a stack, or a region of a plane (or of
+    one slice), read from the image only when used (and then kept). Training normalises a
+    window as :func:`segment` normalises the image it is part of, with that image's
+    statistics: a region of a large scan like the scan, a slice of a volume like the volume
+    (``axes="ZYX"``, the default), a frame of a time series (``"TYX"``) like that frame.
+
+    ``index`` is the slice (None for a 2-D image); ``rows`` and ``cols`` the region."""
+
+    def __init__(self, image, index: int | None = None, rows: slice = slice(None), cols: slice = slice(None), *,
+                 channel_axis: int | None = None, axes: str | None = None) -> None:
+        self.source = ImageLayout(image, channel_axis)
+        if (index is None) == self.source.is_stack:
+            raise InputError("a window of a stack needs the slice it is on, and a window of a 2-D image none"
+                             if index is None else "a window of a 2-D image has no slice index")
+        self.index = 0 if index is None else int(index)
+        self.per_slice = stack_axes(axes, self.source.is_stack) != "ZYX"
+        self._key = self.source._key(self.index, rows, cols)
+        rows = range(*rows.indices(self.source.plane[0]))
+        cols = range(*cols.indices(self.source.plane[1]))
+        kept = [a for a in range(len(self.source.shape)) if not (self.source.is_stack and a == self.source.spatial_axes[0])]
+        sizes = {self.source.spatial_axes[-2]: len(rows), self.source.spatial_axes[-1]: len(cols)}
+        self.shape = tuple(sizes.get(a, self.source.shape[a]) for a in kept)
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(getattr(image, "dtype", np.float32))
+        self.channel_axis = None if self.source.channel_axis is None else kept.index(self.source.channel_axis)
+        self._pixels: np.ndarray | None = None
+
+    def __array__(self, dtype=None, copy=None):
+        if self._pixels is None:
+            self._pixels = np.asarray(self.source.image[self._key])
+        return self._pixels if dtype is None else self._pixels.astype(dtype)
+
+    def __getitem__(self, key):
+        return np.asarray(self)[key]
+
+    def statistics(self, model, cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The normalisation statistics :func:`segment` uses where this window lies, for
+        ``model`` (its channels). ``cache`` (a dict) shares them between windows of one image."""
+        cache = {} if cache is None else cache
+        key = (id(self.source.image), self.per_slice, id(model))
+        if key not in cache or cache[key][0] is not self.source.image:
+            cache[key] = (self.source.image, _SliceStatistics(self.source, model, per_slice=self.per_slice))
+        return cache[key][1](self.index)
+
+
 class _ScaledLayout:
     """An :class:`ImageLayout`'s image as the network reads it at a ``scale`` other than 1:
     each plane resampled (:mod:`.rescale`), region by region, so only what a tile needs is read."""

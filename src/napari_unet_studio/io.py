@@ -157,6 +157,25 @@ def _open_zarr(path: Path):
     return array, _axes_letters(names, array.ndim)
 
 
+def _tiff_series(path: Path) -> tuple[tuple[int, ...], str | None]:
+    """Shape and declared axis letters of a TIFF's first series (read from its header only)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        return tuple(series.shape), _axes_letters(series.axes, len(series.shape))
+
+
+def declared_axes(path: str | os.PathLike) -> str | None:
+    """The axis letters a TIFF declares (ImageJ or OME metadata), such as ``"ZYX"`` or
+    ``"TYX"``; None for other files and when unknown."""
+    path = Path(path)
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        return None
+    with _reading(path):
+        return _tiff_series(path)[1]
+
+
 def open_image(path: str | os.PathLike):
     """``(image, axes)`` of a PNG, TIFF, zarr array or OME-Zarr image (level 0).
 
@@ -175,9 +194,7 @@ def open_image(path: str | os.PathLike):
     import tifffile
 
     with _reading(path):
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            shape, axes = tuple(series.shape), _axes_letters(series.axes, len(series.shape))
+        shape, axes = _tiff_series(path)
         if float(np.prod(shape, dtype=np.float64)) <= LAZY_PIXELS:
             return read_image(path), axes
         try:

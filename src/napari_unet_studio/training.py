@@ -39,7 +39,7 @@ from .augment import affine_matrices, displacement_field, gray_value_augment, sa
 from .corrections import find_corrections
 from .devices import ThreadFitter, resolve_device
 from .errors import InputError
-from .inference import ImageLayout
+from .inference import ImageLayout, Window, stack_axes
 from .metrics import as_instances  # noqa: F401 (part of this module's API too)
 from .card import build_model, card_of, model_config
 from . import encodings
@@ -201,6 +201,7 @@ def prepare_pair(
     check_corrections: bool = False,
     rng: np.random.Generator | None = None,
     before: TrainingPair | None = None,
+    statistics: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> TrainingPair:
     """Normalise, encode and weight one (image, labels) pair for training.
 
@@ -210,8 +211,10 @@ def prepare_pair(
     ``check_corrections``: also score the regions around the corrections when choosing.
     ``before``: this image's pair as prepared for earlier labels (the user painted more): only
     the region the new strokes changed is encoded and weighted again (the result is the same).
+    ``statistics``: the normalisation statistics to use (those of the image this one is a
+    window of, :meth:`~napari_unet_studio.inference.Window.statistics`) instead of the image's own.
     """
-    inputs = (region, previous, ignore_value, w0, sigma, correction_weight, channel_axis)
+    inputs = (region, previous, ignore_value, w0, sigma, correction_weight, channel_axis, statistics)
     if before is not None and holdout == 0 and _same_inputs(before, image, inputs):
         pair = _update_pair(model, before, labels, check_corrections)
         if pair is not None:
@@ -225,7 +228,8 @@ def prepare_pair(
     if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
         raise InputError(f"labels must be integers, got {labels.dtype}")
     pixels = adapt_channels(layout.read(0, slice(None), slice(None)), model.in_channels)
-    pixels = card_of(model).normalization.apply(pixels, card_of(model).normalization.statistics(pixels))
+    norm = card_of(model).normalization
+    pixels = norm.apply(pixels, norm.statistics(pixels) if statistics is None else statistics)
     ignore = np.zeros(labels.shape, bool) if ignore_value is None else labels == ignore_value
     if region is not None:
         region = np.asarray(region, bool)
@@ -315,7 +319,7 @@ def _update_pair(model, before: TrainingPair, labels: np.ndarray, check_correcti
     labels = np.asarray(labels)
     if labels.shape != before.painted.shape:
         return None
-    region, previous, ignore_value, w0, sigma, correction_weight, _ = before.inputs
+    region, previous, ignore_value, w0, sigma, correction_weight, _, _ = before.inputs
     diff = labels != before.painted
     ignore = before.ignore.copy()
     foreground = before.foreground.copy()
@@ -771,7 +775,8 @@ class TrainingSession:
             prepare_pair(model, im, lab, w0=w0, sigma=sigma, channel_axis=channel_axis) for im, lab in (replay or [])
         ]
         self._pending: dict[Hashable, dict | None] = {}
-        self._stacks: dict = {}  # stack key -> (its image, {z: slice view}, the slices trained on)
+        self._stacks: dict = {}  # stack key -> (its image, {z: its Window}, the slices trained on, per-slice statistics)
+        self._statistics: dict = {}  # normalisation statistics of the images that windows are part of
         self._lock = threading.Lock()
         self._sampler: CropSampler | None = None
         self.step_count = 0
@@ -787,7 +792,7 @@ class TrainingSession:
 
     # -- pairs -----------------------------------------------------------------------------
     def set_pair(self, key: Hashable, image, labels, *, region=None, previous=None, name: str | None = None,
-                 slices: Sequence[int] | None = None) -> None:
+                 slices: Sequence[int] | None = None, axes: str | None = None) -> None:
         """Add the pair ``key``, or replace it (the user painted more). Thread-safe; the pair is
         prepared by the training thread before its next step (or by :meth:`prepare`). ``name``
         (a file or layer name; ``key`` by default) is what the run's record calls the image.
@@ -796,17 +801,21 @@ class TrainingSession:
         ``region`` of its spatial shape, ``region`` also 2-D for every slice) trains on its
         painted slices (:func:`painted_slices`), each a 2-D pair of its own, keyed
         ``(key, z)`` and named ``"name [z]"``. ``slices`` limits an update to those slices (the
-        user painted on them): only they are looked at, copied and prepared again."""
+        user painted on them): only they are looked at, copied and prepared again. Each slice is
+        normalised as :func:`~napari_unet_studio.segment` normalises it: with the statistics of
+        the whole volume (``axes="ZYX"``, the default), or of its frame (``"TYX"``). So is an
+        :class:`~napari_unet_studio.inference.Window` (a region of a larger image): with that
+        image's statistics."""
         layout = ImageLayout(image, self.channel_axis)
         if layout.is_stack:
-            self._set_stack(key, layout, labels, region, previous, str(key) if name is None else str(name), slices)
+            self._set_stack(key, layout, labels, region, previous, str(key) if name is None else str(name), slices, axes)
             return
         labels = np.array(labels)  # a copy: the user may keep painting the layer
         with self._lock:
             self._pending[key] = {"image": image, "labels": labels, "region": region, "previous": previous,
                                   "name": str(key) if name is None else str(name)}
 
-    def _set_stack(self, key, layout: ImageLayout, labels, region, previous, name: str, slices) -> None:
+    def _set_stack(self, key, layout: ImageLayout, labels, region, previous, name: str, slices, axes) -> None:
         """:meth:`set_pair` for a stack: its painted slices become 2-D pairs ``(key, z)``."""
         if layout.channel_axis is not None and layout.channel_axis != len(layout.shape) - 1:
             raise InputError(f"a stack to train on needs its channels last, got shape {layout.shape} "
@@ -820,10 +829,11 @@ class TrainingSession:
             if region.shape not in (layout.spatial_shape, layout.plane):
                 raise InputError(f"region mask of shape {region.shape} does not match the stack's "
                                  f"{layout.spatial_shape} (or one slice's {layout.plane})")
+        per_slice = stack_axes(axes, True) != "ZYX"  # checked before anything changes
         with self._lock:
             known = self._stacks.get(key)
         done = set(known[2]) if known is not None else set()
-        views = known[1] if known is not None and known[0] is layout.image else {}
+        views = known[1] if known is not None and known[0] is layout.image and known[3] == per_slice else {}
         n = layout.n_slices
         look = range(n) if slices is None else sorted({int(z) for z in slices if 0 <= int(z) < n})
 
@@ -843,7 +853,7 @@ class TrainingSession:
         for z in look:
             if z in keep:
                 if z not in views:
-                    views[z] = layout.slice_at(z)
+                    views[z] = Window(layout.image, z, channel_axis=layout.channel_axis, axes="TYX" if per_slice else "ZYX")
                 plane = region if region is None or region.ndim == 2 else region[z]
                 self.set_pair((key, z), views[z], np.array(labels[z]), region=plane,
                               previous=None if previous is None else np.asarray(previous[z]), name=f"{name} [{z}]")
@@ -851,7 +861,7 @@ class TrainingSession:
                 self.remove_pair((key, z))
         done = (done - set(look)) | keep
         with self._lock:
-            self._stacks[key] = (layout.image, views, done)
+            self._stacks[key] = (layout.image, views, done, per_slice)
 
     def _at_scale(self, key, what: str, array, order: int):
         """``array`` (an image, labels or a mask) as the network sees it at the session's scale;
@@ -929,6 +939,7 @@ class TrainingSession:
                 check_corrections=self.holdout and self.validation is None,
                 rng=self.rng,
                 before=old,
+                statistics=original_image.statistics(self.model, self._statistics) if isinstance(original_image, Window) else None,
             )
             if old is not None and old.holdout is not None:
                 held = old.holdout
@@ -1410,6 +1421,7 @@ def train(
     widen_for_rgb: bool = True,
     channel_axis: int | None = None,
     names: Sequence[str] | None = None,
+    axes: str | Sequence[str | None] | None = None,
     **options,
 ):
     """Train (or fine-tune) ``model`` on (image, labels) pairs; returns ``(model, history)``.
@@ -1426,10 +1438,17 @@ def train(
         instance labels (0 = background; a label image with one non-zero value is a mask whose
         connected components are the objects). A stack (``(Z, Y, X)``, channels last if any)
         with ``(Z, Y, X)`` labels trains on its painted slices (:func:`painted_slices`: with
-        ``previous``, the slices the user changed), each normalised on its own.
+        ``previous``, the slices the user changed), each normalised as
+        :func:`~napari_unet_studio.segment` normalises it (see ``axes``); an
+        :class:`~napari_unet_studio.inference.Window` (a region of a larger image) with the
+        statistics of that image.
     steps, time_budget
         Stop after this many optimiser steps and/or seconds of training (whichever comes
         first); with neither, 500 steps.
+    axes
+        What each stack's first axis is, as for :func:`~napari_unet_studio.segment`: ``"ZYX"``
+        (the default: slices of a volume, normalised with the volume's statistics) or ``"TYX"``
+        (frames, each normalised on its own); one for every stack, or one per image.
     regions
         Optional boolean masks (one per image, or ``None`` entries): train only inside them.
     previous
@@ -1518,7 +1537,9 @@ def train(
         raise InputError(f"{len(images)} images but {len(labels)} label images")
     if not len(images):
         raise InputError("no training images")
-    for name, seq in (("regions", regions), ("previous", previous)):
+    if axes is None or isinstance(axes, str):
+        axes = [axes] * len(images)
+    for name, seq in (("regions", regions), ("previous", previous), ("axes", axes)):
         if seq is not None and len(seq) != len(images):
             raise InputError(f"{len(images)} images but {len(seq)} {name}")
     if steps is None and time_budget is None:
@@ -1531,8 +1552,8 @@ def train(
     regions = regions if regions is not None else [None] * len(images)
     previous = previous if previous is not None else [None] * len(images)
     names = names if names is not None else [f"image {i + 1}" for i in range(len(images))]
-    for i, (im, lab, reg, prev, name) in enumerate(zip(images, labels, regions, previous, names)):
-        session.set_pair(i, im, lab, region=reg, previous=prev, name=name)
+    for i, (im, lab, reg, prev, name, ax) in enumerate(zip(images, labels, regions, previous, names, axes)):
+        session.set_pair(i, im, lab, region=reg, previous=prev, name=name, axes=ax)
     session.prepare()
     session.run(steps=steps, time_budget=time_budget, progress=progress, cancel=cancel, val_every=val_every)
     model = session.finish(**({"input_widened": "1 -> 3 channels"} if widened else {}))

@@ -38,10 +38,16 @@ def test_a_stack_without_axis_labels_asks_then_links_or_keeps_frames(make_napari
     volume = labels_of(viewer).data
     n = int(volume[0].max())
     assert n >= 3 and volume.max() == n and np.array_equal(volume[2], volume[0])
+    fine = open_widget(viewer, "Fine-tune")  # trains on the slices normalised as Segment normalised them
+    fine.image.setCurrentText("img")
+    fine.labels.setCurrentText("img labels")
+    fine.add_pair()
+    assert fine._collect()[5] == ["ZYX"]
     viewer.layers.remove(labels_of(viewer))
     widget.stack.setCurrentText("time series (objects per frame)")
     run_and_wait(qtbot, widget)
     assert labels_of(viewer).data.max() == 3 * n
+    assert fine._collect()[5] == ["TYX"]
 
 
 def test_axis_labels_decide_without_asking(make_napari_viewer, qtbot):

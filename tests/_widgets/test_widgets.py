@@ -920,6 +920,14 @@ def test_a_large_image_is_fine_tuned_on_its_regions_only(make_napari_viewer, qtb
     widget.regions.setCurrentText("regions")
     widget.add_pair()
     assert widget.start_live() is None and "live mode needs an image that fits in memory" in errors[-1]
+    from napari_unet_studio.inference import ImageLayout, Window, _SliceStatistics
+
+    images = widget._collect()[0]  # windows of the image, normalised with the whole image's statistics
+    whole = viewer.layers["cells"].data
+    model = state_for(viewer).model
+    assert all(isinstance(w, Window) and w.source.image is whole for w in images)
+    np.testing.assert_array_equal(np.asarray(images[0]), whole[10:61, 10:71])
+    assert images[0].statistics(model) == _SliceStatistics(ImageLayout(whole), model)(0)
     widget.steps.setValue(1)
     run_and_wait(qtbot, widget)
     run = card_of(state_for(viewer).model).provenance["training"][-1]

@@ -54,8 +54,8 @@ def _live_job(model, pairs, options, view, *, cancel, progress):
     if will_widen(model, [p[0] for p in pairs]):
         model = widen_input(model)
     session = TrainingSession(model, **options)
-    for key, (image, labels, region, previous, name) in enumerate(pairs):
-        session.set_pair(key, image, labels, region=region, previous=previous, name=name)
+    for key, (image, labels, region, previous, name, axes) in enumerate(pairs):
+        session.set_pair(key, image, labels, region=region, previous=previous, name=name, axes=axes)
     yield {"session": session}
     return (yield from session.live(view, cancel=cancel, progress=progress))
 
@@ -413,18 +413,22 @@ class FineTuneWidget(QWidget):
 
     def _collect(self, live: bool = False):
         """Images, labels, region masks, the labels Segment gave (None where the labels layer
-        is not a Segment result) and names of the chosen pairs, or raise InputError.
+        is not a Segment result), names of the chosen pairs and what a stack's first axis is
+        (as Segment took it, else the layer's axis labels; None: slices of a volume), or raise
+        InputError.
 
         A large image (more pixels than napari-unet-studio holds in memory comfortably) is never
         read whole: each region of its Regions layer becomes a pair of its own, read from the
-        image and the labels alone (not in live mode, which trains on whole pairs)."""
+        image and the labels alone (not in live mode, which trains on whole pairs), and
+        normalised as Segment normalised the whole image (a :class:`~napari_unet_studio.inference.Window`)."""
         from ..errors import InputError
+        from ..inference import Window
 
         if not self.pairs:
             raise InputError("add at least one (Image, Labels) pair to fine-tune on")
-        from .segment_widget import segmented_labels
+        from .segment_widget import segmented_axes, segmented_labels
 
-        images, labels, regions, previous, names = [], [], [], [], []
+        images, labels, regions, previous, names, stack_axes = [], [], [], [], [], []
         for image_name, labels_name, regions_name in self.pairs:
             pixels, labels_layer = self._layers_of_pair(image_name, labels_name)
             shapes = None
@@ -433,6 +437,7 @@ class FineTuneWidget(QWidget):
                 if shapes is None or len(shapes.data) == 0:
                     raise InputError(f"the Shapes layer {regions_name!r} holds no regions")
             given = segmented_labels(labels_layer)
+            axes = (segmented_axes(labels_layer) or pixels.axes) if pixels.is_stack else None
             if pixels.is_large:
                 if live or shapes is None:
                     raise InputError(
@@ -441,7 +446,9 @@ class FineTuneWidget(QWidget):
                             if live else "draw rectangles around what you painted in a Shapes layer and choose it "
                             "under Regions; only those regions are read and trained on"))
                 for index, mask in region_windows(shapes, pixels.spatial_shape, labels_layer):
-                    images.append(np.asarray(pixels.data[index]))
+                    images.append(Window(pixels.data, index[0] if len(index) == 3 else None, *index[-2:],
+                                         channel_axis=pixels.channel_axis, axes=axes))
+                    stack_axes.append(None)
                     labels.append(np.array(labels_layer.data[index]))
                     regions.append(mask)
                     previous.append(None if given is None else np.asarray(given[index]))
@@ -458,7 +465,8 @@ class FineTuneWidget(QWidget):
             regions.append(mask)
             previous.append(given)
             names.append(image_name)
-        return images, labels, regions, previous, names
+            stack_axes.append(axes)
+        return images, labels, regions, previous, names, stack_axes
 
     def _scale(self) -> float:
         """The scale to train at: the one Segment saw the first pair's image at (1 for labels
@@ -513,7 +521,7 @@ class FineTuneWidget(QWidget):
         from ..errors import UnetStudioError
 
         try:
-            images, labels, regions, previous, names = self._collect()
+            images, labels, regions, previous, names, axes = self._collect()
             val_images, val_labels = self._collect_validation()
         except UnetStudioError as exc:
             notify_error(exc, self.status)
@@ -533,6 +541,7 @@ class FineTuneWidget(QWidget):
             regions=regions,
             previous=previous,
             names=names,
+            axes=axes,
             progress=self.bridge,
             cancel=self.cancel_flag,
             lr=self.lr.value() or None,
@@ -608,7 +617,7 @@ class FineTuneWidget(QWidget):
             notify_error(InputError("wait for the running fine-tune to end, or cancel it"), self.status)
             return None
         try:
-            images, labels, regions, previous, _names = self._collect(live=True)
+            images, labels, regions, previous, _names, axes = self._collect(live=True)
         except UnetStudioError as exc:
             notify_error(exc, self.status)
             return None
@@ -628,7 +637,7 @@ class FineTuneWidget(QWidget):
             scale=self._scale(),
         )
         names = [image_name for image_name, _, _ in self.pairs]
-        pairs = list(zip(images, labels, regions, previous, names))
+        pairs = list(zip(images, labels, regions, previous, names, axes))
         self._name = self.state.name
         self._live_on = True
         self._live_pending = set()
@@ -664,7 +673,7 @@ class FineTuneWidget(QWidget):
         # The preview follows the pair the user works on: the selected image or labels layer of
         # a pair (the first pair's image until one is selected).
         self._live_pairs = [(self._layer(i), self._layer(l)) for i, l, _ in self.pairs]
-        self._live_inputs = list(zip(images, regions, [i for i, _, _ in self.pairs]))
+        self._live_inputs = list(zip(images, regions, [i for i, _, _ in self.pairs], axes))
         self._live_dirty = {}
         self._live_maybe = set()
         # checksums of the planes the session has, by (pair, slice or None): what a redraw is checked against
@@ -708,10 +717,10 @@ class FineTuneWidget(QWidget):
                 dirty[key] = None if z is None else [z]
         for key, slices in dirty.items():
             layer = self._live_pairs[key][1]
-            image, region, name = self._live_inputs[key]
+            image, region, name, axes = self._live_inputs[key]
             try:
                 self.live_session.set_pair(key, image, layer.data, region=region, previous=segmented_labels(layer),
-                                           name=name, slices=slices)
+                                           name=name, slices=slices, axes=axes)
             except UnetStudioError as exc:  # e.g. every painted slice erased: it keeps training on the last ones
                 self.status.setText(f"live: {exc}")
             if layer.data.ndim == 2:

@@ -127,6 +127,13 @@ def segmented_scale(layer) -> float | None:
     return meta.get("scale")
 
 
+def segmented_axes(layer) -> str | None:
+    """What Segment took a stack's first axis for (``"ZYX"`` or ``"TYX"``), for a Labels layer
+    it wrote (None otherwise, and for a 2-D image)."""
+    meta = layer.metadata.get(RESULT_KEY) or {}
+    return meta.get("axes")
+
+
 def segmented_labels(layer):
     """The labels the model gave in ``layer`` (a Segment result), before any painting; None
     for a layer Segment did not write."""
@@ -347,7 +354,8 @@ class SegmentWidget(QWidget):
             progress=self.bridge,
             cancel=self.cancel_flag,
             **options,
-            _connect={"returned": lambda result: self._add_results(layer, result, model_name, pixels.downsample),
+            _connect={"returned": lambda result: self._add_results(layer, result, model_name, pixels.downsample,
+                                                                   stack_options.get("axes")),
                       "errored": self._on_error, "finished": self._on_finished},
         )
         return self.job.track(self.worker)
@@ -411,7 +419,7 @@ class SegmentWidget(QWidget):
     def _on_finished(self) -> None:
         self.buttons.set_busy(False)
 
-    def _add_results(self, image_layer, result, model_name: str = "", downsample=()) -> None:
+    def _add_results(self, image_layer, result, model_name: str = "", downsample=(), axes: str | None = None) -> None:
         """Add (or update our own untouched) result layers; never overwrite painted labels.
 
         The labels as the model gave them stay in the layer's metadata (``"labels"``): what the
@@ -435,7 +443,7 @@ class SegmentWidget(QWidget):
             target = self.viewer.add_labels(labels, name=name, **spatial)
         target.metadata[RESULT_KEY] = {
             "checksum": None if on_disk else checksum(labels), "source": image_layer.name, "model": model_name,
-            "labels": given if on_disk else labels.copy(), "scale": used_scale,
+            "labels": given if on_disk else labels.copy(), "scale": used_scale, "axes": axes,
         }
         if table is not None:  # napari shows them on hover; "index" ties a row to its label
             target.features = {"index": table["label"], **{k: v for k, v in table.items() if k != "label"}}
