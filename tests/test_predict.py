@@ -367,3 +367,23 @@ def test_bad_segment_arguments_are_refused(kwargs, message, rng):
 def test_bad_batch_sizes_are_refused(batch, rng):
     with pytest.raises(InputError, match="batch size"):
         predict(tiny("unet", depth=2), rng.random((40, 40)).astype(np.float32), batch_size=batch)
+
+
+def test_a_window_is_predicted_as_part_of_its_image(rng):
+    """A slice of a volume given as a Window is normalised with the volume's statistics, so its
+    probabilities are the volume's at that slice; a frame (axes="TYX") is normalised alone; a
+    region of a plane with the plane's statistics."""
+    from napari_unet_studio.inference import Window
+
+    model = tiny("unet", depth=2)
+    stack = rng.random((3, 40, 50)).astype(np.float32)
+    stack[1] *= 50
+    volume = predict(model, stack, tile_size=60, batch_size=4)
+    for z in range(3):
+        np.testing.assert_allclose(predict(model, Window(stack, z), tile_size=60), volume[:, z], atol=TOL)
+        np.testing.assert_allclose(predict(model, Window(stack, z, axes="TYX"), tile_size=60), predict(model, stack[z], tile_size=60), atol=TOL)
+    plane = stack[0] * 0.1
+    plane[:10, :10] = 5  # bright only outside the region: its statistics are the plane's
+    stats = card_of(model).normalization.statistics(plane[..., None])
+    region = predict(model, Window(plane, None, slice(20, 40), slice(0, 30)), tile_size=60)
+    np.testing.assert_allclose(region, whole_image_probabilities(model, plane[20:40, :30], stats), atol=TOL)

@@ -115,7 +115,9 @@ class Window:
     one slice), read from the image only when used (and then kept). Training normalises a
     window as :func:`segment` normalises the image it is part of, with that image's
     statistics: a region of a large scan like the scan, a slice of a volume like the volume
-    (``axes="ZYX"``, the default), a frame of a time series (``"TYX"``) like that frame.
+    (``axes="ZYX"``, the default), a frame of a time series (``"TYX"``) like that frame; so do
+    :func:`predict` and :func:`segment` given a window (a live preview of one slice is the
+    volume's slice).
 
     ``index`` is the slice (None for a 2-D image); ``rows`` and ``cols`` the region."""
 
@@ -363,6 +365,9 @@ class WindowPredictor:
         self.tile_input = auto_tile_size(model, self.device) if tile_size is None else int(tile_size)
         self.batch_size = batch_size
         self.statistics = _SliceStatistics(self.layout, model, per_slice=not self.volume)
+        if isinstance(image, Window):  # part of a larger image: normalised as that image is
+            cache: dict = {}
+            self.statistics = lambda index: image.statistics(model, cache)
 
     def __enter__(self) -> WindowPredictor:
         from .models import inference_copy

@@ -322,7 +322,9 @@ def test_live_mode_on_a_stack_takes_strokes_on_their_slice_and_previews_the_slic
     qtbot.waitUntil(lambda: (0, 1) in session.pairs, timeout=30_000)
     assert session.pairs[(0, 0)] is before[(0, 0)] and session.pairs[(0, 2)] is before[(0, 2)]  # not prepared again
     viewer.dims.set_current_step(0, 3)
-    np.testing.assert_array_equal(widget._current_view()[0], stack[3])  # the preview follows the slice in view
+    shown = widget._current_view()[0]
+    np.testing.assert_array_equal(shown, stack[3])  # the preview follows the slice in view ...
+    assert shown.source.image is viewer.layers["stack"].data and not shown.per_slice  # ... normalised as the volume
     widget.live.setChecked(False)
     qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=60_000)
     assert card_of(state_for(viewer).model).provenance["training"][-1]["live"]

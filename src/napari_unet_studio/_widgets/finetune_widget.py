@@ -737,7 +737,13 @@ class FineTuneWidget(QWidget):
         if layer is None:
             return
         pixels = layer_array(layer)
-        data = pixels.data[shown_index(layer, self.viewer.dims.point)] if pixels.is_stack else pixels.data
+        data = pixels.data
+        if pixels.is_stack:  # the slice in view, normalised as the stack was for training
+            from ..inference import Window
+
+            axes = next((inputs[3] for (image, _), inputs in zip(self._live_pairs, self._live_inputs) if image is layer), None)
+            z = shown_index(layer, self.viewer.dims.point)[0]
+            data = Window(pixels.data, z, channel_axis=pixels.channel_axis, axes=axes)
         self._live_view = (data, viewed_region(layer, pixels.spatial_shape[-2:]))
 
     def _on_active_layer(self, event) -> None:
@@ -760,7 +766,11 @@ class FineTuneWidget(QWidget):
             self._live_pending = set()
             self._send_live_strokes()
             return
-        image = next((i for i, _ in self._live_pairs if i.data is preview.get("image")), self._live_image)
+        from ..inference import Window
+
+        seen = preview.get("image")
+        seen = seen.source.image if isinstance(seen, Window) else seen  # a slice in view: its stack
+        image = next((i for i, _ in self._live_pairs if i.data is seen), self._live_image)
         name = f"{image.name} live preview"
         layer = next((l for l in layers_of(self.viewer, "Labels") if l.name == name), None)
         plane = layer_array(image).spatial_shape[-2:]  # of a stack: the slice in view, shown over every slice
