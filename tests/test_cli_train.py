@@ -132,7 +132,7 @@ def test_train_on_a_stack_takes_its_painted_slices(tmp_path, capsys):
     out = tmp_path / "m.safetensors"
     code = main(["train", "--images", str(tmp_path / "im"), "--labels", str(tmp_path / "lab"), "--out", str(out),
                  "--depth", "2", "--base-channels", "4", "--steps", "2", "--tile-size", "60", "-q"])
-    assert code == 0 and capsys.readouterr().out.startswith("trained on 1 image in")
+    assert code == 0 and capsys.readouterr().out.startswith("trained on 1 image (2 painted slices) in")
     run = card_of(load_model(out)).provenance["training"][-1]
     assert [d["name"] for d in run["data"]] == ["a.tif [0]", "a.tif [2]"]
 

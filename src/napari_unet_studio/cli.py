@@ -686,8 +686,9 @@ def run_train(args: argparse.Namespace) -> int:
     if run["stopped"] == "diverged":
         print(f"unet-studio: warning: the loss stopped being finite at step {run['steps'] + 1} (try a lower --lr); "
               f"kept the weights of step {run['best_step']}", file=sys.stderr)
-    n = len(images)
-    print(f"trained on {n} image{'s' if n != 1 else ''} in {time.perf_counter() - start:.0f} s: {describe_outcome(run)} -> {written}")
+    n, pairs_trained = len(images), run.get("images", len(images))  # a stack trains on its painted slices
+    what = f"{n} image{'s' if n != 1 else ''}" + (f" ({pairs_trained} painted slices)" if pairs_trained != n else "")
+    print(f"trained on {what} in {time.perf_counter() - start:.0f} s: {describe_outcome(run)} -> {written}")
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_USAGE if failure else 0
