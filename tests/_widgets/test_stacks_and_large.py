@@ -60,6 +60,27 @@ def test_axis_labels_decide_without_asking(make_napari_viewer, qtbot):
     assert frames.max() == 2 * frames[0].max()
 
 
+def test_a_stack_whose_axis_labels_decide_is_not_segmented_by_a_choice_remembered_from_another(make_napari_viewer, qtbot):
+    """Having segmented a stack as a volume (the choice is remembered), a time series labelled
+    t is segmented frame by frame: a newly chosen stack whose axis labels say what it is goes
+    by them; a choice made for it afterwards is kept."""
+    viewer = make_napari_viewer()
+    stack = np.stack([objects_on_block_corners((100, 120))] * 2)
+    widget = segment_dock(viewer, stack, name="volume")
+    widget.stack.setCurrentText("slices of a volume (3-D objects)")
+    again = open_widget(make_napari_viewer(), "Segment")  # a later session: the choice comes back
+    assert again.stack.currentText() == "slices of a volume (3-D objects)"
+    viewer.add_image(stack, name="movie", axis_labels=("t", "y", "x"))
+    widget.image.setCurrentText("movie")
+    assert widget.stack.currentText() == "from axis labels"
+    run_and_wait(qtbot, widget)
+    frames = labels_of(viewer, "movie").data
+    assert frames.max() == 2 * frames[0].max()  # objects per frame, not linked into 3-D objects
+    widget.stack.setCurrentText("time series (tracked objects)")
+    viewer.layers.remove(labels_of(viewer, "movie"))  # the layer list changes: the choice stays
+    assert widget.stack.currentText() == "time series (tracked objects)"
+
+
 def test_a_multiscale_level_is_segmented_at_its_resolution(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     fine = objects_on_block_corners((200, 240))

@@ -186,6 +186,8 @@ class SegmentWidget(QWidget):
         self.level.addItem("0 (finest)")
         self.stack = QComboBox(parent=self)
         self.stack.addItems(list(STACK_CHOICES))
+        self._stack_layer: str | None = None  # the layer the stack choice was last set for
+        self._refilling = False
         form.addRow("Image", self.image)
         form.addRow("Multiscale level", self.level)
         form.addRow("Stack", self.stack)
@@ -244,7 +246,11 @@ class SegmentWidget(QWidget):
         self._refresh_model()
 
     def _refresh_layers(self, *_) -> None:
-        set_choices(self.image, [layer.name for layer in layers_of(self.viewer, "Image")])
+        self._refilling = True  # the combo passes through other names while it is refilled
+        try:
+            set_choices(self.image, [layer.name for layer in layers_of(self.viewer, "Image")])
+        finally:
+            self._refilling = False
         self._refresh_image_choices()
 
     def _chosen_layer(self):
@@ -254,11 +260,21 @@ class SegmentWidget(QWidget):
         """Levels of a multiscale image, and the stack choice only for stacks."""
         from ._layers import layer_array, n_levels
 
+        if self._refilling:
+            return
+
         layer = self._chosen_layer()
         levels = n_levels(layer) if layer is not None else 1
         set_choices(self.level, ["0 (finest)"] + [str(i) for i in range(1, levels)])
         self.level.setEnabled(levels > 1)
-        self.stack.setEnabled(layer is not None and layer_array(layer).is_stack)
+        pixels = layer_array(layer) if layer is not None else None
+        self.stack.setEnabled(pixels is not None and pixels.is_stack)
+        if layer is not None and layer.name != self._stack_layer:
+            # A newly chosen stack whose axis labels say what its first axis is goes by them, not
+            # by a choice remembered from another stack (a time series was segmented as a volume).
+            self._stack_layer = layer.name
+            if pixels.is_stack and pixels.axes in ("ZYX", "TYX"):
+                self.stack.setCurrentText("from axis labels")
 
     def _refresh_model(self) -> None:
         model = self.state.model
