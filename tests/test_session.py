@@ -646,7 +646,11 @@ def test_bad_windows_and_stack_axes_are_refused():
     session = TrainingSession(small_unet(), tile_size=60, seed=0, holdout=False)
     with pytest.raises(InputError, match="axes"):
         session.set_pair("s", stack, labels, axes="XYZ")
-    assert Window(stack, 1, slice(10, 20)).shape == (10, 96)
+    window = Window(stack, 1, slice(10, 20))
+    assert window.shape == (10, 96)
+    copied = np.array(window)  # a copy: changing it leaves the window's pixels as they are
+    copied[:] = 0
+    np.testing.assert_array_equal(np.asarray(window), stack[1, 10:20])
 
 
 def test_strokes_on_a_stack_update_only_the_slices_they_touch():

@@ -143,7 +143,9 @@ class Window:
     def __array__(self, dtype=None, copy=None):
         if self._pixels is None:
             self._pixels = np.asarray(self.source.image[self._key])
-        return self._pixels if dtype is None else self._pixels.astype(dtype)
+        if dtype is not None:
+            return self._pixels.astype(dtype)
+        return self._pixels.copy() if copy else self._pixels  # the kept pixels are never handed out to change
 
     def __getitem__(self, key):
         return np.asarray(self)[key]
