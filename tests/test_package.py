@@ -11,7 +11,7 @@ import pytest
 import napari_unet_studio
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ["models", "tiling", "inference", "postprocess", "checkpoint", "normalize", "devices", "io", "cli", "errors",
+CORE = ["models", "tiling", "layout", "inference", "postprocess", "checkpoint", "normalize", "devices", "io", "cli", "errors",
         "_sample_data", "weightmap", "augment", "training", "metrics", "corrections", "blocks", "linking",
         "measurements", "provenance"]
 GUI_MODULES = ("qtpy", "superqt", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari", "magicgui", "vispy")
@@ -26,6 +26,8 @@ def test_import_is_lazy():
     loaded = _modules_after("import napari_unet_studio")
     assert "torch" not in loaded
     assert not loaded & set(GUI_MODULES)
+    # the docks describe images (and parts of them) on napari's GUI thread: no torch there
+    assert "torch" not in _modules_after("import napari_unet_studio.layout")
 
 
 @pytest.mark.parametrize("module", CORE)

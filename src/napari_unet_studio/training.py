@@ -39,7 +39,7 @@ from .augment import affine_matrices, displacement_field, gray_value_augment, sa
 from .corrections import find_corrections
 from .devices import ThreadFitter, resolve_device
 from .errors import InputError
-from .inference import ImageLayout, Window, stack_axes
+from .layout import ImageLayout, Window, stack_axes
 from .metrics import as_instances  # noqa: F401 (part of this module's API too)
 from .card import build_model, card_of, model_config
 from . import encodings
@@ -775,7 +775,7 @@ class TrainingSession:
             prepare_pair(model, im, lab, w0=w0, sigma=sigma, channel_axis=channel_axis) for im, lab in (replay or [])
         ]
         self._pending: dict[Hashable, dict | None] = {}
-        self._stacks: dict = {}  # stack key -> (its image, {z: its Window}, the slices trained on, per-slice statistics)
+        self._stacks: dict = {}  # stack key -> (its image, its axes, {z: its Window}, the slices trained on)
         self._statistics: dict = {}  # normalisation statistics of the images that windows are part of
         self._lock = threading.Lock()
         self._sampler: CropSampler | None = None
@@ -829,11 +829,11 @@ class TrainingSession:
             if region.shape not in (layout.spatial_shape, layout.plane):
                 raise InputError(f"region mask of shape {region.shape} does not match the stack's "
                                  f"{layout.spatial_shape} (or one slice's {layout.plane})")
-        per_slice = stack_axes(axes, True) != "ZYX"  # checked before anything changes
+        axes = stack_axes(axes, True)  # "ZYX" or "TYX", checked before anything changes
         with self._lock:
             known = self._stacks.get(key)
-        done = set(known[2]) if known is not None else set()
-        views = known[1] if known is not None and known[0] is layout.image and known[3] == per_slice else {}
+        done = set(known[3]) if known is not None else set()
+        views = known[2] if known is not None and known[0] is layout.image and known[1] == axes else {}
         n = layout.n_slices
         look = range(n) if slices is None else sorted({int(z) for z in slices if 0 <= int(z) < n})
 
@@ -853,7 +853,7 @@ class TrainingSession:
         for z in look:
             if z in keep:
                 if z not in views:
-                    views[z] = Window(layout.image, z, channel_axis=layout.channel_axis, axes="TYX" if per_slice else "ZYX")
+                    views[z] = Window(layout.image, z, channel_axis=layout.channel_axis, axes=axes)
                 plane = region if region is None or region.ndim == 2 else region[z]
                 self.set_pair((key, z), views[z], np.array(labels[z]), region=plane,
                               previous=None if previous is None else np.asarray(previous[z]), name=f"{name} [{z}]")
@@ -861,7 +861,7 @@ class TrainingSession:
                 self.remove_pair((key, z))
         done = (done - set(look)) | keep
         with self._lock:
-            self._stacks[key] = (layout.image, views, done, per_slice)
+            self._stacks[key] = (layout.image, axes, views, done)
 
     def _at_scale(self, key, what: str, array, order: int):
         """``array`` (an image, labels or a mask) as the network sees it at the session's scale;
@@ -886,7 +886,7 @@ class TrainingSession:
         Thread-safe."""
         with self._lock:
             stack = self._stacks.pop(key, None)
-            for sub in [key] if stack is None else [(key, z) for z in stack[2]]:
+            for sub in [key] if stack is None else [(key, z) for z in stack[3]]:
                 self._pending[sub] = None
 
     def prepare(self) -> list[Hashable]:

@@ -422,7 +422,7 @@ class FineTuneWidget(QWidget):
         image and the labels alone (not in live mode, which trains on whole pairs), and
         normalised as Segment normalised the whole image (a :class:`~napari_unet_studio.inference.Window`)."""
         from ..errors import InputError
-        from ..inference import Window
+        from ..layout import Window
 
         if not self.pairs:
             raise InputError("add at least one (Image, Labels) pair to fine-tune on")
@@ -501,7 +501,7 @@ class FineTuneWidget(QWidget):
         """Raise InputError for images the model cannot take; tell the user about conversions."""
         from napari.utils.notifications import show_info
 
-        from ..inference import ImageLayout
+        from ..layout import ImageLayout
         from ..normalize import channel_conversion
         from ..training import will_widen
 
@@ -617,7 +617,7 @@ class FineTuneWidget(QWidget):
             notify_error(InputError("wait for the running fine-tune to end, or cancel it"), self.status)
             return None
         try:
-            images, labels, regions, previous, _names, axes = self._collect(live=True)
+            images, labels, regions, previous, names, axes = self._collect(live=True)
         except UnetStudioError as exc:
             notify_error(exc, self.status)
             return None
@@ -636,7 +636,6 @@ class FineTuneWidget(QWidget):
             reserve_cores=0,  # measured: napari (0.2 core while painting) leaves room for two threads
             scale=self._scale(),
         )
-        names = [image_name for image_name, _, _ in self.pairs]
         pairs = list(zip(images, labels, regions, previous, names, axes))
         self._name = self.state.name
         self._live_on = True
@@ -673,7 +672,7 @@ class FineTuneWidget(QWidget):
         # The preview follows the pair the user works on: the selected image or labels layer of
         # a pair (the first pair's image until one is selected).
         self._live_pairs = [(self._layer(i), self._layer(l)) for i, l, _ in self.pairs]
-        self._live_inputs = list(zip(images, regions, [i for i, _, _ in self.pairs], axes))
+        self._live_inputs = list(zip(images, regions, names, axes))
         self._live_dirty = {}
         self._live_maybe = set()
         # checksums of the planes the session has, by (pair, slice or None): what a redraw is checked against
@@ -739,7 +738,7 @@ class FineTuneWidget(QWidget):
         pixels = layer_array(layer)
         data = pixels.data
         if pixels.is_stack:  # the slice in view, normalised as the stack was for training
-            from ..inference import Window
+            from ..layout import Window
 
             axes = next((inputs[3] for (image, _), inputs in zip(self._live_pairs, self._live_inputs) if image is layer), None)
             z = shown_index(layer, self.viewer.dims.point)[0]
@@ -766,7 +765,7 @@ class FineTuneWidget(QWidget):
             self._live_pending = set()
             self._send_live_strokes()
             return
-        from ..inference import Window
+        from ..layout import Window
 
         seen = preview.get("image")
         seen = seen.source.image if isinstance(seen, Window) else seen  # a slice in view: its stack
