@@ -311,6 +311,30 @@ def test_bright_background_images_are_inverted_automatically(rng):
     with pytest.raises(ValueError):
         Normalization(invert="sometimes")
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int32, np.bool_])
+def test_integer_images_get_the_percentiles_of_sorting_from_a_histogram(dtype, rng):
+    """Integer samples are counted, not sorted: the same percentiles (numpy's linear
+    definition), the same inversion, for sizes whose ranks fall between pixels."""
+    from napari_unet_studio.normalize import Normalization, _integer_quantiles
+
+    for n in (1, 2, 7, 1000, 4099):
+        if dtype is np.bool_:
+            x = rng.random((n, 2)) < 0.3
+        else:
+            info = np.iinfo(dtype)
+            x = np.clip(rng.poisson(30, (n, 2)) * 37 + max(info.min, -500), info.min, info.max).astype(dtype)
+        q = [1.0, 99.8, 50.0, 12.345]
+        np.testing.assert_allclose(_integer_quantiles(x, q), np.percentile(x.astype(np.float64), q, axis=0), rtol=1e-12)
+        for norm in (Normalization(), Normalization(low=3.0, high=97.0)):
+            counted, sorted_ = norm.statistics(x[None]), norm.statistics(x[None].astype(np.float32))
+            np.testing.assert_allclose(counted, sorted_, rtol=1e-6)
+    bright = (255 - rng.poisson(10, (64, 64, 1))).astype(np.uint8)  # a bright background is still inverted
+    assert Normalization().statistics(bright)[1][0] < 0
+    wide = np.array([[0], [1 << 30]], np.int64)  # too many levels to count: sorted as before
+    assert _integer_quantiles(wide, [50.0]) is None
+    np.testing.assert_allclose(Normalization().statistics(wide[None]), Normalization().statistics(wide[None].astype(np.float32)))
+
+
 
 @pytest.mark.parametrize("window", [(slice(0, 40), slice(0, 50)), (slice(13, 101), slice(37, 130)), (slice(90, None), slice(5, 6))])
 @pytest.mark.parametrize("tile", [None, 100])

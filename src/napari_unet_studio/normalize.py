@@ -29,6 +29,36 @@ INVERT_MEDIAN = 0.3
 STATISTICS_SAMPLE_PIXELS = 1 << 22
 
 
+#: Integer images whose values span at most this many levels get their percentiles from a
+#: histogram (exact, and 10-50x faster than sorting a 4-megapixel sample).
+HISTOGRAM_LEVELS = 1 << 20
+
+
+def _integer_quantiles(flat: np.ndarray, percentiles) -> np.ndarray | None:
+    """Per-channel percentiles ``(len(percentiles), C)`` of an integer ``(N, C)`` sample,
+    with numpy's default ("linear") definition, counted from a histogram of each channel; ``None``
+    for other samples (floats, or integers spanning over :data:`HISTOGRAM_LEVELS` levels)."""
+    if flat.dtype.kind not in "iub" or flat.shape[0] == 0 or (flat.dtype.kind == "u" and flat.dtype.itemsize == 8):
+        return None
+    n = flat.shape[0]
+    ranks = (n - 1) * np.asarray(percentiles, np.float64) / 100.0
+    below = np.floor(ranks)
+    weight = ranks - below
+    out = np.empty((len(ranks), flat.shape[1]), np.float64)
+    for ch in range(flat.shape[1]):
+        values = flat[:, ch]
+        low, high = int(values.min()), int(values.max())
+        if high - low >= HISTOGRAM_LEVELS:
+            return None
+        shifted = values - values.dtype.type(low) if values.dtype.kind == "u" else values.astype(np.int64) - low
+        cumulative = np.cumsum(np.bincount(shifted, minlength=high - low + 1))
+        # The value of rank r (0-based) is the first level whose cumulative count exceeds r.
+        a = np.searchsorted(cumulative, below, side="right") + low
+        b = np.searchsorted(cumulative, np.minimum(below + 1, n - 1), side="right") + low
+        out[:, ch] = a + (b - a) * weight
+    return out
+
+
 @dataclass(frozen=True)
 class Normalization:
     """How raw pixel values become network input.
@@ -73,22 +103,31 @@ class Normalization:
 
         :meth:`apply` computes ``(x - offset) / scale``; an inverted image has a negative scale.
         """
-        sample = np.asarray(sample, dtype=np.float32)
+        sample = np.asarray(sample)
         c = sample.shape[-1]
-        flat = sample.reshape(-1, c)
         if self.kind == "none":
             return np.zeros(c, np.float32), np.ones(c, np.float32)
-        if self.kind == "minmax":
-            lo, hi = flat.min(axis=0), flat.max(axis=0)
+        flat = sample.reshape(-1, c)
+        counted = _integer_quantiles(flat, [self.low, self.high, 50.0]) if self.kind == "percentile" else None
+        if counted is not None:
+            lo, hi, median = counted
         else:
-            lo, hi = np.percentile(flat, [self.low, self.high], axis=0)
+            flat = flat.astype(np.float32, copy=False)
+            if self.kind == "minmax":
+                lo, hi = flat.min(axis=0), flat.max(axis=0)
+            else:
+                lo, hi = np.percentile(flat, [self.low, self.high], axis=0)
         scale = (hi - lo).astype(np.float32)
         # A flat image (or channel) must not blow up: scale 1 keeps it flat instead of inf/NaN.
         scale[~(scale > 1e-12)] = 1.0
         offset = lo.astype(np.float32)
         invert = self.invert
         if invert == "auto":
-            invert = float(np.mean(np.median((flat - offset) / scale, axis=0))) > INVERT_MEDIAN
+            if counted is None:
+                median = np.median((flat.astype(np.float32, copy=False) - offset) / scale, axis=0)
+            else:  # the median of the normalised pixels, as the normalisation is increasing
+                median = (median.astype(np.float32) - offset) / scale
+            invert = float(np.mean(median)) > INVERT_MEDIAN
         if invert:  # (x - hi) / -(hi - lo) = 1 - (x - lo) / (hi - lo)
             offset, scale = (offset + scale).astype(np.float32), -scale
         return offset, scale
