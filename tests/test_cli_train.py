@@ -139,16 +139,18 @@ def test_train_on_a_stack_takes_its_painted_slices(tmp_path, capsys):
 
 def test_train_normalises_a_stack_as_predict_does_from_its_axes(tmp_path, monkeypatch):
     """What a stack's first axis is (slices of a volume, normalised together, or frames, each
-    on its own: see the session's tests) comes from the file's axis letters, or --axes."""
+    on its own: see the session's tests) comes from the file's axis letters, or --axes; for
+    validation stacks too."""
     import tifffile
 
     from napari_unet_studio import training
 
     cells = [synthetic_cells((96, 96), n=6, seed=s) for s in range(3)]
-    seen = []
+    seen, seen_val = [], []
 
     def recording_train(model, images, labels, **kwargs):
         seen.append(kwargs["axes"])
+        seen_val.append(kwargs["val_axes"])
         raise KeyboardInterrupt  # stop there
 
     monkeypatch.setattr(training, "train", recording_train)
@@ -161,5 +163,6 @@ def test_train_normalises_a_stack_as_predict_does_from_its_axes(tmp_path, monkey
                          metadata=metadata, photometric="minisblack")
         tifffile.imwrite(folder / "lab" / "a.tif", np.stack([c[1] for c in cells]).astype(np.uint16))
         main(["train", "--images", str(folder / "im"), "--labels", str(folder / "lab"), "--out",
-              str(folder / "m.safetensors"), "--steps", "1", "-q", *extra])  # stopped at once: nothing written
-    assert seen == [["ZYX"], ["TYX"], ["TYX"], ["ZYX"]]
+              str(folder / "m.safetensors"), "--steps", "1", "-q", "--val-images", str(folder / "im"),
+              "--val-labels", str(folder / "lab"), *extra])  # stopped at once: nothing written
+    assert seen == seen_val == [["ZYX"], ["TYX"], ["TYX"], ["ZYX"]]  # validation stacks are read the same way

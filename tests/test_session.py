@@ -635,6 +635,28 @@ def test_a_window_is_normalised_as_segment_normalises_the_image_it_is_part_of():
     assert seen[~nuclei].mean() < 0.2 and seen[nuclei].mean() > 0.8  # bright nuclei on dark, as the model knows them
 
 
+def test_validation_slices_of_a_stack_are_scored_as_segment_sees_them():
+    """A validation stack is scored on its slices holding objects, each predicted as segment
+    predicts it: a slice of a volume with the volume's statistics, a frame on its own."""
+    from napari_unet_studio import predict
+
+    stack, labels = _stack_of_cells()
+    stack[2] = stack[2] // 2  # a dimmer slice: its own statistics differ from the volume's
+    labels[[0, 1, 3]] = 0  # objects on slice 2 only
+    model = small_unet()
+    seen = {}
+    for axes in ("ZYX", "TYX"):
+        session = TrainingSession(model, tile_size=60, seed=0, val_images=[stack], val_labels=[labels], val_axes=axes)
+        images, truth = session.validation
+        assert len(images) == 1 and np.array_equal(truth[0] > 0, labels[2] > 0)
+        seen[axes] = session._probabilities(images[0])
+    np.testing.assert_allclose(seen["ZYX"], predict(model, stack, axes="ZYX")[:, 2], atol=1e-5)
+    np.testing.assert_allclose(seen["TYX"], predict(model, stack[2]), atol=1e-5)
+    assert np.abs(seen["ZYX"] - seen["TYX"]).max() > 1e-3
+    with pytest.raises(InputError, match="axes"):
+        TrainingSession(model, tile_size=60, val_images=[stack], val_labels=[labels], val_axes=["ZYX", "TYX"])
+
+
 def test_bad_windows_and_stack_axes_are_refused():
     from napari_unet_studio.inference import Window
 

@@ -610,9 +610,9 @@ def run_train(args: argparse.Namespace) -> int:
     previous = None
     if args.previous is not None:
         previous = _read_previous(pairs, args.previous, labels)
-    val_images = val_labels = None
+    val_images = val_labels = val_axes = None
     if args.val_images:
-        val_images, val_labels, _ = _read_pairs(_paired(args.val_images, args.val_labels, "validation data"), "validation data")
+        val_images, val_labels, val_axes = _read_pairs(_paired(args.val_images, args.val_labels, "validation data"), "validation data", args.axes)
     if args.init == "none":
         model = build_model(
             {
@@ -664,6 +664,7 @@ def run_train(args: argparse.Namespace) -> int:
             tile_size=args.tile_size,
             lr=args.lr,
             val_images=val_images,
+            val_axes=val_axes,
             val_labels=val_labels,
             val_every=args.val_every,
             device=device,

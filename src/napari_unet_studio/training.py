@@ -517,11 +517,18 @@ def painted_slices(labels, previous=None, ignore_value: int | None = None, among
     return painted
 
 
-def planes_of(images: Sequence, labels: Sequence, channel_axis: int | None = None) -> tuple[list, list]:
+def planes_of(images: Sequence, labels: Sequence, channel_axis: int | None = None,
+              axes: str | Sequence[str | None] | None = None) -> tuple[list, list]:
     """``images`` and ``labels`` with each stack replaced by its slices holding objects (for
-    validation pairs); 2-D pairs as they are."""
+    validation pairs), each a :class:`~napari_unet_studio.layout.Window` of its stack, so that
+    it is normalised as :func:`~napari_unet_studio.segment` normalises it (``axes``: one for
+    every stack or one per image, as for :func:`train`); 2-D pairs as they are."""
+    if axes is None or isinstance(axes, str):
+        axes = [axes] * len(images)
+    if len(axes) != len(images):
+        raise InputError(f"{len(images)} validation images but {len(axes)} axes")
     out_images, out_labels = [], []
-    for image, lab in zip(images, labels):
+    for image, lab, ax in zip(images, labels, axes):
         layout = ImageLayout(image, channel_axis)
         if not layout.is_stack:
             out_images.append(image)
@@ -531,7 +538,7 @@ def planes_of(images: Sequence, labels: Sequence, channel_axis: int | None = Non
         if lab.shape != layout.spatial_shape:
             raise InputError(f"validation labels of shape {lab.shape} do not match the stack's {layout.spatial_shape}")
         for z in painted_slices(lab):
-            out_images.append(layout.slice_at(z))
+            out_images.append(Window(image, z, channel_axis=layout.channel_axis, axes=ax))
             out_labels.append(lab[z])
     return out_images, out_labels
 
@@ -671,6 +678,7 @@ class TrainingSession:
         correction_weight: float = CORRECTION_WEIGHT,
         val_images: Sequence | None = None,
         val_labels: Sequence | None = None,
+        val_axes: str | Sequence[str | None] | None = None,
         fit_threads: bool = True,
         replay: Sequence | None = None,
         replay_share: float = REPLAY_SHARE,
@@ -747,7 +755,7 @@ class TrainingSession:
         if val_images is not None and len(val_images):
             if val_labels is None or len(val_labels) != len(val_images):
                 raise InputError("give one validation label image per validation image")
-            val_images, val_labels = planes_of(val_images, val_labels, channel_axis)
+            val_images, val_labels = planes_of(val_images, val_labels, channel_axis, val_axes)
             self.validation = (
                 [self._at_scale(None, "", im, 1) for im in val_images],
                 [as_instances(self._at_scale(None, "", np.asarray(v), 0)) for v in val_labels],
@@ -1493,7 +1501,10 @@ def train(
         Label value meaning "not annotated" (weight 0).
     val_images, val_labels
         Optional validation pairs; AP@0.5 is measured every ``val_every`` steps and the best
-        model by it is returned.
+        model by it is returned. A validation stack is scored on its slices holding objects,
+        each normalised as :func:`~napari_unet_studio.segment` normalises it.
+    val_axes
+        What each validation stack's first axis is (as ``axes``).
     holdout
         Without validation pairs, hold out a few painted objects and keep the weights that
         segment them, and the corrected objects, best; on images the model finds unfamiliar,

@@ -48,6 +48,9 @@ def test_a_stack_without_axis_labels_asks_then_links_or_keeps_frames(make_napari
     run_and_wait(qtbot, widget)
     assert labels_of(viewer).data.max() == 3 * n
     assert fine._collect()[5] == ["TYX"]
+    fine.val_image.setCurrentText("img")  # a validation stack is scored as Segment saw it too
+    fine.val_labels.setCurrentText("img labels")
+    assert fine._collect_validation()[2] == ["TYX"]
 
 
 def test_axis_labels_decide_without_asking(make_napari_viewer, qtbot):

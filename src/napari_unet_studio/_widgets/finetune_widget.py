@@ -89,6 +89,14 @@ def show_preview(layer, window: tuple[slice, slice], labels: np.ndarray) -> None
             history.clear()
 
 
+def _axes_of(pixels, labels_layer) -> str | None:
+    """What a stack's first axis is, for training on it: as Segment took it (when the labels
+    are its result), else the image layer's axis labels; None for a 2-D image."""
+    from .segment_widget import segmented_axes
+
+    return (segmented_axes(labels_layer) or pixels.axes) if pixels.is_stack else None
+
+
 class RecordBridge(QObject):
     """Carries training records from the worker thread to the GUI thread, throttled."""
 
@@ -401,15 +409,17 @@ class FineTuneWidget(QWidget):
         return pixels, labels_layer
 
     def _pair(self, image_name: str, labels_name: str, what: str = "labels"):
-        """The (image, labels) arrays of two layers, checked; the labels are a copy, since the
-        user may keep painting while we train. Raises InputError naming the cause."""
+        """The (image, labels) arrays of two layers, checked, and what a stack's first axis is
+        (as Segment took it, else the layer's axis labels; None for 2-D); the labels are a copy,
+        since the user may keep painting while we train. Raises InputError naming the cause."""
         pixels, labels_layer = self._layers_of_pair(image_name, labels_name, what)
         if pixels.is_large:
             from ..errors import InputError
 
             raise InputError(f"{image_name!r} is too large to use whole here ({_megapixels(pixels)}): "
                              "train on regions of it (Regions) instead")
-        return np.asarray(pixels.data), np.array(labels_layer.data)
+        axes = _axes_of(pixels, labels_layer)
+        return np.asarray(pixels.data), np.array(labels_layer.data), axes
 
     def _collect(self, live: bool = False):
         """Images, labels, region masks, the labels Segment gave (None where the labels layer
@@ -426,7 +436,7 @@ class FineTuneWidget(QWidget):
 
         if not self.pairs:
             raise InputError("add at least one (Image, Labels) pair to fine-tune on")
-        from .segment_widget import segmented_axes, segmented_labels
+        from .segment_widget import segmented_labels
 
         images, labels, regions, previous, names, stack_axes = [], [], [], [], [], []
         for image_name, labels_name, regions_name in self.pairs:
@@ -437,7 +447,7 @@ class FineTuneWidget(QWidget):
                 if shapes is None or len(shapes.data) == 0:
                     raise InputError(f"the Shapes layer {regions_name!r} holds no regions")
             given = segmented_labels(labels_layer)
-            axes = (segmented_axes(labels_layer) or pixels.axes) if pixels.is_stack else None
+            axes = _axes_of(pixels, labels_layer)
             if pixels.is_large:
                 if live or shapes is None:
                     raise InputError(
@@ -485,17 +495,17 @@ class FineTuneWidget(QWidget):
         return known[0] if known else 1.0
 
     def _collect_validation(self):
-        """The validation (image, labels) as one-element lists, ``(None, None)`` when not chosen,
-        or raise InputError."""
+        """The validation (image, labels, what a stack's first axis is) as one-element lists,
+        ``(None, None, None)`` when not chosen, or raise InputError."""
         from ..errors import InputError
 
         image_name, labels_name = self.val_image.currentText(), self.val_labels.currentText()
         if (image_name == NONE) != (labels_name == NONE):
             raise InputError("choose both a validation image and its labels, or neither")
         if image_name == NONE:
-            return None, None
-        image, lab = self._pair(image_name, labels_name, what="validation labels")
-        return [image], [lab]
+            return None, None, None
+        image, lab, axes = self._pair(image_name, labels_name, what="validation labels")
+        return [image], [lab], [axes]
 
     def _check_channels(self, images, val_images, model) -> None:
         """Raise InputError for images the model cannot take; tell the user about conversions."""
@@ -522,7 +532,7 @@ class FineTuneWidget(QWidget):
 
         try:
             images, labels, regions, previous, names, axes = self._collect()
-            val_images, val_labels = self._collect_validation()
+            val_images, val_labels, val_axes = self._collect_validation()
         except UnetStudioError as exc:
             notify_error(exc, self.status)
             return None
@@ -550,6 +560,7 @@ class FineTuneWidget(QWidget):
             freeze_encoder=self.freeze.isChecked(),
             val_images=val_images,
             val_labels=val_labels,
+            val_axes=val_axes,
             device=self.state.device,
             channel_axis=None,
             scale=self._scale(),
