@@ -178,6 +178,28 @@ def test_threshold_options_reach_segment(tmp_path, images, model_file, capsys, m
     assert seen[-1]["seed_threshold"] is None
 
 
+def test_a_folder_reuses_one_network_copy_and_the_memory_of_its_tiles(tmp_path, images, model_file, capsys, monkeypatch):
+    """Images of a folder are segmented with one inference copy of the model, with freed memory
+    kept across them (on the CPU), and handed back at the end."""
+    from napari_unet_studio import allocator, inference, models
+
+    real_segment = inference.segment
+
+    kept, copies = [], []
+    real_copy = models.inference_copy
+
+    def recording_segment(*args, **kw):
+        kept.append(allocator.active())
+        return real_segment(*args, **kw)
+
+    monkeypatch.setattr(inference, "segment", recording_segment)
+    monkeypatch.setattr(models, "inference_copy", lambda model: copies.append(1) or real_copy(model))
+    code, _, err = run(["predict", images, "-o", tmp_path / "o", "-m", model_file, "--tile-size", "100", "-q"], capsys)
+    assert code == 0, err
+    assert len(kept) == 3 and len(copies) == 1
+    assert all(kept) == (allocator._glibc() is not None) and not allocator.active()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--threshold", "0.6", "--seed-threshold", "0.4"], "seed_threshold must lie in [threshold, 1)"),
     (["--threshold", "2"], "expected a probability in [0, 1)"),

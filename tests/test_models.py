@@ -143,3 +143,45 @@ def test_inference_copy_fuses_each_relu_into_its_convolution(arch, batch_norm):
         fallback = fast(x).detach()
     torch.testing.assert_close(fused, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fallback, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_inference_copy_is_reused_only_while_the_weights_are_unchanged(rng):
+    """predict reuses the model's inference copy across calls, and makes a new one after any
+    change of the weights: an optimiser step, load_state_dict, a swapped tensor, a BatchNorm
+    statistics update, another U-Net++ pruning level. Each prediction equals a fresh model's."""
+    import copy
+
+    from napari_unet_studio import predict
+    from napari_unet_studio.models import inference_network
+
+    model = tiny("unetpp", depth=2, base_channels=4)
+    image = rng.random((40, 40)).astype(np.float32)
+    first = inference_network(model, "cpu")
+    assert inference_network(model, "cpu") is first
+
+    def fresh():  # the same weights in a model that has never been predicted with
+        return predict(copy.deepcopy(model), image, tile_size=60)
+
+    def step():
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        x = torch.randn(1, 1, 60, 60)
+        model.train()(x).mean().backward()
+        opt.step()
+        model.eval()
+
+    changes = [
+        step,  # in place: an optimiser step (and BatchNorm statistics in train mode)
+        lambda: model.load_state_dict(tiny("unetpp", seed=3, depth=2, base_channels=4).state_dict()),
+        lambda: setattr(next(model.parameters()), "data", torch.randn_like(next(model.parameters()))),
+        lambda: setattr(model, "prune_level", 1),
+    ]
+    before = predict(model, image, tile_size=60)
+    np.testing.assert_array_equal(before, fresh())
+    for change in changes:
+        kept = inference_network(model, "cpu")
+        change()
+        assert inference_network(model, "cpu") is not kept
+        after = predict(model, image, tile_size=60)
+        np.testing.assert_array_equal(after, fresh())
+        assert np.abs(after - before).max() > 1e-4
+        before = after

@@ -291,8 +291,16 @@ def run_predict(args: argparse.Namespace) -> int:
         if on_cluster and len(images) > 1:
             n_objects = _predict_many(args, images, model, device, options, names, out_dir, client)
         else:
-            for path in images:
-                n_objects += _predict_one(args, path, model, device, options, names, out_dir, client if on_cluster else None)
+            from contextlib import nullcontext
+
+            from .allocator import keep_freed_memory
+
+            # Memory freed by one image's tiles is reused by the next image's on the CPU (fresh
+            # pages for each image made a folder of small images 1.3-1.5x slower); handed back
+            # at the end.
+            with keep_freed_memory() if device.type == "cpu" else nullcontext():
+                for path in images:
+                    n_objects += _predict_one(args, path, model, device, options, names, out_dir, client if on_cluster else None)
     finally:
         if on_cluster:
             close_client()

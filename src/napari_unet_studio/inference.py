@@ -217,7 +217,7 @@ class _Run:
 class WindowPredictor:
     """Predicts regions of one image with fixed settings, as a context manager.
 
-    An inference copy of the model (:func:`~napari_unet_studio.models.inference_copy`) runs on
+    An inference copy of the model (:func:`~napari_unet_studio.models.inference_network`) runs on
     the device, the caller's model untouched; each slice's normalisation statistics are
     computed once (from the whole slice) and shared by every window, and tiles start at
     multiples of the model's step in image coordinates, so the probabilities of any window
@@ -249,14 +249,15 @@ class WindowPredictor:
             self.statistics = lambda index: image.statistics(model, cache)
 
     def __enter__(self) -> WindowPredictor:
-        from .models import inference_copy
+        from .models import inference_network
 
         # One preparing thread for every window: a fresh thread per window took a fresh malloc
         # arena each time, and the peak memory of block-wise work grew with the image.
         self._pool = ThreadPoolExecutor(max_workers=1)
-        # The network that runs: a copy with BatchNorm folded, channels_last (2x on the CPU);
-        # the caller's model is neither moved nor switched to eval mode.
-        self.net = inference_copy(self.model).to(self.device)
+        # The network that runs: a copy with BatchNorm folded, channels_last (2x on the CPU),
+        # kept for the next call while the weights stay the same; the caller's model is
+        # neither moved nor switched to eval mode.
+        self.net = inference_network(self.model, self.device)
         # On the CPU, each tile's activations reuse the memory of the last tile's instead of
         # fresh pages (about half the time of a forward pass; see allocator.py).
         self._memory = keep_freed_memory() if self.device.type == "cpu" else nullcontext()
