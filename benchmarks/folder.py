@@ -9,7 +9,7 @@ Three ways, each in a fresh process, alternated over ``--rounds`` rounds (best r
   image (BatchNorm folded, channels_last: 25-40 ms) and the memory of its tiles handed back to
   the system after it (the next image's tiles fault in fresh pages);
 - ``one_copy``: the inference copy reused while the weights are unchanged
-  (``models.inference_network``);
+  (``inference.inference_network``);
 - ``now``: that, and freed memory kept across the images (``allocator.keep_freed_memory``
   around the loop, as the command line does), handed back at the end.
 
@@ -32,7 +32,7 @@ from contextlib import nullcontext
 from pathlib import Path
 import numpy as np
 from napari_unet_studio import segment
-from napari_unet_studio import models
+from napari_unet_studio import inference
 from napari_unet_studio.allocator import keep_freed_memory
 from napari_unet_studio.checkpoint import load_model
 from napari_unet_studio.io import read_image
@@ -45,13 +45,13 @@ else:
     images = [read_image(p) for p in sorted(Path(folder).iterdir()) if p.suffix.lower() in (".png", ".tif", ".tiff")]
 model = load_model("default")
 segment(model, images[0])  # kernels, thread pool
-models._NETWORKS.clear()
+inference._NETWORKS.clear()
 digest, objects = hashlib.sha1(), 0
 start = time.perf_counter()
 with keep_freed_memory() if way == "now" else nullcontext():
     for image in images:
         if way == "before":
-            models._NETWORKS.clear()
+            inference._NETWORKS.clear()
         labels = segment(model, image)
         objects += int(labels.max())
         digest.update(np.ascontiguousarray(labels).tobytes())

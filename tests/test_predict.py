@@ -206,6 +206,48 @@ def test_cancel_stops_within_one_batch(rng):
     assert calls == [0, 1]
 
 
+def test_the_inference_copy_is_reused_only_while_the_weights_are_unchanged(rng):
+    """predict reuses the model's inference copy across calls, and makes a new one after any
+    change of the weights: an optimiser step, load_state_dict, a swapped tensor, a BatchNorm
+    statistics update, another U-Net++ pruning level. Each prediction equals a fresh model's."""
+    import copy
+
+    from napari_unet_studio import predict
+    from napari_unet_studio.inference import inference_network
+
+    model = tiny("unetpp", depth=2, base_channels=4)
+    image = rng.random((40, 40)).astype(np.float32)
+    first = inference_network(model, "cpu")
+    assert inference_network(model, "cpu") is first
+
+    def fresh():  # the same weights in a model that has never been predicted with
+        return predict(copy.deepcopy(model), image, tile_size=60)
+
+    def step():
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        x = torch.randn(1, 1, 60, 60)
+        model.train()(x).mean().backward()
+        opt.step()
+        model.eval()
+
+    changes = [
+        step,  # in place: an optimiser step (and BatchNorm statistics in train mode)
+        lambda: model.load_state_dict(tiny("unetpp", seed=3, depth=2, base_channels=4).state_dict()),
+        lambda: setattr(next(model.parameters()), "data", torch.randn_like(next(model.parameters()))),
+        lambda: setattr(model, "prune_level", 1),
+    ]
+    before = predict(model, image, tile_size=60)
+    np.testing.assert_array_equal(before, fresh())
+    for change in changes:
+        kept = inference_network(model, "cpu")
+        change()
+        assert inference_network(model, "cpu") is not kept
+        after = predict(model, image, tile_size=60)
+        np.testing.assert_array_equal(after, fresh())
+        assert np.abs(after - before).max() > 1e-4
+        before = after
+
+
 def test_model_mode_restored(rng):
     model = tiny("unet", depth=2).train()
     predict(model, rng.random((30, 30)))

@@ -18,10 +18,7 @@ inputs are normalised and how the weights were made are the model's card (:mod:`
 from __future__ import annotations
 
 import copy
-import itertools
 import math
-import threading
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -406,37 +403,6 @@ def inference_copy(model: _ValidUNetBase) -> _ValidUNetBase:
     for p in copy_.parameters():
         p.requires_grad_(False)
     return copy_.to(memory_format=torch.channels_last)
-
-
-#: model -> (its weights' state, device, its inference copy there): the copy made for the
-#: last prediction, reused while the model's weights are the same tensors, unchanged.
-_NETWORKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_NETWORKS_LOCK = threading.Lock()
-
-
-def _weights_state(model: nn.Module) -> tuple:
-    """What identifies ``model``'s current weights without reading them: each parameter's and
-    buffer's identity, storage and version counter (which every in-place change, an optimiser
-    step or ``load_state_dict``, advances), and a U-Net++'s pruning level."""
-    tensors = itertools.chain(model.parameters(), model.buffers())
-    return getattr(model, "prune_level", None), tuple((id(t), t.data_ptr(), t._version) for t in tensors)
-
-
-def inference_network(model: _ValidUNetBase, device: torch.device | str) -> _ValidUNetBase:
-    """:func:`inference_copy` of ``model`` on ``device``, made once and reused by later calls
-    while the model's weights stay unchanged (the copy takes 25-40 ms, as long as segmenting
-    a small image; a folder of images is segmented with one copy). Shared by threads: use it
-    in inference mode only."""
-    device = torch.device(device)
-    state = _weights_state(model)
-    with _NETWORKS_LOCK:
-        kept = _NETWORKS.get(model)
-    if kept is not None and kept[0] == state and kept[1] == device:
-        return kept[2]
-    net = inference_copy(model).to(device)
-    with _NETWORKS_LOCK:
-        _NETWORKS[model] = (state, device, net)
-    return net
 
 
 def build_network(config: dict) -> _ValidUNetBase:
