@@ -63,11 +63,6 @@ class ImageLayout:
         key[self.spatial_axes[-1]] = cols
         return tuple(key)
 
-    def slice_at(self, index: int):
-        """Slice ``index`` of a stack as the image's own array type (a lazy array stays lazy),
-        its channels where they were; a plane is returned as it is."""
-        return self.image[self._key(index)] if self.is_stack else self.image
-
     def read(self, index: int, rows: slice, cols: slice) -> np.ndarray:
         """Pixels of slice ``index`` as a ``(y, x, C)`` numpy array (only this region is read)."""
         block = np.asarray(self.image[self._key(index, rows, cols)])
