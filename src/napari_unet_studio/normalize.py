@@ -124,7 +124,7 @@ class Normalization:
         invert = self.invert
         if invert == "auto":
             if counted is None:
-                median = np.median((flat.astype(np.float32, copy=False) - offset) / scale, axis=0)
+                median = np.median((flat - offset) / scale, axis=0)  # flat is float32 here
             else:  # the median of the normalised pixels, as the normalisation is increasing
                 median = (median.astype(np.float32) - offset) / scale
             invert = float(np.mean(median)) > INVERT_MEDIAN

@@ -517,16 +517,23 @@ def painted_slices(labels, previous=None, ignore_value: int | None = None, among
     return painted
 
 
+def axes_per_image(axes: str | Sequence[str | None] | None, n: int, what: str = "images") -> list:
+    """``axes`` (what a stack's first axis is) as one entry per image: one for every image
+    (a string or None), or a sequence of ``n``; InputError for a sequence of another length."""
+    if axes is None or isinstance(axes, str):
+        return [axes] * n
+    if len(axes) != n:
+        raise InputError(f"{n} {what} but {len(axes)} axes")
+    return list(axes)
+
+
 def planes_of(images: Sequence, labels: Sequence, channel_axis: int | None = None,
               axes: str | Sequence[str | None] | None = None) -> tuple[list, list]:
     """``images`` and ``labels`` with each stack replaced by its slices holding objects (for
     validation pairs), each a :class:`~napari_unet_studio.layout.Window` of its stack, so that
     it is normalised as :func:`~napari_unet_studio.segment` normalises it (``axes``: one for
     every stack or one per image, as for :func:`train`); 2-D pairs as they are."""
-    if axes is None or isinstance(axes, str):
-        axes = [axes] * len(images)
-    if len(axes) != len(images):
-        raise InputError(f"{len(images)} validation images but {len(axes)} axes")
+    axes = axes_per_image(axes, len(images), "validation images")
     out_images, out_labels = [], []
     for image, lab, ax in zip(images, labels, axes):
         layout = ImageLayout(image, channel_axis)
@@ -1548,9 +1555,8 @@ def train(
         raise InputError(f"{len(images)} images but {len(labels)} label images")
     if not len(images):
         raise InputError("no training images")
-    if axes is None or isinstance(axes, str):
-        axes = [axes] * len(images)
-    for name, seq in (("regions", regions), ("previous", previous), ("axes", axes)):
+    axes = axes_per_image(axes, len(images))
+    for name, seq in (("regions", regions), ("previous", previous)):
         if seq is not None and len(seq) != len(images):
             raise InputError(f"{len(images)} images but {len(seq)} {name}")
     if steps is None and time_budget is None:
